@@ -1,0 +1,76 @@
+"""Score normalisation and thresholds, from normal validation images held out of training.
+
+Nothing here ever sees a test image: a threshold fitted on the test set would look better in the
+lab than it works on the line. Stored with the run and copied into every bundle. No torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+OK, NG, ERROR = "OK", "NG", "ERROR"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Thresholds on the raw score and the raw (smoothed) map.
+
+    ``image_threshold`` is the ``quantile`` of validation scores: about 1 - quantile of normal parts
+    are expected to be rejected. ``pixel_threshold`` is the ``pixel_quantile`` of validation map
+    values; it outlines defect regions. ``normalize`` maps a raw score to [0, 1] with the
+    threshold at 0.5 (anomalib's convention), scaled by the validation score range.
+    """
+
+    image_threshold: float
+    score_min: float
+    score_max: float
+    pixel_threshold: float
+    map_min: float
+    map_max: float
+    n_images: int
+    quantile: float
+    pixel_quantile: float
+    source: str = "validation split: normal images held out of training"
+
+    def normalize(self, raw: float | np.ndarray) -> float | np.ndarray:
+        span = max(self.score_max - self.score_min, 1e-12)
+        return np.clip((np.asarray(raw, dtype=np.float64) - self.image_threshold) / span + 0.5, 0.0, 1.0)
+
+    def verdict(self, raw: float) -> str:
+        """OK / NG for a raw score; NaN or Inf is an ERROR, never an OK."""
+        if not np.isfinite(raw):
+            return ERROR
+        return NG if raw > self.image_threshold else OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Calibration":
+        return cls(**values)
+
+
+def calibrate(val_scores: np.ndarray, val_maps: np.ndarray, quantile: float = 0.99,
+              pixel_quantile: float = 0.999) -> Calibration:
+    """Fit thresholds on validation scores (N,) and smoothed validation maps (N, H, W)."""
+    scores = np.asarray(val_scores, dtype=np.float64)
+    maps = np.asarray(val_maps, dtype=np.float64)
+    if scores.size < 2:
+        raise ValueError("calibration needs at least 2 validation images")
+    if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
+        raise ValueError("validation scores or maps contain NaN/Inf: the model diverged")
+    return Calibration(
+        image_threshold=float(np.quantile(scores, quantile)),
+        score_min=float(scores.min()),
+        score_max=float(scores.max()),
+        pixel_threshold=float(np.quantile(maps, pixel_quantile)),
+        map_min=float(maps.min()),
+        map_max=float(np.quantile(maps, 0.9999)),
+        n_images=int(scores.size),
+        quantile=quantile,
+        pixel_quantile=pixel_quantile,
+    )

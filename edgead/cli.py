@@ -1,0 +1,146 @@
+"""``edgead``: synth, train, eval, export, bench.
+
+Subcommands import their stack on use: ``edgead synth`` needs no torch, ``edgead train`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# Subcommands that live in their own modules, each with ``main(argv) -> int``.
+DELEGATED = {
+    "export": "export.bundle_writer",
+    "bench parity": "benchmarks.parity",
+    "bench latency": "benchmarks.latency",
+    "bench pipeline": "benchmarks.pipeline",
+    "bench quality": "benchmarks.quality",
+}
+
+
+def _parse_kv(pairs: list[str]) -> dict[str, object]:
+    """``--set w_con=40 max_width=256`` -> {"w_con": 40, "max_width": 256} (values parsed as JSON)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from edgead.data import synth
+
+    spec = synth.SynthSpec(image_size=args.image_size, n_train=args.n_train, n_test_good=args.n_test_good,
+                           n_test_per_defect=args.n_test_per_defect, seed=args.seed)
+    root = synth.generate(args.out, args.categories or None, spec, progress=True)
+    print(f"wrote synthetic MVTec-layout data set to {root}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from edgead.models.base import TrainConfig
+    from edgead.training.trainer import train_run
+
+    config = {"scorer": args.scorer, **_parse_kv(args.set)}
+    if args.width is not None:
+        config["width"] = args.width
+    if args.latent_dim is not None:
+        config["latent_dim"] = args.latent_dim
+    if args.vgg_weights:
+        config["vgg_weights"] = args.vgg_weights
+    extra = {f"epochs_{k}": v for k, v in _parse_kv(args.stage_epochs).items()}
+    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment,
+                        device=args.device, seed=args.seed, extra=extra)
+    run = train_run(args.model, args.data, args.category, args.out, image_size=args.image_size,
+                    channels=args.channels, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
+                    config=config, train=train, resume=args.resume)
+    print(f"run saved to {run}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edgead.evaluation.evaluate import evaluate_run
+
+    report = evaluate_run(args.run, args.data, args.category, out_dir=args.out, skip_bad=args.skip_bad,
+                          device=args.device)
+    print(json.dumps({k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1")}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate the synthetic inspection data set (MVTec layout)")
+    p.add_argument("--out", default="data/synth")
+    p.add_argument("--categories", nargs="*", default=None, help="default: all")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--n-train", type=int, default=200)
+    p.add_argument("--n-test-good", type=int, default=40)
+    p.add_argument("--n-test-per-defect", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a detector on defect-free images")
+    p.add_argument("--data", required=True, help="data root (MVTec layout)")
+    p.add_argument("--category", required=True)
+    p.add_argument("--model", default="ganomaly")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--stage-epochs", nargs="*", default=[], metavar="STAGE=N",
+                   help="epochs per stage of a multi-stage method, e.g. gan=20 encoder=10")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None, help="default: the method's reference rate")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--latent-dim", type=int, default=None)
+    p.add_argument("--scorer", default="l1", choices=["l1", "ssim", "vgg"],
+                   help="map function of reconstruction detectors (the SSIM-AE defaults to ssim)")
+    p.add_argument("--vgg-weights", default=None, help="VGG-19 state dict (torchvision or normalised-VGG layout)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other detector config fields")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--augment", action="store_true", help="random flips and small rotations")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run on the test split")
+    p.add_argument("run")
+    p.add_argument("--data", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--out", default=None, help="default: RUN/eval")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    sub.add_parser("export", help="export a run to a bundle (see `edgead export --help`)", add_help=False)
+    bench = sub.add_parser("bench", help="parity | latency | pipeline | quality", add_help=False)
+    bench.add_argument("what", choices=["parity", "latency", "pipeline", "quality"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        return importlib.import_module(DELEGATED["export"]).main(argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and f"bench {argv[1]}" in DELEGATED:
+        return importlib.import_module(DELEGATED[f"bench {argv[1]}"]).main(argv[2:])
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":  # `edgead bench` with no or an unknown target
+        build_parser().parse_args(["bench", "--help"])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The detector API: named components plus one inference graph.
+
+A detector is an ``nn.Module`` whose ``forward`` *is* the inference graph:
+``image batch (B, C, H, W) float32 in [0, 1] -> (score (B,), anomaly_map (B, 1, H, W))``.
+The same module is evaluated in PyTorch, exported to ONNX and built into every engine,
+so the score is written once.
+
+Training lives apart from the graph (anomalib's torch_model / lightning_model split): each
+detector file also defines a :class:`Recipe` holding the losses and optimisers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("score", "anomaly_map")
+
+
+@dataclass
+class DetectorConfig:
+    """Typed configuration shared by every detector; detectors subclass it to add their own fields."""
+
+    image_size: int = 128
+    channels: int = 3
+    latent_dim: int = 100
+    width: int = 64  # ngf/ndf: channels of the first conv block
+    scorer: str = "l1"  # map function of reconstruction detectors: l1 | ssim | vgg
+    vgg_weights: str | None = None  # VGG-19 state dict file for the vgg scorer
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DetectorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One exportable piece of a detector: a module wired by tensor names.
+
+    ``inputs`` name tensors produced by earlier components (or ``"image"``); ``outputs`` name what
+    this module returns, in order. The wiring is data, so the fused graph, the component engines
+    and a device-side chain all follow the same one.
+    """
+
+    name: str
+    module: nn.Module
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def run_components(components: list[Component], image: Tensor) -> dict[str, Tensor]:
+    """Run ``components`` in order on ``image``; returns every named tensor."""
+    values: dict[str, Tensor] = {INPUT_NAME: image}
+    for comp in components:
+        result = comp.module(*(values[name] for name in comp.inputs))
+        result = result if isinstance(result, tuple) else (result,)
+        if len(result) != len(comp.outputs):
+            raise RuntimeError(f"component {comp.name!r} returned {len(result)} tensors, declared {comp.outputs}")
+        values.update(zip(comp.outputs, result))
+    return values
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings: shared by every recipe; per-method defaults live in the recipe."""
+
+    epochs: int = 15
+    batch_size: int = 16
+    lr: float | None = None  # None: the method's reference learning rate
+    augment: bool = False  # flips and small rotations
+    device: str = "auto"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Detector(nn.Module):
+    """Base class. Subclasses set ``name``/``Config``, build their networks and implement
+    :meth:`forward` (the inference graph) and :meth:`components`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+    exportable: ClassVar[bool] = True  # False: the score is not one forward graph (AnoGAN)
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        c = self.config
+        return (1, c.channels, c.image_size, c.image_size)
+
+    def components(self) -> list[Component]:
+        """The exportable components, in data-flow order, ending with the ``score`` and
+        ``anomaly_map`` outputs."""
+        raise NotImplementedError
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """The inference graph: the components, run in order. Detectors don't override this, so
+        the fused graph and the chained components cannot disagree."""
+        values = run_components(self.components(), image)
+        return values[OUTPUT_NAMES[0]], values[OUTPUT_NAMES[1]]
+
+    def score(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Evaluate without gradients. Detectors whose score needs an optimisation (AnoGAN's latent
+        search) override this; everyone else's score *is* the forward graph."""
+        with torch.no_grad():
+            return self(image)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parameters()), torch.empty(0)).device
+
+    @torch.no_grad()
+    def component_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Static shape (batch 1) of every named tensor, found by one dry run."""
+        was_training = self.training
+        self.eval()
+        try:
+            values = run_components(self.components(), torch.zeros(self.input_shape, device=self.device))
+        finally:
+            self.train(was_training)
+        return {name: tuple(t.shape) for name, t in values.items()}
+
+
+class Recipe:
+    """Training logic of one detector: optimisers and one step. Multi-stage methods list stages."""
+
+    stages: ClassVar[tuple[str, ...]] = ("main",)
+    default_lr: ClassVar[float] = 2e-4
+    default_betas: ClassVar[tuple[float, float]] = (0.5, 0.999)
+
+    def __init__(self, detector: Detector, train: TrainConfig) -> None:
+        self.detector = detector
+        self.train = train
+        self.lr = train.lr if train.lr is not None else self.default_lr
+
+    def adam(self, *modules: nn.Module, lr: float | None = None,
+             betas: tuple[float, float] | None = None) -> torch.optim.Adam:
+        params = [p for m in modules for p in m.parameters()]
+        return torch.optim.Adam(params, lr=lr or self.lr, betas=betas or self.default_betas)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimiser the recipe holds (saved for ``--resume``)."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
+
+    def begin_stage(self, stage: str) -> None:
+        """Called before the first step of each stage (freeze, build optimisers...)."""
+
+    def step(self, images: Tensor, stage: str) -> dict[str, float]:
+        """One optimisation step on a batch of normal images in [0, 1]; returns losses to log."""
+        raise NotImplementedError
+
+
+def to_signed(image: Tensor) -> Tensor:
+    """[0, 1] -> [-1, 1], the range of tanh generators. Part of every graph, kept in FP32 at export."""
+    return image * 2.0 - 1.0
+
+
+def top_k_mean(anomaly_map: Tensor, fraction: float = 0.01) -> Tensor:
+    """Image score from a map: the mean of its top ``fraction`` of pixels.
+
+    More stable than the max (one hot pixel) and more sensitive than the mean (small defects).
+    """
+    flat = anomaly_map.flatten(1)
+    k = max(1, int(round(flat.shape[1] * fraction)))
+    return flat.topk(k, dim=1).values.mean(dim=1)

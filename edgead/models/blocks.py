@@ -1,0 +1,186 @@
+"""Shared building blocks: DCGAN encoder/decoder pyramids, the pix2pix U-Net, weight init.
+
+Every detector builds its networks from these, so a fix here reaches all of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+
+def pyramid_depth(image_size: int) -> int:
+    """Number of stride-2 stages from ``image_size`` down to 4x4 (DCGAN: isize must be 16·2^k)."""
+    if image_size < 16 or image_size & (image_size - 1):
+        raise ValueError(f"image size must be a power of two >= 16, got {image_size}")
+    return int(math.log2(image_size)) - 2
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN initialisation (Radford et al.): conv N(0, 0.02), batch-norm N(1, 0.02) with zero bias.
+
+    Apply with ``net.apply(dcgan_init)``: anomalib's GANomaly defines it but never applies it.
+    """
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d)) and module.weight is not None:
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":  # no batch statistics: a WGAN-GP critic must not use batch norm
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+class DCGANEncoder(nn.Module):
+    """Image (B, C, S, S) -> latent (B, out_dim, 1, 1), with the 4x4 features before the last conv.
+
+    Conv 4x4/2 + LeakyReLU(0.2), then [conv 4x4/2, norm, LeakyReLU] until 4x4, then a 4x4 valid conv.
+    Channels double each stage from ``width``, capped at ``max_width``.
+    """
+
+    def __init__(self, image_size: int, channels: int, out_dim: int, width: int = 64,
+                 max_width: int = 512, norm: str = "batch", extra_channels: int = 0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels + extra_channels, width, 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
+        ch = width
+        for _ in range(pyramid_depth(image_size) - 1):
+            nxt = min(ch * 2, max_width)
+            layers += [nn.Conv2d(ch, nxt, 4, 2, 1, bias=False), _norm(norm, nxt),
+                       nn.LeakyReLU(0.2, inplace=True)]
+            ch = nxt
+        self.features = nn.Sequential(*layers)
+        self.feature_channels = ch
+        self.head = nn.Conv2d(ch, out_dim, 4, 1, 0, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class DCGANDecoder(nn.Module):
+    """Latent (B, in_dim, 1, 1) -> image (B, C, S, S) in [-1, 1]; the mirror of :class:`DCGANEncoder`."""
+
+    def __init__(self, image_size: int, channels: int, in_dim: int, width: int = 64,
+                 max_width: int = 512, norm: str = "batch") -> None:
+        super().__init__()
+        depth = pyramid_depth(image_size)
+        widths = [min(width * 2 ** i, max_width) for i in range(depth)]  # widths[i]: channels at stage i
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(in_dim, widths[-1], 4, 1, 0, bias=False), _norm(norm, widths[-1]),
+            nn.ReLU(inplace=True),
+        ]
+        for i in range(depth - 1, 0, -1):
+            layers += [nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1, bias=False),
+                       _norm(norm, widths[i - 1]), nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(widths[0], channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.main(z)
+
+
+class FeatureDiscriminator(nn.Module):
+    """DCGAN discriminator that also returns its last features (for feature matching and scores)."""
+
+    def __init__(self, image_size: int, channels: int, width: int = 64, max_width: int = 512,
+                 norm: str = "batch", sigmoid: bool = True) -> None:
+        super().__init__()
+        self.encoder = DCGANEncoder(image_size, channels, 1, width, max_width, norm)
+        self.sigmoid = sigmoid
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.encoder.features(x)
+        logit = self.encoder.head(features).flatten(1).squeeze(1)
+        return (logit.sigmoid() if self.sigmoid else logit), features
+
+
+class UNetGenerator(nn.Module):
+    """pix2pix U-Net: log2(S) stride-2 downsamplings to 1x1, mirrored with skip connections.
+
+    Used by Skip-GANomaly. ``bottleneck`` exposes the 1x1 code for latent losses.
+    """
+
+    def __init__(self, image_size: int, channels: int, width: int = 64, max_width: int = 512) -> None:
+        super().__init__()
+        depth = int(math.log2(image_size))
+        if 2 ** depth != image_size:
+            raise ValueError(f"U-Net needs a power-of-two image size, got {image_size}")
+        widths = [min(width * 2 ** i, max_width) for i in range(depth)]
+        self.down = nn.ModuleList()
+        prev = channels
+        for i, w in enumerate(widths):
+            norm = nn.Identity() if i in (0, depth - 1) else nn.BatchNorm2d(w)
+            act = nn.Identity() if i == 0 else nn.LeakyReLU(0.2, inplace=False)
+            # pix2pix order: activation, conv, norm (the first block has no activation)
+            self.down.append(nn.Sequential(act, nn.Conv2d(prev, w, 4, 2, 1, bias=False), norm))
+            prev = w
+        self.up = nn.ModuleList()
+        for i in range(depth - 1, 0, -1):
+            in_ch = widths[i] if i == depth - 1 else widths[i] * 2
+            self.up.append(nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(in_ch, widths[i - 1], 4, 2, 1, bias=False),
+                                         nn.BatchNorm2d(widths[i - 1])))
+        self.out = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(widths[0] * 2, channels, 4, 2, 1), nn.Tanh())
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch
+
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        y = skips.pop()  # the 1x1 bottleneck
+        for block in self.up:
+            y = torch.cat([block(y), skips.pop()], dim=1)
+        return self.out(y)
+
+
+class SignedRange(nn.Module):
+    """[0, 1] -> [-1, 1] (the tanh range). Held as ``fp32_normalize`` so FP16 engines keep it FP32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 2.0 - 1.0
+
+
+class UnitRange(nn.Module):
+    """[-1, 1] -> [0, 1]."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x + 1.0) * 0.5
+
+
+class ImageEncoder(nn.Module):
+    """Image in [0, 1] -> latent: the normalisation travels with the encoder into every engine."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.fp32_normalize = SignedRange()
+        self.net = net
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(self.fp32_normalize(image))
+
+
+class ImageDecoder(nn.Module):
+    """Latent -> image in [0, 1] from a tanh decoder."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.to_unit = UnitRange()
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.to_unit(self.net(z))

@@ -1,0 +1,123 @@
+"""GANomaly (Akcay et al., ACCV 2018, arXiv 1805.06725).
+
+Networks
+    Generator: encoder G_E (image -> z), decoder G_D (z -> x̂), second encoder E (x̂ -> ẑ),
+    all DCGAN blocks. Discriminator D: a DCGAN encoder with a sigmoid head, whose last features
+    drive the adversarial loss.
+Losses (weights 1 / 50 / 1 by default)
+    adversarial: L2 between D's features of x and x̂ (feature matching);
+    contextual: L1(x, x̂);  encoder: L2(z, ẑ).
+    D: binary cross-entropy; re-initialised when its loss collapses below 1e-5.
+Score
+    mean((z - ẑ)²) over the latent, as in the reference code. The pixel map (which the
+    reference and anomalib lack) is the reconstruction distance chosen by ``scorer``.
+    Normalisation and threshold come from held-out normal images, never from the test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.blocks import (DCGANDecoder, DCGANEncoder, FeatureDiscriminator, ImageDecoder,
+                                  ImageEncoder, SignedRange, dcgan_init)
+from edgead.models.registry import register
+from edgead.models.scorers import make_scorer
+
+
+@dataclass
+class GANomalyConfig(DetectorConfig):
+    max_width: int = 512
+    w_adv: float = 1.0
+    w_con: float = 50.0
+    w_enc: float = 1.0
+
+
+class LatentScoreHead(nn.Module):
+    """(image, reconstruction, z, ẑ) -> (score, map)."""
+
+    def __init__(self, scorer: nn.Module) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.fp32_score = LatentDistance()
+
+    def forward(self, image: Tensor, recon: Tensor, z: Tensor, z_hat: Tensor) -> tuple[Tensor, Tensor]:
+        return self.fp32_score(z, z_hat), self.scorer(image, recon)
+
+
+class LatentDistance(nn.Module):
+    def forward(self, z: Tensor, z_hat: Tensor) -> Tensor:
+        return (z - z_hat).pow(2).flatten(1).mean(dim=1)
+
+
+class GANomaly(Detector):
+    name = "ganomaly"
+    Config = GANomalyConfig
+
+    def __init__(self, config: GANomalyConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.encoder = ImageEncoder(DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.encoder2 = ImageEncoder(DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.head = LatentScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed))
+        self.discriminator = FeatureDiscriminator(c.image_size, c.channels, c.width, c.max_width)  # training only
+        for net in (self.encoder, self.generator, self.encoder2, self.discriminator):
+            net.apply(dcgan_init)
+
+    def components(self) -> list[Component]:
+        return [
+            Component("encoder", self.encoder, ("image",), ("z",)),
+            Component("generator", self.generator, ("z",), ("reconstruction",)),
+            Component("encoder2", self.encoder2, ("reconstruction",), ("z_hat",)),
+            Component("scorer", self.head, ("image", "reconstruction", "z", "z_hat"), ("score", "anomaly_map")),
+        ]
+
+
+class GANomalyRecipe(Recipe):
+    default_lr = 2e-4
+    default_betas = (0.5, 0.999)
+
+    def __init__(self, detector: GANomaly, train: TrainConfig) -> None:
+        super().__init__(detector, train)
+        d = detector
+        self.signed = SignedRange()
+        self.opt_g = self.adam(d.encoder, d.generator, d.encoder2)
+        self.opt_d = self.adam(d.discriminator)
+
+    def step(self, images: Tensor, stage: str) -> dict[str, float]:
+        d, c = self.detector, self.detector.config
+        x = self.signed(images)
+        z = d.encoder.net(x)
+        x_hat = d.generator.net(z)
+        z_hat = d.encoder2.net(x_hat)
+
+        # Generator: feature matching + contextual + encoder losses.
+        _, feat_real = d.discriminator(x)
+        _, feat_fake = d.discriminator(x_hat)
+        adv = F.mse_loss(feat_fake, feat_real.detach())
+        con = F.l1_loss(x_hat, x)
+        enc = F.mse_loss(z_hat, z)
+        loss_g = c.w_adv * adv + c.w_con * con + c.w_enc * enc
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+
+        # Discriminator: real vs reconstructed.
+        p_real, _ = d.discriminator(x)
+        p_fake, _ = d.discriminator(x_hat.detach())
+        loss_d = 0.5 * (F.binary_cross_entropy(p_real, torch.ones_like(p_real))
+                        + F.binary_cross_entropy(p_fake, torch.zeros_like(p_fake)))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        if loss_d.item() < 1e-5:  # D won outright: restart it, as the reference does
+            d.discriminator.apply(dcgan_init)
+        return {"g": loss_g.item(), "adv": adv.item(), "con": con.item(), "enc": enc.item(), "d": loss_d.item()}
+
+
+register(GANomaly, GANomalyRecipe)
