@@ -45,15 +45,20 @@ def export_onnx(module: nn.Module, example_inputs: Sequence[Tensor], input_names
     """Export ``module`` at the example inputs' static shapes, simplify, check, save to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = module.eval()
+    # The exporter restores the wrapper's train/eval mode afterwards, recursively: a fresh wrapper
+    # is in train mode, so without .eval() on it the caller's detector would come back training.
+    was_training = module.training
+    wrapper = _Tupled(module).eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy-exporter deprecation notice, on purpose
-            torch.onnx.export(_Tupled(module), tuple(example_inputs), str(path),
+            torch.onnx.export(wrapper, tuple(example_inputs), str(path),
                               input_names=list(input_names), output_names=list(output_names),
                               opset_version=opset, do_constant_folding=True, dynamo=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the graph's name
         raise ExportError(f"{path.name}: torch.onnx.export failed: {exc}") from exc
+    finally:
+        module.train(was_training)
     model = onnx.load(str(path))
     # onnxsim folds constants and shape arithmetic; it keeps the scope-path node names.
     simplified, ok = onnxsim.simplify(model)

@@ -20,6 +20,7 @@ import pathlib
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -111,42 +112,48 @@ def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def _generate_category(root: pathlib.Path, category: str, spec: SynthSpec) -> int:
-    kw = dict(size=spec.image_size, seed=spec.seed)
-    jobs = [("train", None, spec.n_train), ("test", None, spec.n_test_good)]
-    jobs += [("test", d, spec.n_test_per_defect) for d in DEFECTS[category]]
-    written = 0
-    for split, defect, count in jobs:
-        img_dir = root / category / split / (defect or "good")
-        img_dir.mkdir(parents=True, exist_ok=True)
-        if defect is not None:
-            gt_dir = root / category / "ground_truth" / defect
-            gt_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            image, mask = sample(category, i, defect=defect, stream=split, **kw)
-            _write_png(img_dir / f"{i:03d}.png", image)
-            if defect is not None:
-                _write_png(gt_dir / f"{i:03d}_mask.png", mask)
-            written += 1
-    return written
+def _jobs(category: str, spec: SynthSpec) -> list[tuple[str, str, str | None, int]]:
+    """(category, split, defect, index) for every file of one category."""
+    groups = [("train", None, spec.n_train), ("test", None, spec.n_test_good)]
+    groups += [("test", d, spec.n_test_per_defect) for d in DEFECTS[category]]
+    return [(category, split, d, i) for split, d, n in groups for i in range(n)]
+
+
+def _write_one(root: pathlib.Path, spec: SynthSpec, job: tuple[str, str, str | None, int]) -> str:
+    category, split, defect, i = job
+    image, mask = sample(category, i, size=spec.image_size, seed=spec.seed, defect=defect, stream=split)
+    _write_png(root / category / split / (defect or "good") / f"{i:03d}.png", image)
+    if defect is not None:
+        _write_png(root / category / "ground_truth" / defect / f"{i:03d}_mask.png", mask)
+    return category
 
 
 def generate(root: str | os.PathLike, categories: Sequence[str] | None = None,
              spec: SynthSpec = SynthSpec(), progress: bool = False) -> pathlib.Path:
     """Write the MVTec-layout data set under ``root`` (all categories if None); return root.
 
-    Existing files are overwritten but stale extra files are not removed.
+    Existing files are overwritten but stale extra files are not removed. Images are
+    rendered on a few threads (numpy/OpenCV release the GIL); each has its own RNG,
+    so the output does not depend on scheduling.
     """
     root = pathlib.Path(root)
     names = list(CATEGORIES) if categories is None else list(categories)
     for name in names:
         _check(name)
-    for name in names:
-        t0 = time.perf_counter()
-        n = _generate_category(root, name, spec)
-        if progress:
-            print(f"synth: {name}: {n} images in {time.perf_counter() - t0:.1f}s",
-                  file=sys.stderr, flush=True)
+    jobs = [job for name in names for job in _jobs(name, spec)]
+    for category, split, defect, _ in jobs:
+        (root / category / split / (defect or "good")).mkdir(parents=True, exist_ok=True)
+        if defect is not None:
+            (root / category / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+    total = {name: len(_jobs(name, spec)) for name in names}
+    t0, done = time.perf_counter(), dict.fromkeys(names, 0)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for category in pool.map(lambda job: _write_one(root, spec, job), jobs):
+            done[category] += 1
+            if progress and done[category] == total[category]:
+                print(f"synth: {category}: {done[category]} images "
+                      f"({time.perf_counter() - t0:.1f}s elapsed)", file=sys.stderr, flush=True)
     return root
 
 

