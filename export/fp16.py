@@ -37,10 +37,29 @@ FP32_OPS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2"
             "InstanceNormalization", "GroupNormalization", "LayerNormalization", "Exp", "Log")
 
 
+# Data-movement ops that join an FP32 island when they read from it (a Flatten between the FP32
+# map and the FP32 TopK would otherwise round the map to FP16 on the way).
+LAYOUT_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Gather", "Concat")
+
+
 def fp32_node_names(model: onnx.ModelProto, extra_ops: Iterable[str] = ()) -> list[str]:
-    """Names of the nodes that must stay FP32 in reduced-precision engines."""
+    """Names of the nodes that must stay FP32 in reduced-precision engines: ``/fp32_`` scopes,
+    :data:`FP32_OPS`, and layout ops fed only by those."""
     ops = set(FP32_OPS) | set(extra_ops)
-    return [n.name for n in model.graph.node if FP32_MARKER in n.name or n.op_type in ops]
+    blocked = {n.name for n in model.graph.node if FP32_MARKER in n.name or n.op_type in ops}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    changed = True
+    while changed:
+        changed = False
+        for n in model.graph.node:
+            if n.name in blocked or n.op_type not in LAYOUT_OPS:
+                continue
+            sources = [producer.get(i) for i in n.input if i and i not in inits]
+            if sources and all(src is not None and src.name in blocked for src in sources):
+                blocked.add(n.name)
+                changed = True
+    return [n.name for n in model.graph.node if n.name in blocked]
 
 
 def split_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -61,6 +80,22 @@ def split_shared_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
                 graph.initializer.append(copy)
                 node.input[k] = copy.name
             seen.add(name)
+    return model
+
+
+def separate_graph_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Where a graph output also feeds other nodes (the map feeds TopK), read it through an
+    Identity: the converter inserts no Cast for a blocked node reading a graph output."""
+    graph = model.graph
+    consumed = {i for n in graph.node for i in n.input}
+    for out in graph.output:
+        if out.name not in consumed:
+            continue
+        value = f"{out.name}__value"
+        for n in graph.node:
+            n.output[:] = [value if o == out.name else o for o in n.output]
+            n.input[:] = [value if i == out.name else i for i in n.input]
+        graph.node.append(helper.make_node("Identity", [value], [out.name], name=f"{out.name}__output"))
     return model
 
 
@@ -87,7 +122,28 @@ def collapse_cast_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.node.insert(list(graph.node).index(node), identity)
         graph.node.remove(node)
     _drop_dead_nodes(graph)
+    remove_identities(graph)
     return model
+
+
+def remove_identities(graph: onnx.GraphProto) -> None:
+    """Drop Identity nodes left by the passes above (the engines would drop them anyway; this
+    keeps the graph readable). A graph output keeps its name."""
+    outputs = {o.name for o in graph.output}
+    fixed = {i.name for i in graph.input} | {i.name for i in graph.initializer} | outputs
+    for node in [n for n in graph.node if n.op_type == "Identity"]:
+        src, dst = node.input[0], node.output[0]
+        graph.node.remove(node)
+        if dst not in outputs:
+            old, new = dst, src
+        elif src not in fixed:  # the producer writes the graph output (other readers may share it)
+            old, new = src, dst
+        else:
+            graph.node.append(node)  # input -> output pass-through: needed
+            continue
+        for n in graph.node:
+            n.input[:] = [new if i == old else i for i in n.input]
+            n.output[:] = [new if o == old else o for o in n.output]
 
 
 def _is_fp16(model: onnx.ModelProto, tensor: str) -> bool:
@@ -124,15 +180,14 @@ def restore_io_types(original: onnx.ModelProto, converted: onnx.ModelProto) -> N
         if want.get(out.name) != TensorProto.FLOAT or out.type.tensor_type.elem_type != TensorProto.FLOAT16:
             continue
         node = producer.get(out.name)
+        inner = f"{out.name}__fp16"  # the FP16 value keeps feeding any FP16 consumers
+        for n in graph.node:
+            n.output[:] = [inner if o == out.name else o for o in n.output]
+            n.input[:] = [inner if i == out.name else i for i in n.input]
         if node is not None and _cast_to(node) == TensorProto.FLOAT16:
-            # FP32 value cast down only to leave the graph: hand out the FP32 value itself
-            node.op_type = "Identity"
-            del node.attribute[:]
+            # an FP32 value cast down only to leave the graph: hand out the FP32 value itself
+            graph.node.append(helper.make_node("Identity", [node.input[0]], [out.name], name=f"{out.name}__fp32"))
         else:
-            inner = f"{out.name}__fp16"
-            for n in graph.node:
-                n.output[:] = [inner if o == out.name else o for o in n.output]
-                n.input[:] = [inner if i == out.name else i for i in n.input]
             graph.node.append(helper.make_node("Cast", [inner], [out.name], name=f"{out.name}__to_fp32",
                                                to=TensorProto.FLOAT))
         out.type.tensor_type.elem_type = TensorProto.FLOAT
@@ -150,6 +205,7 @@ def convert_fp16(model: onnx.ModelProto, extra_block: Iterable[str] = ()) -> onn
     """The mixed-precision model (FP32 I/O, FP32 islands); validated with the ONNX checker."""
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never mutate the caller's
     model = split_shared_initializers(model)
+    model = separate_graph_outputs(model)
     block = fp32_node_names(model) + list(extra_block)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "float32 number ... will be truncated": tiny weights, expected
@@ -159,7 +215,10 @@ def convert_fp16(model: onnx.ModelProto, extra_block: Iterable[str] = ()) -> onn
     restore_io_types(model, converted)
     converted = onnx.shape_inference.infer_shapes(converted)
     converted = collapse_cast_pairs(converted)
-    onnx.checker.check_model(converted)
+    # Renamed tensors leave stale value_info; rebuild it, then check types end to end.
+    del converted.graph.value_info[:]
+    converted = onnx.shape_inference.infer_shapes(converted, strict_mode=True)
+    onnx.checker.check_model(converted, full_check=True)
     return converted
 
 

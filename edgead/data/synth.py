@@ -93,6 +93,8 @@ def add_defect(image: np.ndarray, category: str, defect: str,
                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Return (defective copy, mask uint8 HxW 0/255); ``image`` is not modified."""
     _check(category, defect)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 BGR image, got {image.shape} {image.dtype}")
     return paint(image, CATEGORIES[category], category, defect, rng)
 
 

@@ -103,9 +103,11 @@ def render_fabric(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def render_metal(rng: np.random.Generator, size: int) -> np.ndarray:
     """Brushed steel: fine + coarse streaks along the brushing direction, a soft sheen band."""
-    fine = streak_noise(rng, size, size * 0.04, 0.5)
-    coarse = streak_noise(rng, size, size * 0.2, size * 0.01)
-    field = 0.07 * fine + 0.05 * coarse
+    # Long hairline marks over broader, softer brushing bands.
+    fine = streak_noise(rng, size, size * 0.3, 0)
+    mid = streak_noise(rng, size, size * 0.08, 0.5)
+    coarse = streak_noise(rng, size, size * 0.5, size * 0.015)
+    field = 0.05 * fine + 0.025 * mid + 0.05 * coarse
     angle = rng.uniform(-4, 4)
     rot = cv2.getRotationMatrix2D((size / 2, size / 2), angle, 1.0)
     field = cv2.warpAffine(field, rot, (size, size), borderMode=cv2.BORDER_REFLECT)
@@ -119,12 +121,15 @@ def render_metal(rng: np.random.Generator, size: int) -> np.ndarray:
 def render_wood(rng: np.random.Generator, size: int) -> np.ndarray:
     """Plank grain: wavy growth rings (dark latewood lines) plus fine fibres."""
     u, v = _rotated(size, rng.uniform(-5, 5))
-    rings = rng.uniform(5, 9)
-    phase = (v * rings + 0.35 * smooth_noise(rng, size, 3)
-             + 0.4 * np.sin(2 * np.pi * (u * rng.uniform(0.3, 0.8) + rng.uniform(0, 1))))
-    latewood = np.square(np.square(0.5 + 0.5 * np.sin(2 * np.pi * phase)))
+    rings = rng.uniform(7, 11)
+    phase = (v * rings + 0.7 * smooth_noise(rng, size, 1.5) + 0.06 * smooth_noise(rng, size, 6)
+             + 0.1 * np.sin(2 * np.pi * (u * rng.uniform(0.3, 0.8) + rng.uniform(0, 1))))
+    wave = 0.5 + 0.5 * np.sin(2 * np.pi * phase)
+    w2 = wave * wave
+    w8 = np.square(np.square(w2))
+    latewood = 0.75 * w8 + 0.25 * w2  # thin dark lines over a soft seasonal gradient
     fibres = streak_noise(rng, size, size * 0.06, 0.6)
-    inten = 0.8 - 0.38 * latewood + 0.05 * fibres + 0.05 * smooth_noise(rng, size, 4)
+    inten = 0.82 - 0.42 * latewood + 0.05 * fibres + 0.05 * smooth_noise(rng, size, 4)
     inten *= _lighting(rng, size, 0.1)
     img = _colorize(inten, _jitter(rng, (25, 55, 95)), _jitter(rng, (125, 180, 225)))
     return _finish(img, rng, 1.5)

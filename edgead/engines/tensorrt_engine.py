@@ -220,7 +220,7 @@ class _Component:
             if not self.contexts[slot].set_tensor_address(name, int(ptr)):
                 raise EngineError(f"set_tensor_address({name!r}) was refused")
 
-    def execute(self, slot: int, stream_handle: int) -> None:
+    def launch(self, slot: int, stream_handle: int) -> None:
         if not self.contexts[slot].execute_async_v3(stream_handle):
             raise EngineError(f"execute_async_v3 failed on slot {slot} (see the TensorRT log)")
 
@@ -256,7 +256,7 @@ class TensorRTEngine:
         try:
             stream = self._slots[slot].stream.handle
             for part in self._parts:  # a chain runs its components back to back on one stream
-                part.execute(slot, stream)
+                part.launch(slot, stream)
         except EngineError:
             self._slots.wait(slot)  # drain the queued upload; the slot stays usable
             raise

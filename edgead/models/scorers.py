@@ -71,6 +71,13 @@ class ScorerMap(nn.Module):
         return self.fp32_distance(image, recon)
 
 
+def is_map_scorer(module: nn.Module) -> bool:
+    """True for the modules :func:`make_scorer` builds: they carry no trained weights."""
+    from edgead.models import vgg
+
+    return isinstance(module, (ScorerMap, vgg.VGGPerceptualMap))
+
+
 def make_scorer(name: str, channels: int, vgg_weights: str | None = None, seed: int = 0) -> nn.Module:
     """Build the map function ``name`` for images with ``channels`` channels.
 

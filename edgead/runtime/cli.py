@@ -1,0 +1,291 @@
+"""``edgead-run``: inspect a camera, stream, video or image folder with an exported bundle.
+
+This process never imports torch: a station installs only numpy, OpenCV and the engine runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from edgead.runtime.sources import URI_HELP
+
+# Exit codes (documented in --help).
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_SOURCE, EXIT_MODEL, EXIT_FRAME_ERRORS = 0, 1, 2, 3, 4, 5
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+EPILOG = URI_HELP + """
+output URIs (positional OUTPUT or --output):
+  display://0                       window with heat-map, regions, verdict, score, FPS (needs an OpenCV
+                                    with GUI and a DISPLAY; shown by default when DISPLAY is set,
+                                    unless --headless)
+  file://out.mp4 | out.mp4 | out.avi  annotated video (mp4v / MJPG)
+
+results (--results DIR, default ./edgead-results): summary.json and, unless --log says otherwise,
+log.jsonl: one JSON line per inspected frame (frame id, capture time, raw and normalised score,
+verdict, regions, per-stage latency, frame age) plus {"event": ...} lines (start, reconnect,
+frame_error, stop, summary). The summary counts captured = inspected + dropped + errored.
+
+exit codes: 0 clean end (end of stream, --frames reached, window closed); 1 internal error;
+2 bad usage or URI; 3 input source error (missing device/file, camera lost for good);
+4 model refused or unusable (checksums, parity certificate, engine); 5 the run finished but at
+least one frame got an ERROR verdict; 130 stopped by SIGINT (Ctrl-C); 143 stopped by SIGTERM.
+A source or internal failure outranks a signal, which outranks frame errors.
+
+examples:
+  edgead-run --demo                                    # no camera, no data: builds a demo bundle once
+  edgead-run --camera 0 --model bundles/washer         # /dev/video0
+  edgead-run csi://0 --model bundles/washer --backend tensorrt --precision fp16 --line-rate 30
+  edgead-run 'parts/*.png' out.mp4 --model bundles/washer --save-ng ng/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgead-run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Inspect frames with an edgead bundle: per frame an anomaly map, a score and an "
+                    "OK/NG verdict, at line speed.")
+    p.add_argument("input", nargs="?", help="input URI (see below)")
+    p.add_argument("output", nargs="?", help="output URI (see below)")
+    p.add_argument("--model", metavar="BUNDLE", help="bundle directory (from `edgead export`)")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="run a bundle that fails its checksums or has no passing parity certificate")
+    src = p.add_argument_group("input")
+    src.add_argument("--camera", type=int, metavar="N", help="V4L2 camera /dev/videoN (NOT CSI; use csi://N)")
+    src.add_argument("--input-width", type=int, metavar="W")
+    src.add_argument("--input-height", type=int, metavar="H")
+    src.add_argument("--input-rate", type=float, metavar="FPS",
+                     help="camera frame rate; paces files, folders and synthetic sources")
+    src.add_argument("--input-loop", type=int, default=0, metavar="N",
+                     help="extra passes over a video/folder (-1 forever; default 0 = once)")
+    src.add_argument("--frames", "--num-buffers", dest="frames", type=int, metavar="N",
+                     help="stop after N captured frames")
+    src.add_argument("--reconnect-max-delay", type=float, default=5.0, metavar="S",
+                     help="cap of the exponential reconnect backoff of a lost camera (default 5 s)")
+    src.add_argument("--reconnect-attempts", type=int, default=-1, metavar="N",
+                     help="give up after N reconnect attempts (default -1: never)")
+    run = p.add_argument_group("pipeline")
+    run.add_argument("--drop-policy", choices=("latest", "block"),
+                     help="latest: drop frames under overload (default for live sources); "
+                          "block: inspect every frame (default for files, folders, unpaced synthetic)")
+    run.add_argument("--line-rate", type=float, metavar="HZ",
+                     help="report whether the station keeps up with HZ parts per second")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", dest="output_opt", metavar="URI", help="same as the positional OUTPUT")
+    out.add_argument("--headless", action="store_true", help="no window (default when there is no DISPLAY)")
+    out.add_argument("--results", metavar="DIR", help="results folder (default ./edgead-results)")
+    out.add_argument("--log", metavar="FILE", help="JSONL log (default RESULTS/log.jsonl)")
+    out.add_argument("--save-ng", metavar="DIR", help="save NG frames and their maps as PNG")
+    out.add_argument("--quiet", action="store_true", help="print only the summary")
+    demo = p.add_argument_group("demo")
+    demo.add_argument("--demo", action="store_true",
+                      help="build (once, cached in $EDGEAD_CACHE or ~/.cache/edgead) a small demo bundle "
+                           "and inspect the synthetic conveyor with it")
+    demo.add_argument("--demo-rebuild", action="store_true", help="rebuild the cached demo bundle")
+    return p
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _input_uri(args: argparse.Namespace) -> str:
+    from edgead.runtime.sources import camera_uri
+
+    if args.camera is not None and args.input:
+        raise UsageError(f"give either --camera {args.camera} or an input URI ({args.input}), not both")
+    if args.camera is not None:
+        return camera_uri(args.camera)
+    if not args.input:
+        raise UsageError("no input: give --camera N, an input URI or --demo (see --help)")
+    return args.input
+
+
+def _outputs(args: argparse.Namespace) -> list[str]:
+    if args.output and args.output_opt:
+        raise UsageError("give the output either positionally or with --output, not both")
+    return [u for u in (args.output or args.output_opt,) if u]
+
+
+def _make_sinks(args: argparse.Namespace, outputs: list[str], vrange: tuple[float, float], rate: float,
+                on_quit, say) -> list[Any]:
+    from edgead.runtime.sinks import DisplaySink, NgSaver, VideoSink, has_gui
+
+    sinks: list[Any] = []
+    headless = args.headless or not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    wants_display = any(u.startswith("display://") for u in outputs)
+    if wants_display:
+        sinks.append(DisplaySink(outputs[0], vrange, on_quit))  # explicit: a missing GUI is an error
+    elif not headless:
+        if has_gui():
+            sinks.append(DisplaySink("display://0", vrange, on_quit))
+        else:
+            say("note: this OpenCV has no GUI (headless wheel): running headless")
+    for uri in outputs:
+        if uri.startswith("display://"):
+            continue
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        sinks.append(VideoSink(path, rate, vrange))
+    if args.save_ng:
+        sinks.append(NgSaver(args.save_ng, vrange))
+    return sinks
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    try:
+        if args.demo:
+            from edgead.runtime.demo import prepare_demo
+
+            prepare_demo(args, say)
+        return _run(args, say)
+    except UsageError as err:
+        print(f"edgead-run: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("edgead-run: interrupted", file=sys.stderr)
+        return EXIT_SIGNAL[signal.SIGINT]
+
+
+def _run(args: argparse.Namespace, say) -> int:
+    from edgead.bundle import BundleError
+    from edgead.engines.base import EngineError
+    from edgead.runtime.infer import BundleRefused, describe_engine, load_checked_bundle, open_bundle_engine
+    from edgead.runtime.pipeline import Backoff, Pipeline, PipelineConfig
+    from edgead.runtime.postprocess_stage import Postprocessor
+    from edgead.runtime.sinks import JsonlLog, SinkError
+    from edgead.runtime.sources import InputOptions, SourceError, open_source
+    from edgead.runtime.stats import format_summary
+
+    uri = _input_uri(args)
+    outputs = _outputs(args)
+    if not args.model:
+        raise UsageError("no model: give --model BUNDLE (a folder made by `edgead export`) or use --demo")
+
+    # The model first: a refused bundle should fail before a camera is grabbed.
+    try:
+        bundle = load_checked_bundle(args.model, args.backend, args.precision, args.allow_unverified, warn=say)
+        engine = open_bundle_engine(bundle, args.backend, args.precision)
+    except (BundleRefused, BundleError, EngineError) as err:
+        print(f"edgead-run: {err}", file=sys.stderr)
+        return EXIT_MODEL
+
+    results = Path(args.results or "edgead-results")
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        log = JsonlLog(args.log or results / "log.jsonl", echo_events=None if args.quiet else sys.stderr)
+    except (OSError, SinkError) as err:
+        print(f"edgead-run: {err}", file=sys.stderr)
+        engine.close()
+        return EXIT_USAGE
+
+    size = int(bundle.input_shape[-1])
+    opts = InputOptions(width=args.input_width, height=args.input_height, rate=args.input_rate,
+                        loop=args.input_loop, default_size=size)
+    on_skip = lambda path, error: log.event("bad_image", path=path, error=error)  # noqa: E731
+    try:
+        source = open_source(uri, opts, on_skip=on_skip)
+        source.open()
+    except SourceError as err:
+        print(f"edgead-run: {err}", file=sys.stderr)
+        log.event("source_error", source=uri, error=str(err))
+        log.close()
+        engine.close()
+        return EXIT_SOURCE
+
+    cal = bundle.calibration
+    vrange = (cal.map_min, cal.map_max)
+    policy = args.drop_policy or ("latest" if source.live else "block")
+    running: list[Any] = []  # the pipeline, once built: the window's q/Esc stops it
+    try:
+        sinks = _make_sinks(args, outputs, vrange, args.input_rate or 30.0,
+                            lambda: running and running[0].stop("window closed"), say)
+    except SinkError as err:
+        print(f"edgead-run: {err}", file=sys.stderr)
+        source.close()
+        engine.close()
+        log.close()
+        return EXIT_USAGE
+
+    config = PipelineConfig(policy=policy, max_frames=args.frames,
+                            backoff=Backoff(cap=args.reconnect_max_delay, max_attempts=args.reconnect_attempts))
+    pipeline = Pipeline(source, engine, Postprocessor.from_manifest(bundle.manifest, cal), sinks, log, config)
+    say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{args.precision}, "
+        f"input {uri} ({'live' if source.live else 'file'}, drop policy {policy})")
+
+    running.append(pipeline)
+    got_signal: list[int] = []
+    restore = _install_signals(pipeline, got_signal)
+    try:
+        result = pipeline.run()
+    finally:
+        restore()
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001 - closing must not hide the summary
+                say(f"edgead-run: closing {type(sink).__name__}: {exc}")
+        engine.close()
+
+    summary = {"model": str(bundle.root), "detector": bundle.detector, "engine": describe_engine(engine),
+               "input": uri, "drop_policy": policy, "stop_reason": result.stop_reason, **result.summary}
+    if args.line_rate:
+        summary["line_rate"] = pipeline.stats.summary(args.line_rate, saturated=not source.live)["line_rate"]
+    if result.fatal:
+        summary["fatal"] = result.fatal
+    code = _exit_code(result, got_signal, summary)
+    summary["exit_code"] = code
+    log.event("stop", reason=result.stop_reason, exit_code=code)
+    log.event("summary", **{k: v for k, v in summary.items() if k != "engine"})
+    log.close()
+    (results / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(format_summary(summary))
+    print(f"results: {results / 'summary.json'}")
+    return code
+
+
+def _exit_code(result: Any, got_signal: list[int], summary: dict[str, Any]) -> int:
+    if result.fatal:
+        return EXIT_SOURCE if result.stop_reason == "source lost" else EXIT_INTERNAL
+    if got_signal:
+        return EXIT_SIGNAL.get(got_signal[0], 128 + got_signal[0])
+    if summary["frames"]["errored"]:
+        return EXIT_FRAME_ERRORS
+    return EXIT_OK
+
+
+def _install_signals(pipeline: Any, got: list[int]):
+    """SIGINT/SIGTERM: stop capturing, drain, write the summary. A second signal kills at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.getsignal(s) for s in EXIT_SIGNAL}
+
+    def handler(signum: int, _frame: Any) -> None:
+        if got:  # second time: the operator means it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        got.append(signum)
+        pipeline.stop(f"signal {signal.Signals(signum).name}")
+
+    for s in EXIT_SIGNAL:
+        signal.signal(s, handler)
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+if __name__ == "__main__":
+    sys.exit(main())

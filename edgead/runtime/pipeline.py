@@ -1,0 +1,417 @@
+"""The station loop: five stages in five threads joined by small bounded queues.
+
+    capture ──frames──▶ preprocess ──ready──▶ infer ──outputs──▶ postprocess ──results──▶ sinks
+                          ▲ fills a free engine slot ◀── slot released after synchronize ──┘
+
+Stages overlap: while the engine computes frame N in slot A, frame N+1 is captured and
+preprocessed into slot B, and frame N-1 is post-processed and written out. numpy, OpenCV and
+ONNX Runtime release the GIL, so the threads really run side by side.
+
+Drop policy (the first queue only; the rest always block, bounded by the engine's slots):
+- ``latest``: the capture queue keeps only the newest frame; older ones are overwritten and
+  counted as dropped (the latest-frame reader a live camera needs: it never lags behind).
+- ``block``: capture waits for the pipeline; every frame is inspected (backpressure).
+
+Accounting: every captured frame ends as inspected (OK/NG), dropped or errored (ERROR), so
+``captured == inspected + dropped + errored`` always holds, also after a stop or a crash.
+An engine exception, a NaN/Inf in any output or a failing stage gives ERROR and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgead.engines.base import Engine, SlottedEngine
+from edgead.runtime.infer import take_outputs
+from edgead.runtime.postprocess_stage import Inspection, Postprocessor, error_inspection
+from edgead.runtime.preprocess import Preprocessor
+from edgead.runtime.sinks import JsonlLog, Sink
+from edgead.runtime.sources import EndOfStream, Source, SourceError, SourceLost, Truth
+from edgead.runtime.stats import RunStats
+
+POLICIES = ("latest", "block")
+
+
+# -- the unit of work ----------------------------------------------------------------------------
+
+@dataclass
+class Frame:
+    """One captured frame: id, pixels as delivered, capture time (monotonic for ages, wall for
+    the log) and, from synthetic sources, the ground truth."""
+
+    id: int
+    image: np.ndarray
+    t_mono: float
+    t_wall: float
+    truth: Truth | None = None
+
+
+@dataclass
+class Job:
+    frame: Frame
+    marks: dict[str, float] = field(default_factory=dict)
+    slot: int | None = None
+    score: float = float("nan")
+    anomaly_map: np.ndarray | None = None
+    error: str | None = None
+    inspection: Inspection | None = None
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.monotonic()
+
+    def latency_ms(self) -> dict[str, float]:
+        m, out = self.marks, {}
+        for stage in ("preprocess", "infer", "postprocess", "sink"):
+            if f"{stage}_start" in m and f"{stage}_end" in m:
+                out[stage] = round(1000.0 * (m[f"{stage}_end"] - m[f"{stage}_start"]), 3)
+        return out
+
+
+# -- a bounded queue that can drop the oldest and be closed --------------------------------------
+
+CLOSED = object()  # what get() returns once a queue is closed and empty
+
+
+class StageQueue:
+    """Bounded FIFO between two stages. ``put`` blocks when full, or with ``drop_oldest`` evicts
+    and returns the oldest item. After ``close`` puts are refused (the item is returned) and
+    ``get`` drains what is left, then returns :data:`CLOSED`."""
+
+    def __init__(self, capacity: int, drop_oldest: bool = False) -> None:
+        self.capacity, self.drop_oldest = capacity, drop_oldest
+        self.items: collections.deque[Any] = collections.deque()
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def put(self, item: Any) -> Any | None:
+        """Returns None when queued, else the item that was dropped or refused."""
+        with self.cond:
+            while not self.drop_oldest and len(self.items) >= self.capacity and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                return item
+            evicted = self.items.popleft() if len(self.items) >= self.capacity else None
+            self.items.append(item)
+            self.cond.notify_all()
+            return evicted
+
+    def get(self) -> Any:
+        with self.cond:
+            while not self.items and not self.closed:
+                self.cond.wait()
+            if not self.items:
+                return CLOSED
+            item = self.items.popleft()
+            self.cond.notify_all()
+            return item
+
+    def empty(self) -> bool:
+        with self.cond:
+            return not self.items
+
+    def close(self) -> list[Any]:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+            return list(self.items)
+
+    def abort(self) -> list[Any]:
+        """Close and discard what is queued; returns the discarded items."""
+        with self.cond:
+            left = list(self.items)
+            self.items.clear()
+            self.closed = True
+            self.cond.notify_all()
+            return left
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+@dataclass
+class Backoff:
+    """Reconnect delays: ``initial``, doubling, capped at ``cap`` seconds; ``max_attempts`` < 0
+    retries forever (a station should come back when the cable is plugged in again)."""
+
+    initial: float = 0.25
+    cap: float = 5.0
+    max_attempts: int = -1
+
+    def delays(self):
+        delay, attempt = self.initial, 0
+        while self.max_attempts < 0 or attempt < self.max_attempts:
+            attempt += 1
+            yield attempt, delay
+            delay = min(delay * 2.0, self.cap)
+
+
+@dataclass
+class PipelineConfig:
+    policy: str = "block"
+    max_frames: int | None = None  # stop after this many captured frames
+    backoff: Backoff = field(default_factory=Backoff)
+    stop_grace_s: float = 3.0  # how long a stop waits for a capture blocked in the driver
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    stop_reason: str  # "end of stream" | "frame limit" | "signal SIGINT" | "source lost" | ...
+    fatal: str | None = None  # a failure that ended the run early
+
+
+# -- the pipeline --------------------------------------------------------------------------------
+
+class Pipeline:
+    def __init__(self, source: Source, engine: Engine, postprocessor: Postprocessor, sinks: list[Sink],
+                 log: JsonlLog, config: PipelineConfig | None = None, stats: RunStats | None = None) -> None:
+        self.config = config or PipelineConfig()
+        if self.config.policy not in POLICIES:
+            raise ValueError(f"drop policy must be one of {POLICIES}, got {self.config.policy!r}")
+        self.source, self.engine, self.post, self.sinks, self.log = source, engine, postprocessor, sinks, log
+        self.stats = stats or RunStats()
+        self.pre = Preprocessor.for_input_shape(engine.inputs[0].shape)
+        self.input_name = engine.inputs[0].name
+        # A synchronous engine computes inside enqueue(): finish each frame at once so its
+        # post-processing overlaps the next compute. An asynchronous one keeps its slots busy.
+        self.sync_engine = isinstance(engine, SlottedEngine) or getattr(engine, "synchronous", False)
+        self.num_slots = max(1, int(getattr(engine, "num_slots", 1)))
+        latest = self.config.policy == "latest"
+        self.q_frames = StageQueue(1 if latest else 2, drop_oldest=latest)
+        self.q_ready = StageQueue(self.num_slots)
+        self.q_post = StageQueue(2)
+        self.q_sink = StageQueue(2)
+        self.free_slots = StageQueue(self.num_slots)
+        for slot in range(self.num_slots):
+            self.free_slots.put(slot)
+        self._stop = threading.Event()
+        self.stop_reason = "end of stream"
+        self.fatal: str | None = None
+        self._fps = 0.0
+        self._last_out: float | None = None
+
+    # -- control ---------------------------------------------------------------------------------
+    def stop(self, reason: str) -> None:
+        """Stop capturing; frames already captured are drained and reported. Any thread may call."""
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> RunResult:
+        stages = [("capture", self._capture), ("preprocess", self._preprocess), ("infer", self._infer),
+                  ("postprocess", self._postprocess), ("sink", self._sink)]
+        threads = [threading.Thread(target=self._guard, args=(name, fn), name=f"edgead-{name}", daemon=True)
+                   for name, fn in stages]
+        self.log.event("start", source=self.source.uri, live=self.source.live, policy=self.config.policy,
+                       slots=self.num_slots, max_frames=self.config.max_frames)
+        for t in threads:
+            t.start()
+        capture, sink = threads[0], threads[-1]
+        stop_seen: float | None = None
+        while sink.is_alive():
+            sink.join(0.1)  # short joins keep the main thread free to take signals
+            if self._stop.is_set() and capture.is_alive():
+                stop_seen = stop_seen or time.monotonic()
+                if time.monotonic() - stop_seen > self.config.stop_grace_s:
+                    # The capture thread is stuck in the driver: close its queue so the rest drains.
+                    self.q_frames.close()
+        for t in threads[1:]:
+            t.join(1.0)
+        self._settle_lost()
+        saturated = not self.source.live
+        summary = self.stats.summary(saturated=saturated)
+        return RunResult(summary, self.stop_reason, self.fatal)
+
+    def _guard(self, name: str, body) -> None:
+        """A crashing stage must not hang the others: record it, abort every queue, stop."""
+        try:
+            body()
+        except BaseException as exc:  # noqa: BLE001 - reported as the run's fatal error
+            self.fatal = self.fatal or f"{name} stage crashed: {exc!r}"
+            self.log.event("crash", stage=name, error=repr(exc), traceback=traceback.format_exc(limit=5))
+            self.stop(f"{name} stage crashed")
+            for q in (self.q_frames, self.q_ready, self.q_post, self.q_sink, self.free_slots):
+                q.abort()
+
+    def _settle_lost(self) -> None:
+        """Frames lost to a crashed stage still count (as errored), so the books balance."""
+        s = self.stats
+        lost = s.captured - (s.inspected + s.dropped + s.errored)
+        if lost > 0:
+            s.errored += lost
+            self.log.event("lost_frames", count=lost, reason=self.fatal or self.stop_reason)
+
+    # -- stage 1: capture ------------------------------------------------------------------------
+    def _capture(self) -> None:
+        next_id = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    image, truth = self.source.read()
+                except EndOfStream:
+                    self.stop("end of stream")
+                    break
+                except SourceError as err:
+                    if not self.source.live or not self._reconnect(err):
+                        self.fatal = self.fatal or str(err)
+                        self.stop("source lost")
+                        break
+                    continue
+                frame = Frame(next_id, image, time.monotonic(), time.time(), truth)
+                next_id += 1
+                self.stats.count_captured(frame.t_mono)
+                if self.q_frames.put(Job(frame)) is not None:  # overwritten (latest) or refused (closed)
+                    self.stats.count_dropped()
+                if self.config.max_frames is not None and next_id >= self.config.max_frames:
+                    self.stop("frame limit")
+                    break
+        finally:
+            self.q_frames.close()
+            self.source.close()
+
+    def _reconnect(self, error: SourceError) -> bool:
+        """Reopen a lost live source with exponential backoff; events go to the log."""
+        lost_at = time.monotonic()
+        self.log.event("disconnect", source=self.source.uri, error=str(error))
+        self.source.close()
+        for attempt, delay in self.config.backoff.delays():
+            self.log.event("reconnect", source=self.source.uri, attempt=attempt, delay_s=round(delay, 3))
+            if self._stop.wait(delay):
+                return False
+            try:
+                self.source.open()
+            except SourceError as err:
+                self.log.event("reconnect_failed", source=self.source.uri, attempt=attempt, error=str(err))
+                continue
+            self.stats.count_reconnect()
+            self.log.event("reconnected", source=self.source.uri, attempts=attempt,
+                           downtime_s=round(time.monotonic() - lost_at, 3))
+            return True
+        self.log.event("gave_up", source=self.source.uri, attempts=self.config.backoff.max_attempts)
+        error.args = (f"{error}; gave up after {self.config.backoff.max_attempts} reconnect attempts",)
+        return False
+
+    # -- stage 2: preprocess into a free engine slot ---------------------------------------------
+    def _preprocess(self) -> None:
+        try:
+            while (job := self.q_frames.get()) is not CLOSED:
+                slot = self.free_slots.get()  # waits while both slots are busy: backpressure
+                if slot is CLOSED:
+                    break
+                job.mark("preprocess_start")
+                try:
+                    self.pre.into(job.frame.image, self.engine.host_inputs(slot)[self.input_name][0])
+                    job.slot = slot
+                except Exception as exc:  # noqa: BLE001 - a bad frame is an ERROR, not a crash
+                    job.error = f"preprocess: {exc}"
+                    self.free_slots.put(slot)
+                job.mark("preprocess_end")
+                self.q_ready.put(job)
+        finally:
+            self.q_ready.close()
+
+    # -- stage 3: infer --------------------------------------------------------------------------
+    def _infer(self) -> None:
+        inflight: collections.deque[Job] = collections.deque()
+        try:
+            while (job := self.q_ready.get()) is not CLOSED:
+                if job.error is None:
+                    job.mark("infer_start")
+                    try:
+                        self.engine.enqueue(job.slot)
+                        inflight.append(job)
+                    except Exception as exc:  # noqa: BLE001
+                        self._release(job, f"engine: {exc}")
+                if job.error is not None:  # keep frame order: finish earlier frames first
+                    while inflight:
+                        self._finish(inflight.popleft())
+                    self.q_post.put(job)
+                    continue
+                if self.sync_engine or len(inflight) >= self.num_slots or self.q_ready.empty():
+                    self._finish(inflight.popleft())
+            while inflight:
+                self._finish(inflight.popleft())
+        finally:
+            self.q_post.close()
+
+    def _finish(self, job: Job) -> None:
+        try:
+            job.score, job.anomaly_map = take_outputs(self.engine.synchronize(job.slot))
+            self._release(job, None)
+        except Exception as exc:  # noqa: BLE001 - engine failure or NaN/Inf: ERROR verdict
+            self._release(job, f"engine: {exc}")
+        self.q_post.put(job)
+
+    def _release(self, job: Job, error: str | None) -> None:
+        job.mark("infer_end")
+        job.error = error
+        if job.slot is not None:
+            self.free_slots.put(job.slot)
+            job.slot = None
+
+    # -- stage 4: postprocess --------------------------------------------------------------------
+    def _postprocess(self) -> None:
+        try:
+            while (job := self.q_post.get()) is not CLOSED:
+                job.mark("postprocess_start")
+                if job.error is None:
+                    try:
+                        job.inspection = self.post(job.score, job.anomaly_map, job.frame.image.shape[:2])
+                    except Exception as exc:  # noqa: BLE001
+                        job.error = f"postprocess: {exc}"
+                if job.inspection is None:
+                    job.inspection = error_inspection(job.error or "no result")
+                job.anomaly_map = None
+                job.mark("postprocess_end")
+                self.q_sink.put(job)
+        finally:
+            self.q_sink.close()
+
+    # -- stage 5: sinks + log + accounting -------------------------------------------------------
+    def _sink(self) -> None:
+        broken: set[int] = set()
+        while (job := self.q_sink.get()) is not CLOSED:
+            job.mark("sink_start")
+            insp, frame = job.inspection, job.frame
+            for i, sink in enumerate(self.sinks):
+                if i in broken:
+                    continue
+                try:
+                    sink.write(frame, insp, self._fps)
+                except Exception as exc:  # noqa: BLE001 - a broken window must not stop inspection
+                    broken.add(i)
+                    self.log.event("sink_error", sink=type(sink).__name__, error=str(exc))
+            job.mark("sink_end")
+            self._account(job)
+
+    def _account(self, job: Job) -> None:
+        frame, insp = job.frame, job.inspection
+        now = time.monotonic()
+        if self._last_out is not None:
+            dt = max(now - self._last_out, 1e-6)
+            self._fps = 1.0 / dt if self._fps == 0.0 else 0.9 * self._fps + 0.1 / dt
+        self._last_out = now
+        latency = job.latency_ms()
+        e2e = 1000.0 * (now - frame.t_mono)
+        truth = frame.truth
+        localized = bool(truth and insp.verdict == "NG" and self.post.localized(insp, truth.mask))
+        self.stats.record(insp.verdict, latency, e2e, truth.defective if truth else None, localized)
+        record: dict[str, Any] = {"frame": frame.id, "t_capture": round(frame.t_wall, 6), **insp.to_dict(),
+                                  "latency_ms": latency,
+                                  "age_ms": round(1000.0 * (job.marks["postprocess_end"] - frame.t_mono), 3),
+                                  "e2e_ms": round(e2e, 3)}
+        if truth is not None:
+            record["truth"] = truth.defect or "good"
+        self.log.frame(record)
+        if insp.verdict == "ERROR":
+            self.log.event("frame_error", frame=frame.id, error=insp.error)
