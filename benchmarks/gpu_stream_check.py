@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="standin", help="a registered detector name, or 'standin'")
     parser.add_argument("--width", type=int, default=32, help="channels of the stand-in's first conv")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay a CUDA graph per slot: one launch per frame, like TensorRT's execute_async_v3")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed against torch")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {}
     for label, slots in (("serial", 1), ("overlapped", 2)):
-        engine = TorchCudaEngine(model, inputs, outputs, num_slots=slots, precision=args.precision)
+        engine = TorchCudaEngine(model, inputs, outputs, num_slots=slots, precision=args.precision, cuda_graph=args.cuda_graph)
         try:
             run_pipeline(engine, frames, refs, args.warmup)
             results[label] = run_pipeline(engine, frames, refs, args.frames, origin)
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda_python": _version("cuda-python") or _version("cuda-bindings"),
         "python": platform.python_version(),
         "model": model_name, "size": args.size, "frames": args.frames, "precision": args.precision,
+        "cuda_graph": args.cuda_graph,
         "results": results,
         "speedup": ovl["fps"] / ser["fps"],
         "max_abs_err": max(ser["max_abs_err"], ovl["max_abs_err"]),
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["outputs_match_torch"] = report["max_abs_err"] <= args.tolerance
 
-    print(f"{report['device']} | {model_name} {args.size}x{args.size} {args.precision} | {args.frames} frames")
+    mode = "CUDA graph" if args.cuda_graph else "eager"
+    print(f"{report['device']} | {model_name} {args.size}x{args.size} {args.precision} {mode} | {args.frames} frames")
     print(f"{'mode':<11}{'slots':>6}{'FPS':>9}{'h2d med/p99 ms':>18}{'compute med/p99':>18}{'d2h med/p99':>16}"
           f"{'enqueue med':>13}{'overlap':>9}{'gpu busy':>10}{'max err':>10}")
     for label, r in results.items():

@@ -121,7 +121,7 @@ def collapse_cast_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
         identity = helper.make_node("Identity", [first.input[0]], list(node.output), name=node.name)
         graph.node.insert(list(graph.node).index(node), identity)
         graph.node.remove(node)
-    _drop_dead_nodes(graph)
+    drop_dead_nodes(graph)
     remove_identities(graph)
     return model
 
@@ -154,7 +154,8 @@ def _is_fp16(model: onnx.ModelProto, tensor: str) -> bool:
     return init is not None and init.data_type == TensorProto.FLOAT16
 
 
-def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+def drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing reads, then unused initializers."""
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if not any(o in used for o in n.output)]

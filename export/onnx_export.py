@@ -135,3 +135,55 @@ def component_entry(comp: Component, shapes: dict[str, tuple[int, ...]]) -> dict
     """The manifest's description of one component: wiring and static shapes."""
     return {"name": comp.name, "inputs": list(comp.inputs), "outputs": list(comp.outputs),
             "shapes": {n: list(shapes[n]) for n in (*comp.inputs, *comp.outputs)}}
+
+
+def chain_graphs(parts: Sequence[tuple[str, onnx.ModelProto]], inputs: Sequence[str],
+                 outputs: Sequence[str]) -> onnx.ModelProto:
+    """One graph from component graphs wired by tensor name (component I/O names are global).
+
+    Every internal tensor, initializer and node of component ``c`` gets the prefix ``c`` (node
+    names keep their ``/fp32_`` scopes). Used for the mixed-precision fused graph: each component
+    keeps the precision it was certified at.
+    """
+    nodes, inits, value_info = [], [], []
+    graph_inputs: dict[str, onnx.ValueInfoProto] = {}
+    graph_outputs: dict[str, onnx.ValueInfoProto] = {}
+    opsets: dict[str, int] = {}
+    for comp, model in parts:
+        g = model.graph
+        io = {i.name for i in g.input} | {o.name for o in g.output}
+        rename = lambda name: name if (not name or name in io) else f"{comp}{name if name.startswith('/') else '/' + name}"  # noqa: E731
+        for node in g.node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise ExportError(f"component {comp!r}: subgraphs (If/Loop) are not supported when chaining")
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            new.name = f"{comp}{node.name if node.name.startswith('/') else '/' + node.name}"
+            new.input[:] = [rename(i) for i in node.input]
+            new.output[:] = [rename(o) for o in node.output]
+            nodes.append(new)
+        for init in g.initializer:
+            new_init = onnx.TensorProto()
+            new_init.CopyFrom(init)
+            new_init.name = rename(init.name)
+            inits.append(new_init)
+        for vi in g.value_info:
+            if vi.name not in io:
+                new_vi = onnx.ValueInfoProto()
+                new_vi.CopyFrom(vi)
+                new_vi.name = rename(vi.name)
+                value_info.append(new_vi)
+        graph_inputs.update({i.name: i for i in g.input if i.name in inputs})
+        graph_outputs.update({o.name: o for o in g.output if o.name in outputs})
+        for op in model.opset_import:
+            opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
+    missing = [n for n in (*inputs, *outputs) if n not in graph_inputs and n not in graph_outputs]
+    if missing:
+        raise ExportError(f"chained graph: no component provides {missing}")
+    graph = onnx.helper.make_graph(nodes, "detector", [graph_inputs[n] for n in inputs],
+                                   [graph_outputs[n] for n in outputs], inits, value_info=value_info)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
+                                   producer_name="edgead")
+    model.ir_version = max(m.ir_version for _, m in parts)
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -92,6 +92,19 @@ def test_two_slots_in_flight_equal_torch(model):
     engine.close()
 
 
+def test_cuda_graph_slots_equal_torch(model):
+    engine = TorchCudaEngine(model, SPECS_IN, SPECS_OUT, num_slots=2, cuda_graph=True)
+    frames = [frame(i) for i in range(4)]
+    for i in range(0, 4, 2):  # both slots in flight, each replaying its own graph
+        for slot in (0, 1):
+            engine.host_inputs(slot)["image"][...] = frames[i + slot]
+            engine.enqueue(slot)
+        for slot in (0, 1):
+            out, ref = engine.synchronize(slot), reference(model, frames[i + slot])
+            np.testing.assert_allclose(out["anomaly_map"], ref["anomaly_map"], rtol=1e-5, atol=1e-6)
+    engine.close()
+
+
 def test_synchronize_without_enqueue_is_an_error(model):
     engine = TorchCudaEngine(model, SPECS_IN, SPECS_OUT, num_slots=2)
     with pytest.raises(EngineError):
@@ -124,3 +137,5 @@ def test_benchmark_script_runs(tmp_path):
     report = json.loads(out.read_text())
     assert report["outputs_match_torch"] and set(report["results"]) == {"serial", "overlapped"}
     assert report["results"]["overlapped"]["fps"] > 0
+    assert gpu_stream_check.main(["--size", str(S), "--frames", "20", "--warmup", "3", "--cuda-graph", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["cuda_graph"] is True

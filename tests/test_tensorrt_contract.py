@@ -861,6 +861,7 @@ def test_cuda_errors_name_the_call(fakes, tmp_path):
     plan = build_engine(detector_onnx(tmp_path / "det.onnx"), "fp16")
     with pytest.raises(EngineError, match="cudaMalloc"):
         TensorRTEngine(plan)
+    assert not fakes.cuda.host and not fakes.cuda.device, "a failed construction frees what it allocated"
 
 
 def test_pinned_buffer_is_a_numpy_view(fakes):

@@ -40,7 +40,7 @@ def _ort(path, x: torch.Tensor) -> list[np.ndarray]:
 @pytest.mark.parametrize("name", list(ZOO))
 def test_train_smoke_then_score(name: str, tmp_path) -> None:
     train = TrainConfig(epochs=1, batch_size=4, extra={"epochs_gan": 1, "epochs_encoder": 1})
-    run = train_from_arrays(name, _images(8), _images(4, seed=1), tmp_path / name,
+    run = train_from_arrays(name, _images(4), _images(4, seed=1), tmp_path / name,
                             config={"width": 8, **ZOO[name]}, train=train, progress=False)
     # (load_run's pickle sniffing can misread a safetensors header length whose low byte is 0x80,
     # so the weights are loaded directly here.)
@@ -105,7 +105,7 @@ def test_anogan_search_reduces_its_loss() -> None:
     detector = _create("anogan").eval()
     before = [p.detach().clone() for p in detector.parameters()]
     x = torch.rand(2, 3, SIZE, SIZE)
-    _, history = detector.search(x, steps=30)
+    _, history = detector.search(x, steps=15)
     assert history[-1] < history[0]
     assert all(torch.equal(a, b) for a, b in zip(before, detector.parameters()))  # only z moved
     assert all(p.grad is None for p in detector.parameters())
@@ -120,7 +120,7 @@ def test_vae_monte_carlo_changes_the_score_only_when_sampling() -> None:
     sampled = _create("vae", mc_samples=3).eval()
     sampled.load_state_dict(detector.state_dict())
     score, amap = sampled.score(x)
-    assert not torch.allclose(score, fused[0]) and amap.shape == fused[1].shape
+    assert not torch.equal(score, fused[0]) and not torch.equal(amap, fused[1])
     torch.testing.assert_close(sampled(x), fused)  # the fused graph stays deterministic (z = μ)
     torch.testing.assert_close(sampled.score(x)[0], score)  # seeded: repeatable
 

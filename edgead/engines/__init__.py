@@ -1,0 +1,82 @@
+"""Inference engines behind one protocol (:mod:`edgead.engines.base`). Torch-free: backends are
+imported only when opened, so a station with onnxruntime alone never loads torch or TensorRT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgead.bundle import FUSED, Bundle, BundleError, load_bundle
+from edgead.engines.base import Engine, EngineError, SlottedEngine, TensorSpec
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+__all__ = ["BACKENDS", "BundleError", "Engine", "EngineError", "SlottedEngine", "TensorSpec", "available_backends", "open_engine",
+           "resolve_graph"]
+
+
+def resolve_graph(bundle_or_path: Bundle | str | Path, precision: str = "fp32", graph: str = FUSED,
+                  verify: bool = True) -> tuple[Bundle | None, Path]:
+    """(bundle or None, ONNX file) for a bundle (object or folder) or a bare ``.onnx`` file."""
+    if isinstance(bundle_or_path, Bundle):
+        return bundle_or_path, bundle_or_path.graph_path(graph, precision)
+    path = Path(bundle_or_path)
+    if path.is_file() and path.suffix == ".onnx":
+        return None, path
+    bundle = load_bundle(path, verify=verify)
+    return bundle, bundle.graph_path(graph, precision)
+
+
+def open_engine(bundle_or_path: Bundle | str | Path, backend: str = "onnxruntime", precision: str = "fp32",
+                graph: str = FUSED, **kw: Any) -> Engine:
+    """Open ``graph`` at ``precision`` of a bundle on ``backend``.
+
+    * ``onnxruntime``: kw go to :class:`~edgead.engines.ort_engine.OrtEngine` (``providers``,
+      ``intra_op_num_threads``...).
+    * ``tensorrt``: builds (or loads the cached) plan of the precision's ONNX on this GPU via
+      ``tensorrt_engine.load_or_build``; kw go to it.
+    * ``torch``: the FP32 PyTorch reference of the training run; ``run=RUN_DIR`` or the run
+      recorded in the bundle (``source_run``); kw ``device``.
+
+    ``verify=False`` skips the SHA-256 check of a bundle folder (it is on by default).
+    """
+    verify = bool(kw.pop("verify", True))
+    if backend == "torch":
+        run = kw.pop("run", None)
+        bundle = None
+        if run is None:
+            bundle, _ = resolve_graph(bundle_or_path, "fp32", graph, verify)
+            run = bundle.manifest.get("source_run") if bundle is not None else None
+        if not run:
+            raise EngineError("the torch backend needs the training run: pass run=RUN_DIR (--run)")
+        if not Path(run).is_dir():
+            raise EngineError(f"torch backend: training run {run} does not exist on this machine (pass --run)")
+        from edgead.engines.torch_engine import TorchEngine  # imports torch: only on request
+
+        return TorchEngine.from_run(run, kw.pop("device", "cpu"), graph=graph, precision=precision, **kw)
+
+    _, path = resolve_graph(bundle_or_path, precision, graph, verify)
+    if backend == "onnxruntime":
+        from edgead.engines.ort_engine import OrtEngine
+
+        return OrtEngine(path, precision=precision, **kw)
+    if backend == "tensorrt":
+        try:
+            from edgead.engines.tensorrt_engine import load_or_build
+        except ImportError as exc:
+            raise EngineError(f"TensorRT backend unavailable: {exc}") from exc
+        return load_or_build(path, precision, **kw)
+    raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here (without building anything)."""
+    import importlib.util
+
+    found = ["onnxruntime"] if importlib.util.find_spec("onnxruntime") else []
+    if importlib.util.find_spec("tensorrt") and importlib.util.find_spec("cuda"):
+        found.append("tensorrt")
+    if importlib.util.find_spec("torch"):
+        found.append("torch")
+    return found
+

@@ -180,11 +180,11 @@ class CudaSlot:
     (before H2D, after H2D, after compute, after D2H)."""
 
     stream: Stream
-    host_in: dict[str, PinnedBuffer]
-    host_out: dict[str, PinnedBuffer]
-    dev_in: dict[str, DeviceBuffer]
-    dev_out: dict[str, DeviceBuffer]
-    events: tuple[Event, Event, Event, Event]
+    host_in: dict[str, PinnedBuffer] = field(default_factory=dict)
+    host_out: dict[str, PinnedBuffer] = field(default_factory=dict)
+    dev_in: dict[str, DeviceBuffer] = field(default_factory=dict)
+    dev_out: dict[str, DeviceBuffer] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
     pending: bool = False
     extra: list[Any] = field(default_factory=list)  # keeps backend objects alive until synchronize
 
@@ -208,16 +208,18 @@ class CudaSlots:
         self.slots: list[CudaSlot] = []
         try:
             for _ in range(self.num_slots):
-                self.slots.append(
-                    CudaSlot(
-                        stream=Stream(),
-                        host_in={s.name: PinnedBuffer(s.shape, s.dtype) for s in self.inputs},
-                        host_out={s.name: PinnedBuffer(s.shape, s.dtype) for s in self.outputs},
-                        dev_in={s.name: DeviceBuffer(spec_nbytes(s)) for s in self.inputs} if allocate_device else {},
-                        dev_out={s.name: DeviceBuffer(spec_nbytes(s)) for s in self.outputs} if allocate_device else {},
-                        events=(Event(), Event(), Event(), Event()),
-                    )
-                )
+                # Filled in place, so close() frees whatever exists if an allocation fails.
+                s = CudaSlot(stream=Stream())
+                self.slots.append(s)
+                for spec in self.inputs:
+                    s.host_in[spec.name] = PinnedBuffer(spec.shape, spec.dtype)
+                    if allocate_device:
+                        s.dev_in[spec.name] = DeviceBuffer(spec_nbytes(spec))
+                for spec in self.outputs:
+                    s.host_out[spec.name] = PinnedBuffer(spec.shape, spec.dtype)
+                    if allocate_device:
+                        s.dev_out[spec.name] = DeviceBuffer(spec_nbytes(spec))
+                s.events.extend(Event() for _ in range(4))
         except BaseException:
             self.close()
             raise

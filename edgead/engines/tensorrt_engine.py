@@ -229,19 +229,50 @@ class _Component:
 
 
 class TensorRTEngine:
-    """The :class:`~edgead.engines.base.Engine` protocol on one TensorRT plan: per slot, async H2D,
-    ``execute_async_v3`` and async D2H on the slot's own stream."""
+    """The :class:`~edgead.engines.base.Engine` protocol on TensorRT: per slot, async H2D, then
+    ``execute_async_v3`` of each component, then async D2H, all on the slot's own stream."""
 
     backend = "tensorrt"
 
     def __init__(self, plan: bytes, precision: str = "fp32", num_slots: int = 2, input_shapes: Shapes | None = None) -> None:
+        self._wire([plan], [], precision, num_slots, input_shapes)
+
+    def _wire(self, plans: Sequence[bytes], links: Sequence[Mapping[str, str]], precision: str,
+              num_slots: int, input_shapes: Shapes | None) -> None:
         self.precision, self.num_slots = precision, int(num_slots)
-        self._parts = [_Component(plan, self.num_slots, input_shapes)]
-        self.inputs, self.outputs = self._parts[0].inputs, self._parts[-1].outputs
-        self._slots = cuda_rt.CudaSlots(self.inputs, self.outputs, self.num_slots)
-        for k in range(self.num_slots):
-            s = self._slots[k]
-            self._parts[0].bind(k, {n: b.ptr for n, b in {**s.dev_in, **s.dev_out}.items()})
+        self._parts: list[_Component] = []
+        self._scratch: list[cuda_rt.DeviceBuffer] = []  # intermediate tensors of a chain, per slot
+        self._slots: cuda_rt.CudaSlots | None = None
+        try:
+            self._parts = [_Component(p, self.num_slots, input_shapes) for p in plans]
+            self.inputs, self.outputs = self._parts[0].inputs, self._parts[-1].outputs
+            self._slots = cuda_rt.CudaSlots(self.inputs, self.outputs, self.num_slots)
+            for slot in range(self.num_slots):
+                self._bind_slot(slot, links)
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind_slot(self, slot: int, links: Sequence[Mapping[str, str]]) -> None:
+        """Component 0 reads the uploaded inputs, the last writes the downloaded outputs, and
+        each other output goes to a device buffer the next component reads (links rename)."""
+        s = self._slots[slot]
+        upstream = {spec.name: (spec, s.dev_in[spec.name].ptr) for spec in self.inputs}
+        for k, part in enumerate(self._parts):
+            rename = {dst: src for src, dst in links[k - 1].items()} if k else {}
+            addresses: dict[str, int] = {}
+            for spec in part.inputs:
+                src = rename.get(spec.name, spec.name)
+                if src not in upstream or (upstream[src][0].shape, upstream[src][0].dtype) != (spec.shape, spec.dtype):
+                    raise EngineError(f"component {k} input {spec.name!r} has no matching output {src!r} upstream")
+                addresses[spec.name] = upstream[src][1]
+            last, upstream = k == len(self._parts) - 1, {}
+            for spec in part.outputs:
+                if not last:
+                    self._scratch.append(cuda_rt.DeviceBuffer(cuda_rt.spec_nbytes(spec)))
+                addresses[spec.name] = s.dev_out[spec.name].ptr if last else self._scratch[-1].ptr
+                upstream[spec.name] = (spec, addresses[spec.name])
+            part.bind(slot, addresses)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._slots.fill(0, feeds)
@@ -255,7 +286,7 @@ class TensorRTEngine:
         self._slots.upload(slot)
         try:
             stream = self._slots[slot].stream.handle
-            for part in self._parts:  # a chain runs its components back to back on one stream
+            for part in self._parts:  # back to back on one stream: no host round trip between them
                 part.launch(slot, stream)
         except EngineError:
             self._slots.wait(slot)  # drain the queued upload; the slot stays usable
@@ -270,56 +301,26 @@ class TensorRTEngine:
         return self._slots.timings(slot)
 
     def close(self) -> None:
-        self._slots.close()
+        if self._slots is not None:
+            self._slots.close()  # waits for the streams before anything is freed
+        for buf in self._scratch:
+            buf.free()
         for part in self._parts:
             part.close()
+        self._slots, self._scratch, self._parts = None, [], []
 
 
 class TensorRTChain(TensorRTEngine):
-    """Several plans run back to back on the device: component k's output buffers are bound as
-    component k+1's inputs, so only the first inputs are uploaded and the last outputs downloaded.
-
-    ``links[k]`` maps output names of component k to input names of component k+1 (default: same name).
-    """
+    """Several plans run back to back on the device: only the first component's inputs are
+    uploaded and only the last one's outputs downloaded. ``links[k]`` maps output names of
+    component k to input names of component k+1 (unlisted names link to the same name)."""
 
     def __init__(self, plans: Sequence[bytes], links: Sequence[Mapping[str, str]] | None = None,
                  precision: str = "fp32", num_slots: int = 2, input_shapes: Shapes | None = None) -> None:
-        if not plans:
-            raise EngineError("a chain needs at least one plan")
-        self.precision, self.num_slots = precision, int(num_slots)
-        self._parts = [_Component(p, self.num_slots, input_shapes) for p in plans]
         links = list(links) if links is not None else [{} for _ in plans[1:]]
-        if len(links) != len(plans) - 1:
-            raise EngineError(f"{len(plans)} components need {len(plans) - 1} links, got {len(links)}")
-        self.inputs, self.outputs = self._parts[0].inputs, self._parts[-1].outputs
-        self._slots = cuda_rt.CudaSlots(self.inputs, self.outputs, self.num_slots)
-        self._scratch: list[cuda_rt.DeviceBuffer] = []  # intermediate tensors, one set per slot
-        for slot in range(self.num_slots):
-            s = self._slots[slot]
-            available = {n: (b.ptr, spec) for (n, b), spec in zip(s.dev_in.items(), self.inputs)}
-            for k, part in enumerate(self._parts):
-                addresses = {}
-                for spec in part.inputs:
-                    src = spec.name if k == 0 else {v: o for o, v in links[k - 1].items()}.get(spec.name, spec.name)
-                    if src not in available or available[src][1].shape != spec.shape or available[src][1].dtype != spec.dtype:
-                        raise EngineError(f"component {k} input {spec.name!r} has no matching output {src!r} upstream")
-                    addresses[spec.name] = available[src][0]
-                last = k == len(self._parts) - 1
-                available = {}
-                for spec in part.outputs:
-                    if last:
-                        ptr = s.dev_out[spec.name].ptr
-                    else:
-                        self._scratch.append(cuda_rt.DeviceBuffer(cuda_rt.spec_nbytes(spec)))
-                        ptr = self._scratch[-1].ptr
-                    addresses[spec.name] = ptr
-                    available[spec.name] = (ptr, spec)
-                part.bind(slot, addresses)
-
-    def close(self) -> None:
-        super().close()
-        for buf in self._scratch:
-            buf.free()
+        if not plans or len(links) != len(plans) - 1:
+            raise EngineError(f"{len(plans)} components need {max(len(plans) - 1, 0)} links, got {len(links)}")
+        self._wire(plans, links, precision, num_slots, input_shapes)
 
 
 # ---------------------------------------------------------------- cache + build

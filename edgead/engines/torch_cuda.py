@@ -44,6 +44,7 @@ class TorchCudaEngine:
         num_slots: int = 2,
         device: int = 0,
         precision: str = "fp32",
+        cuda_graph: bool = False,
     ) -> None:
         torch = self._torch = _torch()
         if not torch.cuda.is_available():
@@ -64,6 +65,9 @@ class TorchCudaEngine:
         ]
         self._streams = [torch.cuda.ExternalStream(self._slots[k].stream.handle, device=self.device) for k in range(self.num_slots)]
         torch.cuda.synchronize(self.device)  # the input tensors exist before other streams write them
+        # A CUDA graph per slot makes enqueue one launch, as TensorRT's execute_async_v3 is: eager
+        # torch on a fast GPU is bound by Python launching kernels, which hides any overlap.
+        self._graphs = [self._capture(k) for k in range(self.num_slots)] if cuda_graph else []
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._slots.fill(0, feeds)
@@ -73,14 +77,35 @@ class TorchCudaEngine:
     def host_inputs(self, slot: int) -> dict[str, np.ndarray]:
         return self._slots.host_inputs(slot)
 
+    def _autocast(self) -> Any:
+        torch = self._torch
+        return torch.autocast("cuda", dtype=torch.float16) if self.precision == "fp16" else contextlib.nullcontext()
+
+    def _capture(self, slot: int) -> tuple[Any, dict[str, Any]]:
+        """Capture the module on the slot's input tensors; replays reuse its output tensors."""
+        torch, args = self._torch, [self._dev_in[slot][s.name] for s in self.inputs]
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode(), self._autocast():
+            for _ in range(3):  # lazy init and library workspaces must happen outside the capture
+                self._named(self.module(*args))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), self._autocast(), torch.cuda.graph(graph):
+            outs = self._named(self.module(*args))
+        torch.cuda.synchronize(self.device)
+        return graph, outs
+
     def enqueue(self, slot: int) -> None:
         torch, tensors = self._torch, self._dev_in[slot]
         self._slots.upload(slot, {n: t.data_ptr() for n, t in tensors.items()})
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.precision == "fp16" else contextlib.nullcontext()
         try:
-            with torch.cuda.stream(self._streams[slot]), torch.inference_mode(), autocast:
-                result = self.module(*(tensors[s.name] for s in self.inputs))
-                outs = self._named(result)
+            with torch.cuda.stream(self._streams[slot]), torch.inference_mode(), self._autocast():
+                if self._graphs:
+                    graph, outs = self._graphs[slot]
+                    graph.replay()  # on the current stream: the slot's
+                else:
+                    outs = self._named(self.module(*(tensors[s.name] for s in self.inputs)))
         except Exception:
             self._slots.wait(slot)  # drain the queued upload; the slot stays usable
             raise
@@ -117,4 +142,4 @@ class TorchCudaEngine:
 
     def close(self) -> None:
         self._slots.close()
-        self._dev_in, self._streams = [], []
+        self._dev_in, self._streams, self._graphs = [], [], []

@@ -89,7 +89,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, top_k_mean
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
 from edgead.models.blocks import SignedRange
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
@@ -101,7 +101,7 @@ MODES = ("full", "impression")
 
 @dataclass
 class UTADConfig(DetectorConfig):
-    width: int = 32  # IE-Net first block; Expert-Net stem
+    width: int = 16  # IE-Net first block; Expert-Net stem (32: about the paper's 16.8M parameters)
     max_width: int = 256
     latent_dim: int = 128
     scorer: str = "vgg"
@@ -370,27 +370,33 @@ class ExpertNet(nn.Module):
 
 
 class MapSum(nn.Module):
-    """Sum of pair maps -> (top-k score, map). Held as ``fp32_score``."""
+    """Sum of pair maps -> (top-k score, map). Held as ``fp32_score``.
 
-    def __init__(self, top_k: float) -> None:
+    The score is :func:`~edgead.models.base.top_k_mean` with its k fixed from the image size at
+    construction: ``top_k_mean`` derives k from ``map.shape``, which the ONNX tracer records as a
+    tensor (``round()`` of it fails), so the exported graph needs k as a Python int.
+    """
+
+    def __init__(self, top_k: float, pixels: int) -> None:
         super().__init__()
         self.top_k = top_k
+        self.k = max(1, int(round(pixels * top_k)))  # the same k as top_k_mean
 
     def forward(self, *maps: Tensor) -> tuple[Tensor, Tensor]:
         total = maps[0]
         for m in maps[1:]:
             total = total + m
-        return top_k_mean(total, self.top_k), total
+        return total.flatten(1).topk(self.k, dim=1).values.mean(dim=1), total
 
 
 class PerceptualHead(nn.Module):
     """(tensors named by ``pairs``) -> (score, map): Eq. 8 with equal weights."""
 
-    def __init__(self, scorer: nn.Module, pairs: tuple[tuple[int, int], ...], top_k: float) -> None:
+    def __init__(self, scorer: nn.Module, pairs: tuple[tuple[int, int], ...], top_k: float, pixels: int) -> None:
         super().__init__()
         self.scorer = scorer
         self.pairs = pairs
-        self.fp32_score = MapSum(top_k)
+        self.fp32_score = MapSum(top_k, pixels)
 
     def forward(self, *images: Tensor) -> tuple[Tensor, Tensor]:
         if hasattr(self.scorer, "pair_map"):  # VGG: one feature pass per image
@@ -420,7 +426,8 @@ class UTAD(Detector):
         self.ie_decoder = IEDecoder(c)
         self.mi_discriminator = MIDiscriminator(self.ie_encoder.feature_dim, c.latent_dim, c.ie_hidden)  # training
         self.expert = ExpertNet(c, naive_output="naive_impression" in self.head_inputs)
-        self.head = PerceptualHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), index_pairs, c.top_k)
+        self.head = PerceptualHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), index_pairs, c.top_k,
+                                   c.image_size * c.image_size)
 
     def components(self) -> list[Component]:
         comps = [Component("ie_encoder", self.ie_encoder, ("image",), ("mu",)),

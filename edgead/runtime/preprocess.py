@@ -30,7 +30,10 @@ class Preprocessor:
 
     def into(self, frame: np.ndarray, out: np.ndarray) -> np.ndarray:
         # Frames are BGR(A) as OpenCV delivers them; the model takes RGB in [0, 1].
-        return to_model_input(frame, self.size, self.channels, bgr=True, out=out)
+        if out.dtype == np.float32:
+            return to_model_input(frame, self.size, self.channels, bgr=True, out=out)
+        out[...] = to_model_input(frame, self.size, self.channels, bgr=True)  # e.g. an FP16-input engine
+        return out
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:

@@ -1,0 +1,164 @@
+"""Does the station pipeline overlap its stages? Engine-only vs full-pipeline throughput.
+
+    python -m benchmarks.pipeline [--model BUNDLE] [--backend onnxruntime] [--precision fp32]
+                                  [--frames 300] [--out pipeline_bench.json]
+
+1. engine only: ``enqueue``/``synchronize`` on a preallocated input, slots alternating (the
+   ceiling: no capture, no pre/post-processing, no output);
+2. full pipeline: synthetic conveyor frames -> preprocess -> infer -> postprocess -> sinks
+   (JSONL log), ``block`` policy so every frame is inspected, in the same run on the same machine.
+
+The ratio pipeline/engine says how well the other stages hide behind the engine (goal >= 0.9).
+Frames are rendered from the synthetic conveyor before timing and replayed from memory: a camera
+delivers frames by DMA, so rendering them must not be charged to the pipeline. Default model:
+the demo bundle (built once, as ``edgead-run --demo`` does). No torch in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgead.engines.base import SlottedEngine
+from edgead.runtime.infer import describe_engine, load_checked_bundle, open_bundle_engine
+from edgead.runtime.pipeline import Pipeline, PipelineConfig
+from edgead.runtime.postprocess_stage import Postprocessor
+from edgead.runtime.sinks import JsonlLog
+from edgead.runtime.sources import EndOfStream, Source, Truth
+
+
+class ReplaySource(Source):
+    """Pre-rendered synthetic conveyor frames, replayed from memory ``total`` times."""
+
+    live = False
+
+    def __init__(self, category: str, size: int, total: int, pool: int = 64, seed: int = 1) -> None:
+        from edgead.data.synth import Conveyor
+
+        conveyor = Conveyor(category, size=size, seed=seed, defect_rate=0.3)
+        self.items = [conveyor[i] for i in range(min(pool, total))]
+        self.uri, self.total, self.sent = f"replay://{category}?size={size}", total, 0
+
+    def read(self) -> tuple[np.ndarray, Truth | None]:
+        if self.sent >= self.total:
+            raise EndOfStream
+        image, mask, defect = self.items[self.sent % len(self.items)]
+        self.sent += 1
+        return image, Truth(defect, mask)
+
+
+def engine_only(engine: Any, frames: int, warmup: int) -> dict[str, float]:
+    """Throughput of the bare engine with its slots alternating, on a preallocated input."""
+    rng = np.random.default_rng(0)
+    for slot in range(engine.num_slots):
+        for buf in engine.host_inputs(slot).values():
+            buf[...] = rng.random(buf.shape, dtype=np.float32)
+    slots = engine.num_slots
+    # A synchronous engine computes inside enqueue(): keeping two "in flight" would only add latency.
+    depth = 1 if isinstance(engine, SlottedEngine) or getattr(engine, "synchronous", False) else slots
+    lat: list[float] = []
+    for i in range(warmup):
+        engine.enqueue(i % slots)
+        engine.synchronize(i % slots)
+    started = time.perf_counter()
+    pending: list[tuple[int, float]] = []
+    for i in range(frames):  # keep every slot busy, as an asynchronous backend allows
+        slot = i % slots
+        if len(pending) == depth:
+            done, t0 = pending.pop(0)
+            engine.synchronize(done)
+            lat.append(1000.0 * (time.perf_counter() - t0))
+        pending.append((slot, time.perf_counter()))
+        engine.enqueue(slot)
+    for done, t0 in pending:
+        engine.synchronize(done)
+        lat.append(1000.0 * (time.perf_counter() - t0))
+    wall = time.perf_counter() - started
+    return {"fps": frames / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def full_pipeline(bundle: Any, engine: Any, category: str, frames: int, warmup: int) -> dict[str, Any]:
+    size = int(bundle.input_shape[-1])
+    post = Postprocessor.from_manifest(bundle.manifest, bundle.calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        if warmup:
+            Pipeline(ReplaySource(category, size, warmup), engine, post, [], JsonlLog(None)).run()
+        log = JsonlLog(Path(tmp) / "log.jsonl")
+        pipe = Pipeline(ReplaySource(category, size, frames), engine, post, [], log, PipelineConfig(policy="block"))
+        summary = pipe.run().summary
+        log.close()
+    return summary
+
+
+def _default_model() -> str:
+    from edgead.runtime.demo import build_bundle, cache_dir
+
+    root, _ = build_bundle(cache_dir(), lambda *a: print(*a, file=sys.stderr))
+    return str(root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="bundle (default: the demo bundle)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--category", help="synthetic category of the frames (default: the bundle's, else washer)")
+    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--allow-unverified", action="store_true")
+    p.add_argument("--out", default="pipeline_bench.json", help="JSON results file")
+    args = p.parse_args(argv)
+
+    model = args.model or _default_model()
+    bundle = load_checked_bundle(model, args.backend, args.precision, args.allow_unverified,
+                                 warn=lambda m: print(m, file=sys.stderr))
+    category = args.category or bundle.manifest.get("data", {}).get("category") or _demo_category(model) or "washer"
+    engine = open_bundle_engine(bundle, args.backend, args.precision)
+    try:
+        eng = engine_only(engine, args.frames, args.warmup)
+        pipe = full_pipeline(bundle, engine, category, args.frames, args.warmup)
+    finally:
+        engine.close()
+
+    ratio = pipe["fps"] / eng["fps"] if eng["fps"] else float("nan")
+    lat = pipe["latency_ms"]
+    result = {
+        "model": str(bundle.root), "engine": describe_engine(engine), "input_shape": list(bundle.input_shape),
+        "frames": args.frames, "cpu_count": os.cpu_count(), "category": category,
+        "engine_only": {k: round(v, 3) for k, v in eng.items()},
+        "pipeline": {"fps": pipe["fps"], "frames": pipe["frames"], "latency_ms": lat},
+        "ratio": round(ratio, 3), "overlap_ok": bool(ratio >= 0.9),
+    }
+    rows = [("engine only", eng["fps"], eng["p50_ms"], eng["p99_ms"]),
+            ("full pipeline", pipe["fps"], lat["end_to_end"]["p50"], lat["end_to_end"]["p99"])]
+    print(f"{bundle.detector} {list(bundle.input_shape)} on {args.backend}/{args.precision}, {args.frames} frames")
+    print(f"{'':<16}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}")
+    for name, fps, p50, p99 in rows:
+        print(f"{name:<16}{fps:>9.1f}{p50:>9.2f}{p99:>9.2f}")
+    stages = "  ".join(f"{k} {v['p50']:.2f}/{v['p99']:.2f}" for k, v in lat.items() if k != "end_to_end")
+    print(f"stages p50/p99 ms: {stages}")
+    print(f"pipeline / engine-only throughput: {ratio:.1%} ({'overlap OK' if ratio >= 0.9 else 'below the 90% goal'})")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _demo_category(model: str) -> str | None:
+    info = Path(model).parent / "demo.json"
+    try:
+        return json.loads(info.read_text()).get("category")
+    except (OSError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""``edgead export RUN --precision fp32 fp16 int8 --out DIR``: a training run -> a station bundle.
+
+The bundle holds the fused graph ``detector.<precision>.onnx`` and every component's graph per
+precision, plus ``manifest.json`` (schema in :mod:`edgead.bundle`) with the SHA-256 of each file.
+
+INT8: each component is quantised on its own (its inputs are the FP32 chain's intermediate
+tensors on the calibration images) and certified by substituting it into the FP32 chain (see
+:data:`export.int8.COMPONENT_TOLERANCE`); a component that fails falls back to FP16, then FP32
+(``precision_fallbacks``). The fused INT8 graph is then *assembled* from those per-component
+choices with :func:`export.onnx_export.chain_graphs` rather than re-quantising the fused graph:
+one calibration, one set of scales, and the fused graph is by construction the certified chain.
+FP32 graphs are always written: they are the reference and the source of the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from edgead import __version__
+from edgead.bundle import FUSED, MANIFEST, sha256_file, write_manifest
+from edgead.models.base import INPUT_NAME, OUTPUT_NAMES, Detector
+from edgead.models.blocks import SignedRange
+from edgead.postprocess import DEFAULT_SIGMA
+from export.fp16 import export_fp16
+from export.int8 import CALIB_METHODS, open_sessions, output_errors, run_chain, select_precisions
+from export.onnx_export import ExportError, chain_graphs, export_detector, not_exportable_reason
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _resize_rule() -> str:
+    try:
+        from edgead.data.images import RESIZE_RULE
+    except ImportError:
+        return "area-down-linear-up"
+    return RESIZE_RULE
+
+
+def input_normalization(detector: Detector) -> tuple[list[float], list[float], str]:
+    """(mean, std, text) of the normalisation the graph applies to its [0, 1] input."""
+    c = detector.config.channels
+    mean, std = getattr(detector, "input_mean", None), getattr(detector, "input_std", None)
+    if mean is not None and std is not None:
+        return list(mean), list(std), "applied inside the graph: (x - mean) / std"
+    first = detector.components()[0].module
+    if isinstance(getattr(first, "fp32_normalize", None), SignedRange):
+        return [0.5] * c, [0.5] * c, "applied inside the graph: x * 2 - 1 = (x - 0.5) / 0.5; feed [0, 1]"
+    return [0.0] * c, [1.0] * c, "none: the graph takes [0, 1] as is"
+
+
+def _subsample(images: np.ndarray, count: int) -> np.ndarray:
+    if count <= 0 or len(images) <= count:
+        return images
+    return images[np.unique(np.linspace(0, len(images) - 1, count).round().astype(int))]
+
+
+def calibration_images(meta: dict[str, Any], size: int, channels: int, calib_images: str | Path | None = None,
+                       data_root: str | Path | None = None, category: str | None = None,
+                       count: int = 64) -> tuple[np.ndarray, str]:
+    """Normal images for INT8 calibration and where they came from: ``calib_images`` (any folder
+    of normal images), else the run's own training split (never its validation images)."""
+    from edgead.data.datasets import folder_samples, load_arrays, mvtec_samples
+
+    if calib_images is not None:
+        images, _, _ = load_arrays(folder_samples(calib_images), size, channels, skip_bad=True)
+        return _subsample(images, count), str(Path(calib_images).resolve())
+    data = meta.get("data") or {}
+    root, category = data_root or data.get("root"), category or data.get("category")
+    if not root or not category:
+        raise ExportError("INT8 needs calibration images: pass --calib-images DIR (normal images) or "
+                          "--data ROOT --category C; the run records no training data")
+    val_files = set(data.get("val_files") or [])
+    samples = [s for s in mvtec_samples(root, category, "train") if s.path.name not in val_files]
+    samples = [samples[i] for i in np.unique(np.linspace(0, len(samples) - 1, min(count, len(samples))).round().astype(int))]
+    images, _, _ = load_arrays(samples, size, channels, skip_bad=True)
+    return images, f"{root}/{category}/train/good (training split, {len(images)} images)"
+
+
+def _prepare_out(out: Path) -> None:
+    """An empty folder or a previous bundle (replaced); anything else is refused, because every
+    file in the folder is checksummed into the manifest."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise ExportError(f"{out}: output folder is not empty and is not a bundle; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[str] = ("fp32",),
+               calib_images: str | Path | None = None, calib_count: int = 64, calib_method: str = "minmax",
+               data_root: str | Path | None = None, category: str | None = None) -> Path:
+    """Export the run at ``run_dir`` into a bundle at ``out_dir``; returns the bundle folder."""
+    from edgead.training.checkpoint import load_run
+
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ExportError(f"unknown precision(s) {unknown}; choose from {PRECISIONS}")
+    if calib_method not in CALIB_METHODS:
+        raise ExportError(f"unknown calibration method {calib_method!r}; choose from {sorted(CALIB_METHODS)}")
+    run_dir = Path(run_dir).resolve()
+    detector, calibration, meta = load_run(run_dir, device="cpu")
+    if calibration is None:
+        raise ExportError(f"{run_dir}: the run has no calibration.json (no threshold from validation images); "
+                          "a bundle without a threshold can't give OK/NG verdicts: re-train or re-calibrate it")
+    if not detector.exportable:
+        raise ExportError(not_exportable_reason(detector))
+    out = Path(out_dir)
+    _prepare_out(out)
+    info = export_detector(detector, out)
+    graphs: dict[str, dict[str, str]] = info["graphs"]
+    components = info["components"]
+    fallbacks: dict[str, dict[str, str]] = {}
+    quantization: dict[str, Any] = {}
+
+    if "fp16" in precisions:
+        for graph in list(graphs):
+            export_fp16(out / graphs[graph]["fp32"], out / f"{graph}.fp16.onnx")
+            graphs[graph]["fp16"] = f"{graph}.fp16.onnx"
+    if "int8" in precisions:
+        c = detector.config
+        images, source = calibration_images(meta, c.image_size, c.channels, calib_images, data_root, category,
+                                            calib_count)
+        quantization["int8"] = assemble_int8(out, components, images, calib_method, graphs, fallbacks)
+        quantization["int8"].update({"method": calib_method, "images": int(len(images)), "source": source,
+                                     "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
+                                     "format": "QDQ (explicit quantisation)"})
+
+    manifest = build_manifest(detector, calibration.to_dict(), meta, run_dir, info, graphs, fallbacks, quantization)
+    write_manifest(out, manifest)
+    return out
+
+
+def assemble_int8(out: Path, components: list[dict[str, Any]], images: np.ndarray, method: str,
+                  graphs: dict[str, dict[str, str]], fallbacks: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Per-component INT8 with fallbacks, then the fused INT8 graph chained from the choices."""
+    selected = select_precisions(out, components, images, "int8", method, make_fp16=export_fp16)
+    for name, precision in selected["choice"].items():
+        graphs[name]["int8"] = selected["files"][name]
+        if precision != "int8":
+            fallbacks.setdefault("int8", {})[name] = precision
+        if precision == "fp16" and "fp16" not in graphs[name]:
+            graphs[name]["fp16"] = selected["files"][name]
+    parts = [(c["name"], onnx.load(str(out / selected["files"][c["name"]]))) for c in components]
+    fused = chain_graphs(parts, [INPUT_NAME], list(OUTPUT_NAMES))
+    onnx.save(fused, str(out / f"{FUSED}.int8.onnx"))
+    graphs[FUSED]["int8"] = f"{FUSED}.int8.onnx"
+    # End-to-end check of the assembled graph on the calibration images (the parity benchmark
+    # certifies it on validation and test images).
+    fp32 = open_sessions({FUSED: out / graphs[FUSED]["fp32"]})
+    int8 = open_sessions({FUSED: out / graphs[FUSED]["int8"]})
+    wiring = [{"name": FUSED, "inputs": [INPUT_NAME], "outputs": list(OUTPUT_NAMES)}]
+    feeds = [image[None].astype(np.float32) for image in images]
+    check = output_errors([run_chain(wiring, fp32, x) for x in feeds], [run_chain(wiring, int8, x) for x in feeds])
+    return {"components": selected["components"], "detector_check": check}
+
+
+def build_manifest(detector: Detector, calibration: dict[str, Any], meta: dict[str, Any], run_dir: Path,
+                   info: dict[str, Any], graphs: dict[str, dict[str, str]], fallbacks: dict[str, dict[str, str]],
+                   quantization: dict[str, Any]) -> dict[str, Any]:
+    c = detector.config
+    shapes = info["shapes"]
+    mean, std, text = input_normalization(detector)
+    manifest: dict[str, Any] = {
+        "detector": detector.name,
+        "edgead_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": c.to_dict(),
+        "source_run": str(run_dir),
+        "data": {k: v for k, v in (meta.get("data") or {}).items() if k != "val_files"},
+        "input": {"name": INPUT_NAME, "shape": list(shapes[INPUT_NAME]), "dtype": "float32", "color": "RGB",
+                  "range": [0, 1], "resize": _resize_rule(), "mean": mean, "std": std, "normalization": text},
+        "outputs": [{"name": n, "shape": list(shapes[n]), "dtype": "float32"} for n in OUTPUT_NAMES],
+        "postprocess": {"sigma": DEFAULT_SIGMA},
+        "calibration": calibration,
+        "components": info["components"],
+        "graphs": graphs,
+        "precision_fallbacks": fallbacks,
+        "quantization": quantization,
+        "parity": {},
+    }
+    if c.channels == 1:
+        manifest["input"]["color"] = "GRAY"
+    if getattr(c, "scorer", None) == "vgg":
+        weights = c.vgg_weights
+        manifest["scorer_weights"] = {"source": weights or "random init (seeded)",
+                                      "sha256": sha256_file(weights) if weights and Path(weights).is_file() else None}
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgead export", description="Export a training run to a station bundle.")
+    parser.add_argument("run", help="training run folder (runs/NAME)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    parser.add_argument("--calib-images", help="folder of normal images for INT8 calibration "
+                        "(default: the run's training images)")
+    parser.add_argument("--calib-count", type=int, default=64, help="INT8 calibration images (default 64)")
+    parser.add_argument("--calib-method", default="minmax", choices=sorted(CALIB_METHODS))
+    parser.add_argument("--data", help="MVTec root for calibration when the run's is elsewhere")
+    parser.add_argument("--category", help="category under --data")
+    parser.add_argument("--out", required=True, help="bundle folder to write")
+    args = parser.parse_args(argv)
+    try:
+        out = export_run(args.run, args.out, args.precision, args.calib_images, args.calib_count,
+                         args.calib_method, args.data, args.category)
+    except (ExportError, ValueError, OSError, RuntimeError) as exc:
+        print(f"edgead export: error: {exc}", file=sys.stderr)
+        return 2
+    from edgead.bundle import load_bundle
+
+    bundle = load_bundle(out)
+    print(f"bundle written: {out}")
+    for graph, by_precision in bundle.manifest["graphs"].items():
+        print(f"  {graph:<14} " + "  ".join(f"{p}={f}" for p, f in by_precision.items()))
+    for precision, comps in bundle.manifest["precision_fallbacks"].items():
+        for comp, used in comps.items():
+            print(f"  {precision}: component {comp!r} falls back to {used}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
