@@ -33,6 +33,7 @@ from edgead.runtime.pipeline import Pipeline, PipelineConfig
 from edgead.runtime.postprocess_stage import Postprocessor
 from edgead.runtime.sinks import JsonlLog
 from edgead.runtime.sources import EndOfStream, Source, Truth
+from edgead.runtime.stats import RunStats
 
 
 class ReplaySource(Source):
@@ -85,16 +86,21 @@ def engine_only(engine: Any, frames: int, warmup: int) -> dict[str, float]:
     return {"fps": frames / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
-def full_pipeline(bundle: Any, engine: Any, category: str, frames: int, warmup: int) -> dict[str, Any]:
+def full_pipeline(bundle: Any, engine: Any, category: str, frames: int, warmup: int,
+                  stats: RunStats | None = None) -> dict[str, Any]:
     size = int(bundle.input_shape[-1])
     post = Postprocessor.from_manifest(bundle.manifest, bundle.calibration)
     with tempfile.TemporaryDirectory() as tmp:
         if warmup:
             Pipeline(ReplaySource(category, size, warmup), engine, post, [], JsonlLog(None)).run()
         log = JsonlLog(Path(tmp) / "log.jsonl")
-        pipe = Pipeline(ReplaySource(category, size, frames), engine, post, [], log, PipelineConfig(policy="block"))
+        round_stats = RunStats()
+        pipe = Pipeline(ReplaySource(category, size, frames), engine, post, [], log, PipelineConfig(policy="block"),
+                        stats=round_stats)
         summary = pipe.run().summary
         log.close()
+    if stats is not None:  # pool the latencies of every round
+        stats.merge(round_stats)
     return summary
 
 
@@ -112,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
     p.add_argument("--category", help="synthetic category of the frames (default: the bundle's, else washer)")
-    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--frames", type=int, default=300, help="frames per measurement, split over the rounds")
     p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3, help="alternating engine/pipeline rounds (medians reported)")
     p.add_argument("--allow-unverified", action="store_true")
     p.add_argument("--out", default="pipeline_bench.json", help="JSON results file")
     args = p.parse_args(argv)
@@ -123,24 +130,36 @@ def main(argv: list[str] | None = None) -> int:
                                  warn=lambda m: print(m, file=sys.stderr))
     category = args.category or bundle.manifest.get("data", {}).get("category") or _demo_category(model) or "washer"
     engine = open_bundle_engine(bundle, args.backend, args.precision)
+    # Alternate the two measurements over several rounds and take medians: on a shared or
+    # thermally throttled machine a single back-to-back pair is at the mercy of the moment.
+    engine_rounds, pipe_rounds, pooled = [], [], RunStats()
+    per_round = max(1, args.frames // args.rounds)
     try:
-        eng = engine_only(engine, args.frames, args.warmup)
-        pipe = full_pipeline(bundle, engine, category, args.frames, args.warmup)
+        for r in range(args.rounds):
+            engine_rounds.append(engine_only(engine, per_round, args.warmup if r == 0 else 0))
+            pipe_rounds.append(full_pipeline(bundle, engine, category, per_round, args.warmup if r == 0 else 0,
+                                             pooled))
     finally:
         engine.close()
 
-    ratio = pipe["fps"] / eng["fps"] if eng["fps"] else float("nan")
-    lat = pipe["latency_ms"]
+    eng = {k: float(np.median([e[k] for e in engine_rounds])) for k in ("fps", "p50_ms", "p99_ms")}
+    pipe_fps = float(np.median([p["fps"] for p in pipe_rounds]))
+    pooled_summary = pooled.summary()
+    ratio = pipe_fps / eng["fps"] if eng["fps"] else float("nan")
+    lat = pooled_summary["latency_ms"]
     result = {
         "model": str(bundle.root), "engine": describe_engine(engine), "input_shape": list(bundle.input_shape),
-        "frames": args.frames, "cpu_count": os.cpu_count(), "category": category,
+        "frames": per_round * args.rounds, "rounds": args.rounds, "cpu_count": os.cpu_count(), "category": category,
         "engine_only": {k: round(v, 3) for k, v in eng.items()},
-        "pipeline": {"fps": pipe["fps"], "frames": pipe["frames"], "latency_ms": lat},
+        "engine_only_rounds_fps": [round(e["fps"], 2) for e in engine_rounds],
+        "pipeline": {"fps": round(pipe_fps, 2), "frames": pooled_summary["frames"], "latency_ms": lat,
+                     "rounds_fps": [p["fps"] for p in pipe_rounds]},
         "ratio": round(ratio, 3), "overlap_ok": bool(ratio >= 0.9),
     }
     rows = [("engine only", eng["fps"], eng["p50_ms"], eng["p99_ms"]),
-            ("full pipeline", pipe["fps"], lat["end_to_end"]["p50"], lat["end_to_end"]["p99"])]
-    print(f"{bundle.detector} {list(bundle.input_shape)} on {args.backend}/{args.precision}, {args.frames} frames")
+            ("full pipeline", pipe_fps, lat["end_to_end"]["p50"], lat["end_to_end"]["p99"])]
+    print(f"{bundle.detector} {list(bundle.input_shape)} on {args.backend}/{args.precision}, "
+          f"{args.rounds} rounds x {per_round} frames (medians)")
     print(f"{'':<16}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}")
     for name, fps, p50, p99 in rows:
         print(f"{name:<16}{fps:>9.1f}{p50:>9.2f}{p99:>9.2f}")

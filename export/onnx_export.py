@@ -100,12 +100,19 @@ def export_detector(detector: Detector, out_dir: str | Path, opset: int = OPSET,
     Returns ``{"graphs": {graph: {"fp32": filename}}, "components": [...], "shapes": {...}}``.
     ``components`` limits the per-component graphs (default all). A detector with
     ``exportable = False`` raises :class:`ExportError` for the fused graph; pass ``fused=False``
-    to export its components alone.
+    to export what it lists in ``exportable_components()`` (AnoGAN's generator) alone.
     """
-    out = Path(out_dir)
-    detector = detector.eval()
     if fused and not detector.exportable:
         raise ExportError(not_exportable_reason(detector))
+    was_training = detector.training
+    try:
+        return _export_detector(detector.eval(), Path(out_dir), opset, fused, components)
+    finally:
+        detector.train(was_training)
+
+
+def _export_detector(detector: Detector, out: Path, opset: int, fused: bool,
+                     components: Sequence[str] | None) -> dict[str, Any]:
     shapes = detector.component_shapes()
     device = detector.device
     graphs: dict[str, dict[str, str]] = {}
@@ -114,7 +121,8 @@ def export_detector(detector: Detector, out_dir: str | Path, opset: int = OPSET,
         export_onnx(detector, example_tensors(shapes, [INPUT_NAME], device=device), [INPUT_NAME],
                     list(OUTPUT_NAMES), out / name, opset)
         graphs[FUSED] = {"fp32": name}
-    comps = detector.components()
+    # A non-exportable detector (AnoGAN) lists what does export on its own.
+    comps = detector.components() if detector.exportable else list(getattr(detector, "exportable_components", list)())
     wanted = set(components) if components is not None else {c.name for c in comps}
     unknown = wanted - {c.name for c in comps}
     if unknown:

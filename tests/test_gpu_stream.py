@@ -9,7 +9,6 @@ through ExternalStream, event timings, and two slots in flight.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from edgead.models import registry
-from edgead.models.base import TrainConfig, run_components
+from edgead.models.base import TrainConfig
+from edgead.training.checkpoint import load_run
 from edgead.training.trainer import train_from_arrays
 
 SIZE = 32
@@ -42,11 +41,8 @@ def test_train_smoke_then_score(name: str, tmp_path) -> None:
     train = TrainConfig(epochs=1, batch_size=4, extra={"epochs_gan": 1, "epochs_encoder": 1})
     run = train_from_arrays(name, _images(4), _images(4, seed=1), tmp_path / name,
                             config={"width": 8, **ZOO[name]}, train=train, progress=False)
-    # (load_run's pickle sniffing can misread a safetensors header length whose low byte is 0x80,
-    # so the weights are loaded directly here.)
-    meta = json.loads((run / "config.json").read_text())
-    detector = registry.create(meta["detector"], **meta["config"])
-    detector.load_state_dict(load_file(str(run / "model.safetensors")))
+    detector, calibration, _ = load_run(run)
+    assert calibration is not None
     score, amap = detector.score(torch.from_numpy(_images(2, seed=2)))
     assert score.shape == (2,) and amap.shape == (2, 1, SIZE, SIZE)
     assert torch.isfinite(score).all() and torch.isfinite(amap).all()

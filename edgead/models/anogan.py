@@ -75,6 +75,7 @@ class AnoGAN(Detector):
 
     @torch.no_grad()
     def component_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Static shapes (batch 1) of the exportable components' tensors: ``z`` and ``generated``."""
         was_training = self.training
         self.eval()
         try:
@@ -94,7 +95,7 @@ class AnoGAN(Detector):
         return (1.0 - lam) * residual + lam * discrimination, generated
 
     def search(self, image: Tensor, steps: int | None = None) -> tuple[Tensor, Tensor]:
-        """Optimise z for ``image`` (G and D fixed); returns (z*, mean loss before each step)."""
+        """Optimise z for ``image`` (G and D fixed, in inference mode); returns (z*, mean loss before each step)."""
         c = self.config
         steps = c.search_steps if steps is None else steps
         self.eval()

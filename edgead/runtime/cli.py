@@ -140,7 +140,7 @@ def _make_sinks(args: argparse.Namespace, outputs: list[str], vrange: tuple[floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # options may sit between INPUT and OUTPUT
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
         if args.demo:
@@ -220,7 +220,7 @@ def _run(args: argparse.Namespace, say) -> int:
                             backoff=Backoff(cap=args.reconnect_max_delay, max_attempts=args.reconnect_attempts))
     pipeline = Pipeline(source, engine, Postprocessor.from_manifest(bundle.manifest, cal), sinks, log, config)
     say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{args.precision}, "
-        f"input {uri} ({'live' if source.live else 'file'}, drop policy {policy})")
+        f"input {uri} ({'live' if source.live else 'read on demand'}, drop policy {policy})")
 
     running.append(pipeline)
     got_signal: list[int] = []

@@ -8,9 +8,12 @@ preprocessed into slot B, and frame N-1 is post-processed and written out. numpy
 ONNX Runtime release the GIL, so the threads really run side by side.
 
 Drop policy (the first queue only; the rest always block, bounded by the engine's slots):
-- ``latest``: the capture queue keeps only the newest frame; older ones are overwritten and
-  counted as dropped (the latest-frame reader a live camera needs: it never lags behind).
-- ``block``: capture waits for the pipeline; every frame is inspected (backpressure).
+- ``latest``: the capture thread reads continuously and the capture queue keeps only the newest
+  frame; older ones are overwritten and counted as dropped (the latest-frame reader a live camera
+  needs: CAP_PROP_BUFFERSIZE is ignored by FFmpeg/GStreamer, so without it frames lag behind).
+- ``block``: capture waits for the pipeline; every frame is inspected (backpressure). A pulled
+  source (file, folder, unpaced synthetic) is then read on demand, when an engine slot is free,
+  so frames don't age in queues: read-ahead would buy no throughput, only latency.
 
 Accounting: every captured frame ends as inspected (OK/NG), dropped or errored (ERROR), so
 ``captured == inspected + dropped + errored`` always holds, also after a stop or a crash.
@@ -183,7 +186,11 @@ class Pipeline:
         self.sync_engine = isinstance(engine, SlottedEngine) or getattr(engine, "synchronous", False)
         self.num_slots = max(1, int(getattr(engine, "num_slots", 1)))
         latest = self.config.policy == "latest"
-        self.q_frames = StageQueue(1 if latest else 2, drop_oldest=latest)
+        self.q_frames = StageQueue(1, drop_oldest=latest)
+        # A pulled source (file, folder, unpaced synthetic) under "block" is read on demand, when a
+        # slot is free: read-ahead would only make frames older. Live sources run free.
+        self.on_demand = not source.live and not latest
+        self._demand = threading.Semaphore(0)
         self.q_ready = StageQueue(self.num_slots)
         self.q_post = StageQueue(2)
         self.q_sink = StageQueue(2)
@@ -256,6 +263,8 @@ class Pipeline:
         next_id = 0
         try:
             while not self._stop.is_set():
+                if self.on_demand and not self._wait_for_demand():
+                    break
                 try:
                     image, truth = self.source.read()
                 except EndOfStream:
@@ -278,6 +287,12 @@ class Pipeline:
         finally:
             self.q_frames.close()
             self.source.close()
+
+    def _wait_for_demand(self) -> bool:
+        while not self._demand.acquire(timeout=0.1):
+            if self._stop.is_set() or self.q_frames.closed:
+                return False
+        return True
 
     def _reconnect(self, error: SourceError) -> bool:
         """Reopen a lost live source with exponential backoff; events go to the log."""
@@ -304,9 +319,15 @@ class Pipeline:
     # -- stage 2: preprocess into a free engine slot ---------------------------------------------
     def _preprocess(self) -> None:
         try:
-            while (job := self.q_frames.get()) is not CLOSED:
-                slot = self.free_slots.get()  # waits while both slots are busy: backpressure
+            while True:
+                # Slot first, frame second: under "latest" the frame taken is the newest one.
+                slot = self.free_slots.get()  # waits while every slot is busy: backpressure
                 if slot is CLOSED:
+                    break
+                if self.on_demand:
+                    self._demand.release()
+                job = self.q_frames.get()
+                if job is CLOSED:
                     break
                 job.mark("preprocess_start")
                 try:

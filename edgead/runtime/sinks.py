@@ -20,6 +20,7 @@ from edgead.calibration import NG, OK
 from edgead.runtime.postprocess_stage import Inspection
 from edgead.runtime.preprocess import to_bgr8
 
+QUIET_EVENTS = {"start", "stop", "summary"}  # logged, not echoed: the terminal gets the summary table
 COLORS = {OK: (0, 200, 0), NG: (0, 0, 255), "ERROR": (0, 200, 255)}  # BGR
 
 
@@ -69,7 +70,7 @@ class JsonlLog:
     def event(self, name: str, **fields: Any) -> None:
         record = {"event": name, "t_wall": round(time.time(), 6), **fields}
         self._line(_finite(record))
-        if self.echo is not None:
+        if self.echo is not None and name not in QUIET_EVENTS:
             print(json.dumps(_finite(record), default=_json_default), file=self.echo, flush=True)
 
     def frame(self, record: dict[str, Any]) -> None:

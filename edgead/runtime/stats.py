@@ -125,6 +125,15 @@ class RunStats:
                     self.stages[stage].add(ms)
             self.end_to_end.add(e2e_ms)
 
+    def merge(self, other: "RunStats") -> None:
+        """Add another run's counts and latencies (the benchmark pools its rounds)."""
+        with self._lock:
+            for name in ("captured", "inspected", "dropped", "errored", "ng", "reconnects"):
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+            for stage, window in other.stages.items():
+                self.stages[stage].values.extend(window.values)
+            self.end_to_end.values.extend(other.end_to_end.values)
+
     # -- reporting ------------------------------------------------------------------------------
     @property
     def balanced(self) -> bool:

@@ -31,13 +31,18 @@ class CheckpointError(ValueError):
 
 
 def _refuse_pickle(path: Path) -> None:
-    """safetensors files start with an 8-byte header length and JSON; a pickle or a torch zip does not."""
+    """safetensors files start with an 8-byte little-endian header length, then JSON ``{``.
+
+    A pickle starts with the PROTO opcode (0x80, then a protocol 2-5) and torch.save writes a zip
+    of pickles. The header length may itself begin with 0x80, so the JSON brace decides first.
+    """
     head = path.read_bytes()[:16]
-    if head[:1] == b"\x80" or zipfile.is_zipfile(path):
+    if len(head) >= 9 and head[8:9] == b"{" and not zipfile.is_zipfile(path):
+        return
+    if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: is a pickle/torch.save payload; edgead only loads safetensors "
                               "(pickle can run arbitrary code)")
-    if len(head) < 9 or head[8:9] != b"{":
-        raise CheckpointError(f"{path}: not a safetensors file")
+    raise CheckpointError(f"{path}: not a safetensors file")
 
 
 def save_weights(module: torch.nn.Module, path: str | Path) -> None:

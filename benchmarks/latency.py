@@ -1,0 +1,196 @@
+"""``edgead bench latency BUNDLE --backend onnxruntime tensorrt --precision fp32 fp16 int8``.
+
+trtexec-style: warm up for ``--warmup-ms`` (200 ms), then ``--iterations N`` or ``--duration S``
+(default: at least 10 iterations over 3 s); min / mean / median / p90 / p95 / p99 / max latency
+and throughput, batch 1. H2D / compute / D2H come from engines that report them (TensorRT's
+``last_timings``). Every run also times the PyTorch-eager FP32 model of the same detector, and
+every engine is reported as a speed-up over it. Each component graph is timed on its own, which
+gives its share of the frame (how the VGG scorer's cost is reported).
+
+Inputs are uniform random in [0, 1] (seeded), never zeros: zeros would hit shortcuts and, on
+CPUs, denormal-free fast paths that real images don't.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgead.bundle import FUSED, Bundle, load_bundle
+from edgead.engines import EngineError, open_engine
+
+
+def random_feeds(engine: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {s.name: rng.random(s.shape, dtype=np.float32).astype(s.dtype) for s in engine.inputs}
+
+
+def _stats(samples_ms: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(samples_ms, dtype=np.float64)
+    return {"min": float(a.min()), "mean": float(a.mean()), "median": float(np.median(a)),
+            "p90": float(np.quantile(a, 0.90)), "p95": float(np.quantile(a, 0.95)),
+            "p99": float(np.quantile(a, 0.99)), "max": float(a.max())}
+
+
+def measure(engine: Any, warmup_ms: float = 200.0, iterations: int | None = None, duration_s: float = 3.0,
+            min_iterations: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Time ``engine.run`` on random inputs; returns latency stats (ms), throughput and timings."""
+    feeds = random_feeds(engine, seed)
+    start = time.perf_counter()
+    engine.run(feeds)
+    while (time.perf_counter() - start) * 1e3 < warmup_ms:
+        engine.run(feeds)
+    samples: list[float] = []
+    parts: dict[str, list[float]] = {}
+    timed = hasattr(engine, "last_timings")
+    began = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        engine.run(feeds)
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if timed:
+            for key, value in engine.last_timings(0).items():
+                parts.setdefault(key, []).append(float(value))
+        n = len(samples)
+        if iterations is not None:
+            if n >= iterations:
+                break
+        elif n >= min_iterations and time.perf_counter() - began >= duration_s:
+            break
+    total = time.perf_counter() - began
+    result: dict[str, Any] = {"iterations": len(samples), "latency_ms": _stats(samples),
+                              "throughput_fps": len(samples) / total}
+    if parts:
+        result["timings_ms"] = {k: {"mean": float(np.mean(v)), "median": float(np.median(v))} for k, v in parts.items()}
+    return result
+
+
+def _open(bundle: Bundle, backend: str, precision: str, graph: str, threads: int | None, run: str | None) -> Any:
+    kw: dict[str, Any] = {}
+    if backend == "onnxruntime" and threads:
+        kw["intra_op_num_threads"] = threads
+    if backend == "torch":
+        kw.update(run=run, threads=threads)
+    return open_engine(bundle, backend, precision, graph, **kw)
+
+
+def bench_engine(bundle: Bundle, backend: str, precision: str, settings: dict[str, Any], threads: int | None,
+                 run: str | None, components: bool = True) -> dict[str, Any]:
+    engine = _open(bundle, backend, precision, FUSED, threads, run)
+    try:
+        result = measure(engine, **settings)
+    finally:
+        engine.close()
+    if components:
+        comps: dict[str, Any] = {}
+        for comp in bundle.manifest["components"]:
+            name = comp["name"]
+            graph_file = None if backend == "torch" else bundle.graph_path(name, precision).name
+            part = _open(bundle, backend, precision, name, threads, run)
+            try:
+                comps[name] = {"graph": graph_file, **measure(part, **settings)}
+            finally:
+                part.close()
+        total = sum(c["latency_ms"]["median"] for c in comps.values())
+        for c in comps.values():
+            c["share"] = c["latency_ms"]["median"] / total if total > 0 else float("nan")
+        result["components"] = comps
+        result["components_sum_median_ms"] = total
+    return result
+
+
+def _host() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
+
+
+def benchmark(bundle_dir: str | Path, backends: Sequence[str] = ("onnxruntime",), precisions: Sequence[str] | None = None,
+              warmup_ms: float = 200.0, iterations: int | None = None, duration_s: float = 3.0,
+              threads: int | None = None, run: str | None = None, components: bool = True) -> dict[str, Any]:
+    """Latency of every backend × precision, with the PyTorch-eager FP32 baseline and ratios."""
+    bundle = load_bundle(bundle_dir)
+    run = run or bundle.manifest.get("source_run")
+    settings = {"warmup_ms": warmup_ms, "iterations": iterations, "duration_s": duration_s}
+    baseline = bench_engine(bundle, "torch", "fp32", settings, threads, run, components)
+    base_median, base_p99 = baseline["latency_ms"]["median"], baseline["latency_ms"]["p99"]
+    results: dict[str, Any] = {}
+    for backend in backends:
+        for precision in precisions or bundle.precisions(FUSED):
+            key = f"{backend}/{precision}"
+            try:
+                r = bench_engine(bundle, backend, precision, settings, threads, run, components)
+            except EngineError as exc:
+                results[key] = {"skipped": str(exc)}
+                continue
+            r["speedup_vs_torch"] = {"median": base_median / r["latency_ms"]["median"],
+                                     "p99": base_p99 / r["latency_ms"]["p99"]}
+            fallbacks = bundle.manifest.get("precision_fallbacks", {}).get(precision)
+            if fallbacks:
+                r["precision_fallbacks"] = fallbacks
+            results[key] = r
+    return {"bundle": str(Path(bundle_dir).resolve()), "detector": bundle.detector,
+            "input_shape": list(bundle.input_shape), "batch": 1, "host": _host(),
+            "settings": {**settings, "threads": threads, "input": "uniform random [0, 1], seed 0"},
+            "baseline": {"backend": "torch", "precision": "fp32", "mode": "eager", **baseline}, "results": results}
+
+
+def print_table(report: dict[str, Any], file: Any = sys.stdout) -> None:
+    print(f"{report['detector']} {report['input_shape']} batch 1 on {report['host']['cpu']} "
+          f"({report['host']['cores']} cores)", file=file)
+    print(f"{'engine':<22}{'median ms':>10}{'p99 ms':>9}{'min ms':>9}{'fps':>8}{'× torch':>9}  components (share)", file=file)
+    rows = [("torch/fp32 (eager)", report["baseline"])] + list(report["results"].items())
+    for key, r in rows:
+        if "skipped" in r:
+            print(f"{key:<22}  skipped: {r['skipped']}", file=file)
+            continue
+        lat = r["latency_ms"]
+        speed = r.get("speedup_vs_torch", {}).get("median", 1.0)
+        comps = "  ".join(f"{n} {c['share']:.0%}" for n, c in r.get("components", {}).items())
+        print(f"{key:<22}{lat['median']:>10.2f}{lat['p99']:>9.2f}{lat['min']:>9.2f}{r['throughput_fps']:>8.1f}"
+              f"{speed:>8.2f}×  {comps}", file=file)
+        if "timings_ms" in r:
+            t = r["timings_ms"]
+            print("    " + "  ".join(f"{k} {v['median']:.3f} ms" for k, v in t.items()), file=file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgead bench latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle")
+    parser.add_argument("--backend", nargs="+", default=["onnxruntime"], choices=["onnxruntime", "tensorrt", "torch"])
+    parser.add_argument("--precision", nargs="+", help="default: every precision in the bundle")
+    parser.add_argument("--warmup-ms", type=float, default=200.0)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--iterations", type=int)
+    group.add_argument("--duration", type=float, default=3.0, help="seconds (default 3, at least 10 iterations)")
+    parser.add_argument("--threads", type=int, help="CPU threads (onnxruntime intra-op, torch)")
+    parser.add_argument("--run", help="training run for the PyTorch baseline (default: recorded at export)")
+    parser.add_argument("--no-components", action="store_true", help="skip the per-component timing")
+    parser.add_argument("--out", help="write the report as JSON")
+    args = parser.parse_args(argv)
+    backends = [b for b in args.backend if b != "torch"]  # torch is always the baseline
+    try:
+        report = benchmark(args.bundle, backends, args.precision, args.warmup_ms, args.iterations, args.duration,
+                           args.threads, args.run, not args.no_components)
+    except (ValueError, OSError, EngineError, RuntimeError) as exc:
+        print(f"edgead bench latency: error: {exc}", file=sys.stderr)
+        return 2
+    print_table(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
