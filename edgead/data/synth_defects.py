@@ -153,7 +153,7 @@ def _smudge(img: np.ndarray) -> np.ndarray:
 
 
 def _scratch(img, fg, rng, category):
-    shape = img.shape[:2]
+    size, shape = _scale(img), img.shape[:2]
     pts = _curve(rng, _pick(rng, fg), size * rng.uniform(0.15, 0.6))
     mask = _draw_lines(shape, [pts], max(1, int(round(size * rng.uniform(0.006, 0.016))))) & fg
     sign = 1 if rng.random() < 0.6 else -1  # scratches mostly catch the light
@@ -163,7 +163,7 @@ def _scratch(img, fg, rng, category):
 
 
 def _crack(img, fg, rng, category):
-    shape = img.shape[:2]
+    size, shape = _scale(img), img.shape[:2]
     main = _walk(rng, np.array(_pick(rng, fg)), int(rng.integers(8, 22)), size * 0.025)
     paths = [main]
     for _ in range(int(rng.integers(0, 3))):  # side branches
@@ -202,7 +202,7 @@ def _stain(img, fg, rng, category):
 
 
 def _particle(img, fg, rng, category):
-    shape = img.shape[:2]
+    size, shape = _scale(img), img.shape[:2]
     centre = np.array(_pick(rng, fg))
     count = int(rng.integers(1, 4))
     area = _log_uniform(rng, 0.003, 0.025) / count
@@ -230,7 +230,7 @@ def _fill_like(img: np.ndarray, region: np.ndarray, rng: np.random.Generator) ->
 
 
 def _missing(img, fg, rng, category):
-    shape = img.shape[:2]
+    size, shape = _scale(img), img.shape[:2]
     if category == "pcb" and rng.random() < 0.75:  # a component or pad is absent
         mask = _pcb_component(img, fg, rng)
         if mask is not None:
