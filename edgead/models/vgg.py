@@ -144,7 +144,7 @@ def read_state_file(path: str | Path) -> dict[str, Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file's name
+    except Exception as exc:  # re-raised with the file's name
         raise VGGWeightsError(f"{path}: cannot read VGG-19 weights ({type(exc).__name__}: {exc}); "
                               "expected a state dict saved with torch.save or safetensors") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -339,7 +339,7 @@ class VGGPerceptualMap(nn.Module):
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * std)
             conv.bias.zero_()
 
-    def train(self, mode: bool = True) -> "VGGPerceptualMap":
+    def train(self, mode: bool = True) -> VGGPerceptualMap:
         """Always eval: a frozen feature extractor (the detector's train() can't switch it)."""
         return super().train(False)
 

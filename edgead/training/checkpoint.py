@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,24 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[D
     """Rebuild the detector of a run, load its weights and calibration; returns (detector, calibration, config)."""
     root = Path(run_dir)
     meta = read_run_config(root)
-    detector = registry.create(meta["detector"], **meta["config"])
+    detector = _create_for_loading(meta)
     load_weights(detector, root / WEIGHTS)
     calib_path = root / CALIBRATION
     calibration = Calibration.from_dict(json.loads(calib_path.read_text())) if calib_path.is_file() else None
     return detector.to(device).eval(), calibration, meta
+
+
+def _create_for_loading(meta: dict[str, Any]) -> Detector:
+    """Rebuild a run's detector. The VGG scorer's weights are in the run's own safetensors, so a
+    run trained with ``--vgg-weights FILE`` loads on a machine that lacks FILE."""
+    from edgead.models.vgg import VGGWeightsError
+
+    try:
+        return registry.create(meta["detector"], **meta["config"])
+    except VGGWeightsError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the random init is overwritten by the run's weights
+            return registry.create(meta["detector"], **{**meta["config"], "vgg_weights": None})
 
 
 def save_resume(path: Path, state: dict[str, Any]) -> None:
