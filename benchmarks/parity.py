@@ -122,6 +122,11 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: np.n
         "pixel_auroc_ref": _pixel_auroc(masks, ref_smooth), "pixel_auroc": _pixel_auroc(masks, got_smooth),
         "verdict_agreement": float(np.mean([a == b for a, b in zip(ref_verdicts, got_verdicts)])),
     }
+    # Which images flipped, and how close to the threshold they were: a flip of an image that
+    # sits within the engine's score error of the threshold is rounding, a shift of many is not.
+    end["verdict_flips"] = [{"index": i, "reference": float(ref["score"][i]), "engine": float(got["score"][i]),
+                             "threshold": calibration.image_threshold}
+                            for i, (a, b) in enumerate(zip(ref_verdicts, got_verdicts)) if a != b][:20]
     end["delta_image_auroc"] = end["image_auroc"] - end["image_auroc_ref"]
     end["delta_pixel_auroc"] = end["pixel_auroc"] - end["pixel_auroc_ref"]
     out["end"] = end
@@ -243,7 +248,7 @@ def summary(stats: dict[str, Any], report: dict[str, Any], date: str) -> dict[st
             "map_max_abs": stats["anomaly_map"]["max_abs"], "map_p99_abs": stats["anomaly_map"]["p99_abs"],
             "map_pearson": end["map_pearson"], "score_spearman": end["score_spearman"],
             "delta_image_auroc": end["delta_image_auroc"], "delta_pixel_auroc": end["delta_pixel_auroc"],
-            "verdict_agreement": end["verdict_agreement"]}
+            "verdict_agreement": end["verdict_agreement"], "verdict_flips": len(end["verdict_flips"])}
 
 
 def record(bundle_dir: str | Path, report: dict[str, Any]) -> None:
@@ -304,7 +309,8 @@ def print_table(report: dict[str, Any], file: Any = sys.stdout) -> None:
         e = s["end"]
         print(f"{key:<22}{s['anomaly_map']['max_abs']:>12.2e}{s['score']['max_rel']:>14.2e}{e['map_pearson']:>9.5f}"
               f"{e['score_spearman']:>9.5f}{e['delta_image_auroc']:>+12.4f}{e['delta_pixel_auroc']:>+11.4f}"
-              f"{e['verdict_agreement']:>8.1%}  {'PASS' if s['pass'] else 'FAIL'}", file=file)
+              f"{e['verdict_agreement']:>8.1%}  {'PASS' if s['pass'] else 'FAIL'}"
+              + (f"  ({len(e['verdict_flips'])} verdict flip(s))" if e["verdict_flips"] else ""), file=file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=300, help="frames per measurement, split over the rounds")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/pipeline rounds (medians reported)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: its own choice)")
     p.add_argument("--allow-unverified", action="store_true")
     p.add_argument("--out", default="pipeline_bench.json", help="JSON results file")
     args = p.parse_args(argv)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_checked_bundle(model, args.backend, args.precision, args.allow_unverified,
                                  warn=lambda m: print(m, file=sys.stderr))
     category = args.category or bundle.manifest.get("data", {}).get("category") or _demo_category(model) or "washer"
-    engine = open_bundle_engine(bundle, args.backend, args.precision)
+    engine = open_bundle_engine(bundle, args.backend, args.precision, args.threads)
     # Alternate the two measurements over several rounds and take medians: on a shared or
     # thermally throttled machine a single back-to-back pair is at the mercy of the moment.
     engine_rounds, pipe_rounds, pooled = [], [], RunStats()

@@ -257,3 +257,25 @@ def test_int8_component_that_fails_falls_back(trained, tmp_path: Path, monkeypat
     assert not trials["int8"]["pass"] and trials["int8"]["quantized_layers"] > 0
     assert not (out / "autoencoder.int8.onnx").exists()  # the rejected graph is not left behind
     assert (out / "autoencoder.fp16.onnx").is_file()
+
+
+def test_engine_options_and_errors(trained, tmp_path: Path) -> None:
+    from edgead.engines import EngineError, open_engine
+    from edgead.engines.ort_engine import resolve_providers
+
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    assert resolve_providers("auto")[-1] == "CPUExecutionProvider"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(EngineError, match="onnxruntime-gpu"):
+            open_engine(trained["bundle"], providers="cuda")
+    engine = open_engine(trained["bundle"], "onnxruntime", "fp16", graph="autoencoder", intra_op_num_threads=1)
+    assert [s.name for s in engine.inputs] == ["image"] and [s.name for s in engine.outputs] == ["reconstruction"]
+    with pytest.raises(EngineError, match="shape"):
+        engine.run({"image": np.zeros((1, 3, 8, 8), np.float32)})
+    with pytest.raises(EngineError, match="unknown backend"):
+        open_engine(trained["bundle"], "openvino")
+    with pytest.raises(EngineError, match="training run"):
+        open_engine(trained["bundle"], "torch", run=tmp_path / "missing")
+    torch_engine = open_engine(trained["bundle"], "torch")  # the run recorded at export
+    out = torch_engine.run({"image": np.full((1, 3, SIZE, SIZE), 0.5, np.float32)})
+    assert out["score"].shape == (1,) and out["anomaly_map"].shape == (1, 1, SIZE, SIZE)

@@ -188,7 +188,7 @@ class FlakySource(Source):
     """Live source that loses the camera after ``lose_after`` frames, then refuses to reopen
     ``fail_opens`` times before it works again."""
 
-    live = True
+    live = reconnectable = True
 
     def __init__(self, total: int, lose_after: int, fail_opens: int) -> None:
         self.uri = "v4l2:///dev/video9"

@@ -52,6 +52,12 @@ def test_video_file_plays_once_then_ends(video, prefix):
     assert len(frames) == 6 and frames[0][0].shape == (32, 48, 3) and frames[0][1] is None
 
 
+def test_paced_video_is_live_but_not_reconnectable(video):
+    source = open_source(str(video), InputOptions(rate=200))
+    assert source.live and not source.reconnectable
+    assert len(read_all(source)) == 6
+
+
 def test_video_file_loops(video):
     frames = read_all(open_source(str(video), InputOptions(loop=2)))
     assert len(frames) == 18
@@ -211,7 +217,7 @@ def test_v4l2_and_rtsp_uris_route_to_the_right_backend():
         open_source("rtsp://cam.local:554/stream", factory=Cap).open()
     assert calls[-1] == ("rtsp://cam.local:554/stream", cv2.CAP_FFMPEG)
     src = open_source("v4l2:///dev/video0", factory=Cap)
-    assert src.target == "/dev/video0" and src.api == cv2.CAP_V4L2 and src.live
+    assert src.target == "/dev/video0" and src.api == cv2.CAP_V4L2 and src.live and src.reconnectable
 
 
 def test_live_capture_that_stops_raises_source_lost():

@@ -83,7 +83,9 @@ class TrainConfig:
     augment: bool = False  # flips and small rotations
     device: str = "auto"
     seed: int = 0
-    time_budget_s: float | None = None  # stop early when training has used this much wall time
+    # Stop early once training has used this much CPU time (process time, all threads): a budget
+    # that means the same on a busy machine as on an idle one.
+    time_budget_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

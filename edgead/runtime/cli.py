@@ -33,7 +33,7 @@ verdict, regions, per-stage latency, frame age) plus {"event": ...} lines (start
 frame_error, stop, summary). The summary counts captured = inspected + dropped + errored.
 
 exit codes: 0 clean end (end of stream, --frames reached, window closed); 1 internal error;
-2 bad usage or URI; 3 input source error (missing device/file, camera lost for good);
+2 bad usage; 3 input source error (bad URI, missing device/file, camera lost for good);
 4 model refused or unusable (checksums, parity certificate, engine); 5 the run finished but at
 least one frame got an ERROR verdict; 130 stopped by SIGINT (Ctrl-C); 143 stopped by SIGTERM.
 A source or internal failure outranks a signal, which outranks frame errors.
@@ -56,14 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="BUNDLE", help="bundle directory (from `edgead export`)")
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads of the onnxruntime engine (default: onnxruntime's own choice)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="run a bundle that fails its checksums or has no passing parity certificate")
     src = p.add_argument_group("input")
     src.add_argument("--camera", type=int, metavar="N", help="V4L2 camera /dev/videoN (NOT CSI; use csi://N)")
-    src.add_argument("--input-width", type=int, metavar="W")
+    src.add_argument("--input-width", type=int, metavar="W",
+                     help="capture width asked of a camera; files and folders are resized to it")
     src.add_argument("--input-height", type=int, metavar="H")
     src.add_argument("--input-rate", type=float, metavar="FPS",
-                     help="camera frame rate; paces files, folders and synthetic sources")
+                     help="camera frame rate; paces files, folders and synthetic sources, which then "
+                          "behave as live (drop policy latest by default)")
     src.add_argument("--input-loop", type=int, default=0, metavar="N",
                      help="extra passes over a video/folder (-1 forever; default 0 = once)")
     src.add_argument("--frames", "--num-buffers", dest="frames", type=int, metavar="N",
@@ -174,7 +178,7 @@ def _run(args: argparse.Namespace, say) -> int:
     # The model first: a refused bundle should fail before a camera is grabbed.
     try:
         bundle = load_checked_bundle(args.model, args.backend, args.precision, args.allow_unverified, warn=say)
-        engine = open_bundle_engine(bundle, args.backend, args.precision)
+        engine = open_bundle_engine(bundle, args.backend, args.precision, args.threads)
     except (BundleRefused, BundleError, EngineError) as err:
         print(f"edgead-run: {err}", file=sys.stderr)
         return EXIT_MODEL
@@ -219,8 +223,9 @@ def _run(args: argparse.Namespace, say) -> int:
     config = PipelineConfig(policy=policy, max_frames=args.frames,
                             backoff=Backoff(cap=args.reconnect_max_delay, max_attempts=args.reconnect_attempts))
     pipeline = Pipeline(source, engine, Postprocessor.from_manifest(bundle.manifest, cal), sinks, log, config)
+    mode = "live" if source.live else ("read on demand" if policy == "block" else "read ahead")
     say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{args.precision}, "
-        f"input {uri} ({'live' if source.live else 'read on demand'}, drop policy {policy})")
+        f"input {uri} ({mode}, drop policy {policy})")
 
     running.append(pipeline)
     got_signal: list[int] = []

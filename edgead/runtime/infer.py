@@ -45,12 +45,17 @@ def load_checked_bundle(path: str, backend: str, precision: str, allow_unverifie
     return bundle
 
 
-def open_bundle_engine(bundle: Bundle, backend: str, precision: str) -> Engine:
-    """The fused detector graph of ``bundle`` as an :class:`Engine` (no torch involved)."""
+def open_bundle_engine(bundle: Bundle, backend: str, precision: str, threads: int | None = None) -> Engine:
+    """The fused detector graph of ``bundle`` as an :class:`Engine` (no torch involved).
+
+    ``threads`` caps ONNX Runtime's intra-op threads: on a small CPU, leaving a core to capture
+    and pre/post-processing can be worth more than a faster engine.
+    """
     from edgead.engines import open_engine
 
+    kw = {"intra_op_num_threads": threads} if threads and backend == "onnxruntime" else {}
     try:
-        return open_engine(bundle, backend=backend, precision=precision, graph="detector")
+        return open_engine(bundle, backend=backend, precision=precision, graph="detector", **kw)
     except (BundleError, EngineError):
         raise
     except Exception as err:  # noqa: BLE001 - a backend's own exception becomes an EngineError

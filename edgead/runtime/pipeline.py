@@ -36,7 +36,7 @@ from edgead.runtime.infer import take_outputs
 from edgead.runtime.postprocess_stage import Inspection, Postprocessor, error_inspection
 from edgead.runtime.preprocess import Preprocessor
 from edgead.runtime.sinks import JsonlLog, Sink
-from edgead.runtime.sources import EndOfStream, Source, SourceError, SourceLost, Truth
+from edgead.runtime.sources import EndOfStream, Source, SourceError, Truth
 from edgead.runtime.stats import RunStats
 
 POLICIES = ("latest", "block")
@@ -210,10 +210,6 @@ class Pipeline:
             self.stop_reason = reason
             self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def run(self) -> RunResult:
         stages = [("capture", self._capture), ("preprocess", self._preprocess), ("infer", self._infer),
                   ("postprocess", self._postprocess), ("sink", self._sink)]
@@ -271,7 +267,7 @@ class Pipeline:
                     self.stop("end of stream")
                     break
                 except SourceError as err:
-                    if not self.source.live or not self._reconnect(err):
+                    if not self.source.reconnectable or not self._reconnect(err):
                         self.fatal = self.fatal or str(err)
                         self.stop("source lost")
                         break

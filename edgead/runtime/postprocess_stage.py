@@ -31,7 +31,7 @@ class Inspection:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"verdict": self.verdict}
         if np.isfinite(self.score):
-            out.update(score=round(self.score, 6), score_norm=round(float(self.score_norm), 4))
+            out.update(score=float(self.score), score_norm=round(float(self.score_norm), 4))
         else:
             out.update(score=None, score_norm=None)
         out["regions"] = [r.to_dict() for r in self.regions]

@@ -148,13 +148,16 @@ class DisplaySink:
             raise SinkError(f"{name}: no DISPLAY to open a window on; run with --headless")
         self.name, self.vrange, self.on_quit = name, vrange, on_quit
         self.window = "edgead"
+        self.shown = False  # a window reads as not visible until the GUI has mapped it
         cv2.namedWindow(self.window, cv2.WINDOW_NORMAL)
 
     def write(self, frame: Any, inspection: Inspection, fps: float) -> None:
         cv2.imshow(self.window, annotate(frame.image, inspection, fps, *self.vrange))
         key = cv2.waitKey(1) & 0xFF
-        if key in (ord("q"), 27) or cv2.getWindowProperty(self.window, cv2.WND_PROP_VISIBLE) < 1:
+        visible = cv2.getWindowProperty(self.window, cv2.WND_PROP_VISIBLE) >= 1
+        if key in (ord("q"), 27) or (self.shown and not visible):  # q/Esc, or the window was closed
             self.on_quit()
+        self.shown = self.shown or visible
 
     def close(self) -> None:
         cv2.destroyAllWindows()

@@ -1,13 +1,13 @@
 """Frame sources, addressed by jetson-inference style URIs (see :data:`URI_HELP`).
 
 A source opens, yields raw frames (any size, 1-4 channels, 8- or 16-bit: preprocessing converts
-them) and says whether it is *live* (frames arrive on the device's clock, so a slow consumer must
+them) and says whether it is *live* (frames arrive on their own clock, so a slow consumer must
 drop) or *pulled* (a file: read on demand, nothing is lost by waiting). Timestamps and frame ids
 are given by the capture stage, not here.
 
-Errors: :class:`SourceError` names the source (missing device/file, no GStreamer...). A live
-source raises :class:`SourceLost` when it stops delivering; the capture stage reconnects.
-A pulled source raises :class:`EndOfStream` when done.
+Errors: :class:`SourceError` names the source (missing device/file, no GStreamer...). A camera
+or stream raises :class:`SourceLost` when it stops delivering (the capture stage reconnects);
+a file, folder or synthetic source raises :class:`EndOfStream` when done.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ input URIs (jetson-inference grammar):
   DIR | 'parts/*.png'               image folder or quoted glob, sorted by name
   synthetic://CATEGORY[?size=256&seed=0&defect_rate=0.3&rate=30]
                                     endless synthetic conveyor with ground truth (fabric, metal,
-                                    wood, washer, pcb); rate=0 (default) = as fast as possible
+                                    wood, washer, pcb); rate=0 (default) = read on demand,
+                                    rate=N = a live N fps camera stand-in (drops under overload)
 """
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp"}
@@ -87,10 +88,16 @@ class InputOptions:
 
 
 class Source:
-    """Base class: ``open`` / ``read`` / ``close``; ``read`` returns (image, truth or None)."""
+    """Base class: ``open`` / ``read`` / ``close``; ``read`` returns (image, truth or None).
+
+    ``live``: frames arrive on the source's own clock (a camera, or a file/folder/synthetic source
+    paced by a rate), so a slow pipeline must drop. ``reconnectable``: a device or stream that can
+    be lost and reopened (the capture stage retries it with backoff).
+    """
 
     uri: str = ""
     live: bool = False
+    reconnectable: bool = False
 
     def open(self) -> None:
         """Acquire the device/file; raise :class:`SourceError` naming it on failure."""
@@ -149,24 +156,27 @@ def csi_pipeline(sensor: int, width: int = 1920, height: int = 1080, rate: float
 class CaptureSource(Source):
     """A ``cv2.VideoCapture``: live (camera/stream, reconnectable) or a pulled video file."""
 
-    def __init__(self, uri: str, target: Any, api: int, live: bool, opts: InputOptions,
+    def __init__(self, uri: str, target: Any, api: int, device: bool, opts: InputOptions,
                  must_exist: str | None = None, factory: CaptureFactory | None = None) -> None:
-        self.uri, self.target, self.api, self.live, self.opts = uri, target, api, live, opts
+        self.uri, self.target, self.api, self.device, self.opts = uri, target, api, device, opts
+        self.reconnectable = device
+        self.live = device or bool(opts.rate)  # a paced video file stands in for a camera
         self.must_exist = must_exist  # a path checked before opening: a clear error beats OpenCV's warning
         self.factory = factory or (lambda target, api: cv2.VideoCapture(target, api))
         self.cap: Any = None
         self.loops_done = 0
-        self.pacer = Pacer(None if live else opts.rate)
+        self.pacer = Pacer(None if device else opts.rate)
 
     def open(self) -> None:
         if self.must_exist is not None and not os.path.exists(self.must_exist):
-            what = "camera device" if self.live else "video file"
-            hint = " (list cameras with `v4l2-ctl --list-devices`)" if self.live else ""
+            what = "camera device" if self.device else "video file"
+            hint = " (list cameras with `v4l2-ctl --list-devices`)" if self.device else ""
             raise SourceError(f"{self.uri}: no such {what}: {self.must_exist}{hint}")
         cap = self.factory(self.target, self.api)
         if cap is None or not cap.isOpened():
-            raise SourceError(f"{self.uri}: cannot open ({'device busy, unplugged or unsupported' if self.live else 'unreadable or unsupported video'})")
-        if self.live:
+            why = "device busy, unplugged or unsupported" if self.device else "unreadable or unsupported video"
+            raise SourceError(f"{self.uri}: cannot open ({why})")
+        if self.device:
             self._configure(cap)
         self.cap = cap
 
@@ -186,8 +196,8 @@ class CaptureSource(Source):
         self.pacer.wait()
         ok, image = self.cap.read()
         if ok and image is not None and image.size:
-            return (image if self.live else _resize_to(image, self.opts)), None
-        if self.live:
+            return (image if self.device else _resize_to(image, self.opts)), None
+        if self.device:
             raise SourceLost(f"{self.uri}: no frame (camera unplugged or stream dropped)")
         if self.opts.loop < 0 or self.loops_done < self.opts.loop:
             self.loops_done += 1
@@ -209,11 +219,10 @@ class CaptureSource(Source):
 class ImageListSource(Source):
     """Images of a folder or a glob, sorted by name; unreadable files are skipped with an event."""
 
-    live = False
-
     def __init__(self, uri: str, pattern: str, is_dir: bool, opts: InputOptions,
                  on_skip: Callable[[str, str], None] | None = None) -> None:
         self.uri, self.pattern, self.is_dir, self.opts = uri, pattern, is_dir, opts
+        self.live = bool(opts.rate)
         self.on_skip = on_skip
         self.files: list[str] = []
         self.index = 0
