@@ -30,6 +30,7 @@ from torch import Tensor
 
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
 from edgead.models.blocks import DCGANDecoder, FeatureDiscriminator, ImageDecoder, SignedRange, dcgan_init
+from edgead.models.losses import update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
 from edgead.models.skip_ganomaly import DiscriminatorFeatures
@@ -147,15 +148,11 @@ class AnoGANRecipe(Recipe):
         p_fake, _ = self.D(fake.detach())
         loss_d = 0.5 * (F.binary_cross_entropy(p_real, torch.ones_like(p_real))
                         + F.binary_cross_entropy(p_fake, torch.zeros_like(p_fake)))
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
+        update(self.opt_d, loss_d)
 
         p_gen, _ = self.D(fake)
         loss_g = F.binary_cross_entropy(p_gen, torch.ones_like(p_gen))
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.opt_g.step()
+        update(self.opt_g, loss_g)
         return {"d": loss_d.item(), "g": loss_g.item()}
 
 

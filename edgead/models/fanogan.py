@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
 from edgead.models.blocks import (DCGANDecoder, DCGANEncoder, FeatureDiscriminator, ImageDecoder,
                                   ImageEncoder, SignedRange, dcgan_init)
-from edgead.models.losses import gradient_penalty
+from edgead.models.losses import gradient_penalty, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
 from edgead.models.skip_ganomaly import DiscriminatorFeatures, ImageFeatureScoreHead
@@ -116,16 +116,12 @@ class FAnoGANRecipe(Recipe):
         gp = gradient_penalty(critic, (x,), (fake,))
         wasserstein = critic(x).mean() - critic(fake).mean()
         loss_c = -wasserstein + c.gp_weight * gp
-        self.opt_c.zero_grad(set_to_none=True)
-        loss_c.backward()
-        self.opt_c.step()
+        update(self.opt_c, loss_c)
         logs = {"critic": loss_c.item(), "w_dist": wasserstein.item(), "gp": gp.item()}
         self.critic_steps += 1
         if self.critic_steps % c.n_critic == 0:
             loss_g = -critic(self.G(self._sample_z(len(x), x))).mean()
-            self.opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            self.opt_g.step()
+            update(self.opt_g, loss_g)
             logs["g"] = loss_g.item()
         return logs
 
@@ -149,9 +145,7 @@ class FAnoGANRecipe(Recipe):
                 feat = F.mse_loss(self.C.encoder.features(x_hat), feat_real)
                 loss = img + c.kappa * feat
                 logs["feat"] = feat.item()
-        self.opt_e.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_e.step()
+        update(self.opt_e, loss)
         return {"e": loss.item(), **logs}
 
 

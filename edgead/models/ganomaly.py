@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
 from edgead.models.blocks import (DCGANDecoder, DCGANEncoder, FeatureDiscriminator, ImageDecoder,
                                   ImageEncoder, SignedRange, dcgan_init)
+from edgead.models.losses import bce_discriminator_step, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
 
@@ -103,21 +103,11 @@ class GANomalyRecipe(Recipe):
         con = F.l1_loss(x_hat, x)
         enc = F.mse_loss(z_hat, z)
         loss_g = c.w_adv * adv + c.w_con * con + c.w_enc * enc
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.opt_g.step()
+        update(self.opt_g, loss_g)
 
         # Discriminator: real vs reconstructed.
-        p_real, _ = d.discriminator(x)
-        p_fake, _ = d.discriminator(x_hat.detach())
-        loss_d = 0.5 * (F.binary_cross_entropy(p_real, torch.ones_like(p_real))
-                        + F.binary_cross_entropy(p_fake, torch.zeros_like(p_fake)))
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
-        if loss_d.item() < 1e-5:  # D won outright: restart it, as the reference does
-            d.discriminator.apply(dcgan_init)
-        return {"g": loss_g.item(), "adv": adv.item(), "con": con.item(), "enc": enc.item(), "d": loss_d.item()}
+        loss_d = bce_discriminator_step(d.discriminator, self.opt_d, x, x_hat, reinit=dcgan_init)
+        return {"g": loss_g.item(), "adv": adv.item(), "con": con.item(), "enc": enc.item(), "d": loss_d}
 
 
 register(GANomaly, GANomalyRecipe)

@@ -21,3 +21,29 @@ def gradient_penalty(critic: Callable[..., Tensor], real: tuple[Tensor, ...], fa
     grads = torch.autograd.grad(out.sum(), mixed, create_graph=True)
     norm = torch.cat([g.flatten(1) for g in grads], dim=1).norm(2, dim=1)
     return ((norm - 1) ** 2).mean()
+
+
+def update(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    """One optimiser step on ``loss``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def bce_discriminator_step(disc: Callable[[Tensor], tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer,
+                           real: Tensor, fake: Tensor, reinit: Callable[[torch.nn.Module], None] | None = None) -> float:
+    """Update a sigmoid discriminator on real vs fake (detached) images; returns its loss.
+
+    When the loss collapses below 1e-5 the discriminator has won outright and stops teaching the
+    generator, so it is re-initialised with ``reinit`` (GANomaly's reference does this).
+    """
+    import torch.nn.functional as F
+
+    p_real, _ = disc(real)
+    p_fake, _ = disc(fake.detach())
+    loss = 0.5 * (F.binary_cross_entropy(p_real, torch.ones_like(p_real))
+                  + F.binary_cross_entropy(p_fake, torch.zeros_like(p_fake)))
+    update(optimizer, loss)
+    if reinit is not None and loss.item() < 1e-5:
+        disc.apply(reinit)  # type: ignore[attr-defined]
+    return loss.item()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
 from edgead.models.blocks import (FeatureDiscriminator, ImageDecoder, ImageEncoder, SignedRange,
                                   UNetGenerator, dcgan_init)
+from edgead.models.losses import bce_discriminator_step, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
 
@@ -138,21 +139,11 @@ class SkipGANomalyRecipe(Recipe):
         con = F.l1_loss(x_hat, x)
         lat = F.mse_loss(feat_fake, feat_real.detach())
         loss_g = c.w_adv * adv + c.w_con * con + c.w_lat * lat
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.opt_g.step()
+        update(self.opt_g, loss_g)
 
         # Discriminator: real vs reconstructed.
-        p_real, _ = self.disc(x)
-        p_fake, _ = self.disc(x_hat.detach())
-        loss_d = 0.5 * (F.binary_cross_entropy(p_real, torch.ones_like(p_real))
-                        + F.binary_cross_entropy(p_fake, torch.zeros_like(p_fake)))
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
-        if loss_d.item() < 1e-5:  # D won outright: restart it, as the reference does
-            self.disc.apply(dcgan_init)
-        return {"g": loss_g.item(), "adv": adv.item(), "con": con.item(), "lat": lat.item(), "d": loss_d.item()}
+        loss_d = bce_discriminator_step(self.disc, self.opt_d, x, x_hat, reinit=dcgan_init)
+        return {"g": loss_g.item(), "adv": adv.item(), "con": con.item(), "lat": lat.item(), "d": loss_d}
 
 
 register(SkipGANomaly, SkipGANomalyRecipe)

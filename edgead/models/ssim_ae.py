@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, top_k_mean
+from edgead.models.losses import update
 from edgead.models.registry import register
 from edgead.models.scorers import SSIMMap, make_scorer
 
@@ -120,9 +121,7 @@ class SSIMAERecipe(Recipe):
     def step(self, images: Tensor, stage: str) -> dict[str, float]:
         recon = self.detector.autoencoder(images)
         loss = self.ssim(images, recon).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        update(self.opt, loss)
         return {"1-ssim": loss.item()}
 
 

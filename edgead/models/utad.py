@@ -97,6 +97,7 @@ from torch import Tensor, nn
 
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, top_k_mean
 from edgead.models.blocks import SignedRange
+from edgead.models.losses import update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
 
@@ -477,9 +478,7 @@ class UTADRecipe(Recipe):
         kl = (-0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp())).mean()
         mi = jsd_mi_loss(d.mi_discriminator, h, z)
         loss = c.w_rec * rec + c.w_mi * mi + c.w_kl * kl
-        self.opt_ie.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_ie.step()
+        update(self.opt_ie, loss)
         return {"ie": loss.item(), "rec": rec.item(), "mi": mi.item(), "kl": kl.item()}
 
     def _step_expert(self, x: Tensor) -> dict[str, float]:
@@ -496,9 +495,7 @@ class UTADRecipe(Recipe):
         naive_loss = F.l1_loss(naive, impression)
         detail_loss = F.l1_loss(expert.details(recon), details.detach())
         loss = c.w_expert_rec * rec + c.w_naive * naive_loss + c.w_detail * detail_loss
-        self.opt_expert.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_expert.step()
+        update(self.opt_expert, loss)
         return {"expert": loss.item(), "rec": rec.item(), "naive": naive_loss.item(), "detail": detail_loss.item()}
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
 from edgead.models.blocks import DCGANDecoder, DCGANEncoder, ImageDecoder, ImageEncoder, dcgan_init
+from edgead.models.losses import update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
 
@@ -145,9 +146,7 @@ class VAERecipe(Recipe):
         rec = self.elbo.reconstruction(images, recon).mean()
         kl = self.elbo.kl(mu, logvar).mean()
         loss = rec + self.elbo.beta * kl
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        update(self.opt, loss)
         return {"loss": loss.item(), "recon": rec.item(), "kl": kl.item()}
 
 
