@@ -329,3 +329,19 @@ def test_async_engine_keeps_two_slots_in_flight(tmp_path):
     result = pipe.run()
     assert result.summary["frames"]["inspected"] == 40
     assert engine.max_pending <= engine.num_slots
+
+
+def test_capture_and_compute_overlap(tmp_path):
+    """A 6 ms read and a 10 ms engine: overlapped, a frame costs ~10 ms, not 16 ms."""
+
+    class SlowRead(ListSource):
+        def read(self):
+            time.sleep(0.006)
+            return super().read()
+
+    n = 40
+    started = time.monotonic()
+    result, lines, _ = run(SlowRead(frames(n)), FakeEngine(delay=0.010), tmp_path)
+    elapsed = time.monotonic() - started
+    assert result.summary["frames"]["inspected"] == n
+    assert elapsed < 0.85 * n * 0.016, elapsed  # sequential would take n * 16 ms

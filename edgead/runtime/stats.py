@@ -218,9 +218,12 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"TN {gt['tn']} FN {gt['fn']})")
     lr = summary.get("line_rate")
     if lr:
+        def signed(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:+.0%}"
         state = "KEEPS UP" if lr["keeps_up"] else "DOES NOT KEEP UP"
-        lines.append(f"line rate {lr['rate_hz']:g} Hz (period {lr['period_ms']:.1f} ms): {state}; capacity "
-                     f"{lr['capacity_fps']:.1f} fps ({lr['capacity_basis']}), headroom "
-                     f"{lr['throughput_headroom']}, p99 end-to-end {lr['p99_end_to_end_ms']} ms "
-                     f"(latency headroom {lr['latency_headroom']})")
+        lines.append(f"line rate {lr['rate_hz']:g} Hz (period {lr['period_ms']:.1f} ms): {state}")
+        lines.append(f"  throughput: capacity {lr['capacity_fps']:.1f} fps, headroom {signed(lr['throughput_headroom'])} "
+                     f"({lr['capacity_basis']})")
+        lines.append(f"  latency: p99 end-to-end {lr['p99_end_to_end_ms']:.1f} ms, headroom "
+                     f"{signed(lr['latency_headroom'])} of the period")
     return "\n".join(lines)
