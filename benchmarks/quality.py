@@ -30,7 +30,9 @@ from edgead.postprocess import DEFAULT_SIGMA, smooth
 
 DEFAULT_SCORER_STUDY = ("ganomaly", "ssim_ae", "utad")
 # Departures from the reference defaults, made only to fit the CPU budget (printed with the table).
-CPU_OVERRIDES: dict[str, dict[str, Any]] = {"anogan": {"search_steps": 100}}
+CPU_OVERRIDES: dict[str, dict[str, Any]] = {"anogan": {"search_steps": 100}, "utad": {"width": 16}}
+# Extra evaluations of the same trained weights: UTAD's first stage on its own.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {"utad": {"impression": {"mode": "impression"}}}
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             config = {"width": args.width} if model != "ssim_ae" else {}
             config.update(CPU_OVERRIDES.get(model, {}))
-            scorers = study if model in args.scorer_study else None
+            scorers = {**(study if model in args.scorer_study else {}), **VARIANTS.get(model, {})}
             try:
                 results = run_detector(model, data, args.budget_s, work / f"{category}-{model}", config,
                                        args.seed, scorers)
