@@ -38,6 +38,7 @@ from edgead.models.bigan_blocks import (FeatureL1, JointDiscriminator, LatentPai
                                         PairDiscriminator, PairFeatures, apply_spectral_norm, bce_logits,
                                         sample_latent)
 from edgead.models.blocks import DCGANDecoder, DCGANEncoder, ImageDecoder, ImageEncoder, SignedRange, dcgan_init
+from edgead.models.losses import update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
 
@@ -130,9 +131,7 @@ class ALADRecipe(Recipe):
             d_zz = bce_logits(self.Dzz(z, z)[0], 1.0) + bce_logits(self.Dzz(z, z_rec)[0], 0.0)
             loss_d = loss_d + d_zz
             logs["d_zz"] = d_zz.item()
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
+        update(self.opt_d, loss_d)
 
         # Generator and encoder: fool D_xz, and make the cycles x -> z -> x and z -> x -> z pass as real.
         z_enc, x_gen = self.E(x), self.G(z)
@@ -144,9 +143,7 @@ class ALADRecipe(Recipe):
             cycle_z = bce_logits(self.Dzz(z, self.E(x_gen))[0], 1.0)
             loss = loss + cycle_z
             logs["cycle_z"] = cycle_z.item()
-        self.opt_ge.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_ge.step()
+        update(self.opt_ge, loss)
         return {"d": loss_d.item(), "ge": loss.item(), **logs}
 
 

@@ -47,7 +47,7 @@ from edgead.models.base import Component, Detector, DetectorConfig, Recipe, Trai
 from edgead.models.bigan_blocks import (FeatureL1, JointDiscriminator, JointFeatures, bce_logits,
                                         sample_latent)
 from edgead.models.blocks import DCGANDecoder, DCGANEncoder, ImageDecoder, ImageEncoder, SignedRange, dcgan_init
-from edgead.models.losses import gradient_penalty
+from edgead.models.losses import gradient_penalty, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
 
@@ -170,11 +170,6 @@ class EGBADRecipe(Recipe):
     def _feature_loss(self, feat_real: Tensor, feat_fake: Tensor) -> Tensor:
         return F.mse_loss(feat_real.mean(dim=0), feat_fake.mean(dim=0))
 
-    def _ge_update(self, loss: Tensor) -> None:
-        self.opt_ge.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_ge.step()
-
     def _bce_step(self, x: Tensor) -> dict[str, float]:
         c = self.detector.config
         z = sample_latent(len(x), c.latent_dim, x)
@@ -182,9 +177,7 @@ class EGBADRecipe(Recipe):
         with torch.no_grad():
             z_enc, x_gen = self.E(x), self.G(z)
         loss_d = bce_logits(self.D(x, z_enc)[0], 1.0) + bce_logits(self.D(x_gen, z)[0], 0.0)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
+        update(self.opt_d, loss_d)
         # Generator and encoder: swapped labels.
         logit_enc, feat_real = self.D(x, self.E(x))
         logit_gen, feat_fake = self.D(self.G(z), z)
@@ -195,7 +188,7 @@ class EGBADRecipe(Recipe):
             feat = self._feature_loss(feat_real, feat_fake)
             loss = loss + c.feature_weight * feat
             logs["feat"] = feat.item()
-        self._ge_update(loss)
+        update(self.opt_ge, loss)
         return {"ge": loss.item(), **logs}
 
     def _wgan_step(self, x: Tensor) -> dict[str, float]:
@@ -207,9 +200,7 @@ class EGBADRecipe(Recipe):
         gp = gradient_penalty(critic, (x, z_enc), (x_gen, z))
         wasserstein = critic(x, z_enc).mean() - critic(x_gen, z).mean()
         loss_c = -wasserstein + c.gp_weight * gp
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_c.backward()
-        self.opt_d.step()
+        update(self.opt_d, loss_c)
         logs = {"critic": loss_c.item(), "w_dist": wasserstein.item(), "gp": gp.item()}
         self.critic_steps += 1
         if self.critic_steps % c.n_critic == 0:
@@ -219,7 +210,7 @@ class EGBADRecipe(Recipe):
             adv = score_real.mean() - score_fake.mean()
             feat = self._feature_loss(feat_real, feat_fake)
             loss = adv + c.feature_weight * feat
-            self._ge_update(loss)
+            update(self.opt_ge, loss)
             logs.update(ge=loss.item(), adv=adv.item(), feat=feat.item())
         return logs
 
