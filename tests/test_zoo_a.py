@@ -18,7 +18,6 @@ TINY = {"image_size": SIZE, "width": 8}
 ZOO = {"skip_ganomaly": {}, "fanogan": {}, "anogan": {"search_steps": 3}, "vae": {}}
 EXPORTABLE = ("skip_ganomaly", "fanogan", "vae")
 
-torch.set_num_threads(2)
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
