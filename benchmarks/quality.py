@@ -202,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-latency", action="store_true", help="skip the ORT latency column")
     parser.add_argument("--merge", nargs="*", default=None, metavar="JSON",
                         help="only merge result files (one job each) into --out and print the table")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="only measure parameters, GFLOPs and ORT FP32 latency of each detector on this machine")
     parser.add_argument("--out", default="results/quality.json")
     args = parser.parse_args(argv)
     if args.merge is not None:
         return merge(args.merge, Path(args.out))
+    if args.cost_only:
+        return cost_table(args.models, args.image_size, args.width, Path(args.out), args.threads)
 
     import torch
 
@@ -259,6 +263,35 @@ def main(argv: list[str] | None = None) -> int:
     save()
     _print_summary(rows)
     print(f"wrote {out_path}")
+    return 0
+
+
+def cost_table(models: list[str] | None, image_size: int, width: int, out: Path, threads: int | None) -> int:
+    """Parameters, GFLOPs and ORT FP32 latency (batch 1) of every detector, as the quality run builds them.
+
+    Latency does not depend on the trained weights, so random-initialised detectors are timed.
+    """
+    import warnings
+
+    import torch
+
+    from edgead.models import registry
+
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")
+    rows = []
+    for model in registry.available() if models is None else models:
+        config = {"image_size": image_size, **({"width": width} if model != "ssim_ae" else {}),
+                  **CPU_OVERRIDES.get(model, {})}
+        detector = registry.create(model, **config).eval()
+        row: dict[str, Any] = {"model": model, "image_size": image_size}
+        if detector.exportable:
+            row.update(model_cost(detector, image_size), ort_ms=ort_latency_ms(detector, repeats=50))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=1) + "\n")
     return 0
 
 
