@@ -260,7 +260,14 @@ def record(bundle_dir: str | Path, report: dict[str, Any]) -> None:
     for key, stats in report["results"].items():
         if "skipped" not in stats:
             parity[key] = _json_safe(summary(stats, report, date))
-    write_manifest(bundle.root, {**bundle.manifest, "parity": parity})
+    path = write_manifest(bundle.root, {**bundle.manifest, "parity": parity})
+    # write_manifest hashes every file in the folder, but TensorRT keeps its engine and timing
+    # caches beside the graphs; they are per-device build products, rebuilt whenever stale, and
+    # must not become part of the certified file list (a rebuild would then "tamper" the bundle).
+    exported = set(bundle.manifest.get("files", {}))
+    written = json.loads(path.read_text())
+    written["files"] = {k: v for k, v in written["files"].items() if k in exported}
+    path.write_text(json.dumps(written, indent=2) + "\n")
 
 
 def _json_safe(value: Any) -> Any:

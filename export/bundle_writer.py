@@ -219,9 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle written: {out}")
     for graph, by_precision in bundle.manifest["graphs"].items():
         print(f"  {graph:<14} " + "  ".join(f"{p}={f}" for p, f in by_precision.items()))
+    reports = bundle.manifest.get("quantization", {}).get("int8", {}).get("components", {})
     for precision, comps in bundle.manifest["precision_fallbacks"].items():
         for comp, used in comps.items():
-            print(f"  {precision}: component {comp!r} falls back to {used}")
+            trial = reports.get(comp, {}).get("trials", {}).get(precision, {})
+            why = trial.get("reason") or "failed its tolerance (see manifest quantization)"
+            print(f"  {precision}: component {comp!r} runs at {used}: {why}")
     return 0
 
 

@@ -8,16 +8,24 @@ inserted at the borders. Blocked (kept FP32):
 * reductions, powers, square roots, norms, TopK and Softmax anywhere: sums of squares overflow
   FP16 (max 65504; TensorRT#1954), means over a 256² map lose the small residuals that make up
   the score, and TopK must rank the FP32 map the threshold was calibrated on;
-* normalisation layers that compute a variance (Instance/Group/LayerNorm) for the same reason.
+* normalisation layers that compute a variance (Instance/Group/LayerNorm) for the same reason,
+  and Exp/Log (exp overflows FP16 above ~11: a VAE's log-variance);
+* data-movement ops (Flatten, Reshape...) that only carry an FP32 island's output onwards.
 
-Two fixes to the converter's output, both checked by tests:
+Fixes to the converter's output (onnxconverter-common 1.16), each checked by the tests:
 
 * initializers shared by a blocked and an unblocked node (onnxsim de-duplicates constants such as
   ``1.0``) are split first, or the converter types one of the consumers wrongly
   ("Type parameter (T) of Optype (Add) bound to different types");
+* a graph output that other nodes also read (the map feeds TopK) is routed through an Identity
+  first: the converter inserts no Cast for a blocked node reading a graph output;
+* graph outputs produced by a blocked node come back FP16-typed despite ``keep_io_types``;
+  they are restored to FP32;
 * Cast pairs FP32->FP16->FP32 (an FP32 island feeding a graph output or another island) are
   collapsed, so the map and score leave the graph at FP32 precision instead of being rounded to
   FP16 and back.
+
+The result is re-typed by strict shape inference and must pass the full ONNX checker.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -32,6 +32,11 @@ from export.fp16 import drop_dead_nodes, fp32_node_names
 CALIB_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Q/DQ layout that TensorRT's ONNX parser takes (as in Hugging Face Optimum's TensorRT preset):
+# biases stay float (TensorRT rejects an int32 DequantizeLinear: onnx-tensorrt#850, ORT#17738;
+# ORT re-quantises float biases itself when it fuses QLinearConv), weights are stored float
+# behind a Q/DQ pair, and each consumer gets its own Q/DQ pair.
+TENSORRT_OPTIONS = {"QuantizeBias": False, "AddQDQPairToWeight": True, "DedicatedQDQPair": True}
 
 
 class QuantizationError(RuntimeError):
@@ -98,7 +103,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_feeds: Sequ
         model = onnx.load(str(source))
         excluded = excluded_nodes(model, exclude)
         extra = {"ActivationSymmetric": True, "WeightSymmetric": True,
-                 "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS)}
+                 "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS), **TENSORRT_OPTIONS}
         if method == "percentile":
             extra["CalibPercentile"] = percentile
         try:
@@ -211,7 +216,7 @@ def within_tolerance(err: dict[str, float], precision: str = "int8") -> bool:
 
 
 def select_precisions(out_dir: Path, components: Sequence[dict], images: np.ndarray, target: str = "int8",
-                      method: str = "minmax", make_fp16: object = None) -> dict:
+                      method: str = "minmax", make_fp16: Callable[[Path, Path], object] | None = None) -> dict:
     """Build each component's ``target`` graph and keep it where it passes, else fall back
     (int8 -> fp16 -> fp32). ``make_fp16(fp32_path, fp16_path)`` writes an FP16 graph on demand.
 
@@ -243,8 +248,11 @@ def select_precisions(out_dir: Path, components: Sequence[dict], images: np.ndar
                     break
             elif not path.exists():
                 created.append(path)
-                make_fp16(fp32[name], path)  # type: ignore[operator]
-            err = output_errors(ref, [run_chain(components, {**sessions, **open_sessions({name: path})}, x) for x in feeds])
+                if make_fp16 is None:
+                    raise QuantizationError(f"component {name!r} needs an FP16 fallback but no make_fp16 was given")
+                make_fp16(fp32[name], path)
+            trial_sessions = {**sessions, **open_sessions({name: path})}
+            err = output_errors(ref, [run_chain(components, trial_sessions, x) for x in feeds])
             trials[precision] = {**err, "pass": within_tolerance(err, precision)}
             if precision == "int8":
                 trials["int8"]["quantized_layers"] = len(nodes)

@@ -45,6 +45,9 @@ def resolve_providers(providers: str | Sequence[str] = "cpu") -> list[str]:
         if p not in available:
             raise EngineError(f"onnxruntime has no {p} here (available: {available}); "
                               "install onnxruntime-gpu for CUDA/TensorRT, or use providers='cpu'")
+    # Fallbacks for nodes a GPU provider doesn't take: TensorRT -> CUDA -> CPU.
+    if chosen[:1] == [PROVIDERS["tensorrt"]] and PROVIDERS["cuda"] in available and PROVIDERS["cuda"] not in chosen:
+        chosen.append(PROVIDERS["cuda"])
     if PROVIDERS["cpu"] not in chosen:
         chosen.append(PROVIDERS["cpu"])
     return chosen
