@@ -145,6 +145,10 @@ def component_entry(comp: Component, shapes: dict[str, tuple[int, ...]]) -> dict
             "shapes": {n: list(shapes[n]) for n in (*comp.inputs, *comp.outputs)}}
 
 
+def _prefixed(comp: str, name: str) -> str:
+    return f"{comp}{name}" if name.startswith("/") else f"{comp}/{name}"
+
+
 def chain_graphs(parts: Sequence[tuple[str, onnx.ModelProto]], inputs: Sequence[str],
                  outputs: Sequence[str]) -> onnx.ModelProto:
     """One graph from component graphs wired by tensor name (component I/O names are global).
@@ -160,13 +164,16 @@ def chain_graphs(parts: Sequence[tuple[str, onnx.ModelProto]], inputs: Sequence[
     for comp, model in parts:
         g = model.graph
         io = {i.name for i in g.input} | {o.name for o in g.output}
-        rename = lambda name: name if (not name or name in io) else f"{comp}{name if name.startswith('/') else '/' + name}"  # noqa: E731
+
+        def rename(name: str, comp: str = comp, io: set[str] = io) -> str:
+            return name if (not name or name in io) else _prefixed(comp, name)
+
         for node in g.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
                 raise ExportError(f"component {comp!r}: subgraphs (If/Loop) are not supported when chaining")
             new = onnx.NodeProto()
             new.CopyFrom(node)
-            new.name = f"{comp}{node.name if node.name.startswith('/') else '/' + node.name}"
+            new.name = _prefixed(comp, node.name)
             new.input[:] = [rename(i) for i in node.input]
             new.output[:] = [rename(o) for o in node.output]
             nodes.append(new)
