@@ -48,7 +48,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from edgead.models.base import TrainConfig
     from edgead.training.trainer import train_run
 
-    config = {"scorer": args.scorer, **_parse_kv(args.set)}
+    config = _parse_kv(args.set)
+    if args.scorer is not None:  # else the detector's own default (ssim for the SSIM-AE, l1 otherwise)
+        config["scorer"] = args.scorer
     if args.width is not None:
         config["width"] = args.width
     if args.latent_dim is not None:
@@ -102,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: the method's reference rate")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--latent-dim", type=int, default=None)
-    p.add_argument("--scorer", default="l1", choices=["l1", "ssim", "vgg"],
-                   help="map function of reconstruction detectors (the SSIM-AE defaults to ssim)")
+    p.add_argument("--scorer", default=None, choices=["l1", "ssim", "vgg"],
+                   help="map function of reconstruction detectors (default: the detector's own; "
+                        "ssim for the SSIM-AE, vgg for UTAD, l1 for the others)")
     p.add_argument("--vgg-weights", default=None, help="VGG-19 state dict (torchvision or normalised-VGG layout)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other detector config fields")
     p.add_argument("--val-fraction", type=float, default=0.15)
