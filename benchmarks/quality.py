@@ -84,12 +84,20 @@ def _metrics(labels, scores, masks, maps, defects, threshold) -> dict[str, Any]:
 
 
 def model_cost(detector, image_size: int) -> dict[str, float]:
-    """Parameters of the inference graph and GFLOPs per frame (torch's FLOP counter, batch 1)."""
+    """Parameters of the inference graph and GFLOPs per frame (torch's FLOP counter, batch 1).
+
+    AnoGAN has no single graph: its parameters are the generator's, and its GFLOPs are left out
+    (the counter cannot follow the search's autograd.grad; each frame costs ~3 generator passes
+    per search step).
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    used = {id(p) for comp in detector.components() for p in comp.module.parameters()}
+    comps = detector.components() if detector.exportable else detector.exportable_components()
+    used = {id(p) for comp in comps for p in comp.module.parameters()}
     params = sum(p.numel() for p in detector.parameters() if id(p) in used)
+    if not detector.exportable:
+        return {"params_m": params / 1e6}
     x = torch.rand(detector.input_shape, device=detector.device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         detector(x)
