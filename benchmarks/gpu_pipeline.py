@@ -8,7 +8,8 @@ Measures, in one run: engine-only and full-pipeline throughput with 1 slot (seri
 (frame N+1 uploaded and pre-processed while frame N computes), end-to-end p50/p99 and the
 pipeline/engine ratio. The detector is random-initialised (throughput does not depend on the
 weights); its calibration comes from conveyor frames without defects, as a run's would. Needs
-torch with CUDA and cuda-python; exits 0 with a message without them.
+torch with CUDA and cuda-python; exits 0 with a message without them (the same check as
+``gpu_stream_check``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from benchmarks.gpu_stream_check import missing_gpu_stack
 
 
 def _calibration(detector: Any, category: str, size: int):
@@ -52,14 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graph", action="store_true")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_pipeline.json"))
     args = p.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("torch is not installed: nothing to measure")
+    missing = missing_gpu_stack()
+    if missing:
+        print(f"gpu_pipeline: {missing}; nothing measured")
         return 0
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: nothing to measure")
-        return 0
+    import torch
 
     from benchmarks.pipeline import engine_only, full_pipeline
     from edgead.engines.base import TensorSpec

@@ -37,6 +37,21 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def missing_gpu_stack() -> str | None:
+    """Why the CUDA slot path can't run here (no torch, no GPU, no cuda-python), or None."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "CUDA is not available (needs an NVIDIA GPU)"
+    try:
+        import cuda.bindings.runtime  # noqa: F401
+    except ImportError:
+        return "cuda-python is not installed (pip install cuda-python)"
+    return None
+
+
 def stand_in_model(channels: int = 3, width: int = 32) -> Any:
     """A small conv autoencoder with the detector contract: image -> (score (B,), map (B,1,H,W))."""
     from torch import nn
@@ -159,19 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or (str(Path(os.environ["OUT"]) / "gpu_stream.json") if os.environ.get("OUT") else None)
 
-    try:
-        import torch
-    except ImportError:
-        print("gpu_stream_check: torch is not installed; nothing measured")
+    missing = missing_gpu_stack()
+    if missing:
+        print(f"gpu_stream_check: {missing}; nothing measured")
         return 0
-    if not torch.cuda.is_available():
-        print("gpu_stream_check: CUDA is not available (needs an NVIDIA GPU); nothing measured")
-        return 0
-    try:
-        import cuda.bindings.runtime  # noqa: F401
-    except ImportError:
-        print("gpu_stream_check: cuda-python is not installed (pip install cuda-python); nothing measured")
-        return 0
+    import torch
     from edgead.engines import cuda_rt
     from edgead.engines.base import TensorSpec
     from edgead.engines.torch_cuda import TorchCudaEngine

@@ -159,12 +159,13 @@ def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, 
                 **model_cost(detector, data["test"].shape[-1])}]
     if latency and detector.exportable:
         results[0]["ort_ms"] = ort_latency_ms(detector)
+    own_scorer = scorer_prefixes(detector)
+    trained = {k: v for k, v in detector.state_dict().items() if not k.startswith(own_scorer)}
     for label, scorer_cfg in (scorers or {}).items():
         if {**meta["config"], **scorer_cfg} == meta["config"]:
             continue  # the detector's own default: already the first row
         variant = registry.create(model, **{**meta["config"], **scorer_cfg})
         keep = scorer_prefixes(variant)
-        trained = {k: v for k, v in detector.state_dict().items() if not k.startswith(scorer_prefixes(detector))}
         missing, _ = variant.load_state_dict(trained, strict=False)
         if any(not k.startswith(keep) for k in missing):
             raise RuntimeError(f"{model}: weights missing outside the scorer: {missing[:5]}")

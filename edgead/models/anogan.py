@@ -30,7 +30,7 @@ from torch import Tensor
 
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
 from edgead.models.blocks import DCGANDecoder, FeatureDiscriminator, ImageDecoder, SignedRange, dcgan_init
-from edgead.models.losses import update
+from edgead.models.losses import bce_discriminator_step, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
 from edgead.models.skip_ganomaly import DiscriminatorFeatures
@@ -144,16 +144,12 @@ class AnoGANRecipe(Recipe):
         z = torch.randn(len(x), self.detector.config.latent_dim, 1, 1, device=x.device)
         fake = self.G(z)
 
-        p_real, _ = self.D(x)
-        p_fake, _ = self.D(fake.detach())
-        loss_d = 0.5 * (F.binary_cross_entropy(p_real, torch.ones_like(p_real))
-                        + F.binary_cross_entropy(p_fake, torch.zeros_like(p_fake)))
-        update(self.opt_d, loss_d)
+        loss_d = bce_discriminator_step(self.D, self.opt_d, x, fake)
 
         p_gen, _ = self.D(fake)
         loss_g = F.binary_cross_entropy(p_gen, torch.ones_like(p_gen))
         update(self.opt_g, loss_g)
-        return {"d": loss_d.item(), "g": loss_g.item()}
+        return {"d": loss_d, "g": loss_g.item()}
 
 
 register(AnoGAN, AnoGANRecipe)
