@@ -31,10 +31,10 @@ from benchmarks.gpu_stream_check import missing_gpu_stack
 def _calibration(detector: Any, category: str, size: int):
     import torch
 
-    from edgead.calibration import calibrate
+    from edgead.core.calibration import calibrate
     from edgead.data.images import to_model_input
     from edgead.data.synth import Conveyor
-    from edgead.postprocess import smooth
+    from edgead.core.postprocess import smooth
 
     conveyor = Conveyor(category, size=size, seed=7, defect_rate=0.0)
     images = np.stack([to_model_input(conveyor[i][0], size, 3) for i in range(16)])
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.pipeline import engine_only, full_pipeline
-    from edgead.engines.base import TensorSpec
+    from edgead.core.engine import TensorSpec
     from edgead.engines.torch_cuda import TorchCudaEngine
     from edgead.models import create
 

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
     from edgead.engines import cuda_rt
-    from edgead.engines.base import TensorSpec
+    from edgead.core.engine import TensorSpec
     from edgead.engines.torch_cuda import TorchCudaEngine
 
     torch.manual_seed(0)

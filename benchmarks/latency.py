@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgead.bundle import FUSED, Bundle, load_bundle
+from edgead.core.bundle import FUSED, Bundle, load_bundle
 from edgead.engines import EngineError, open_engine
 
 

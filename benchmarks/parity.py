@@ -23,10 +23,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgead.bundle import FUSED, load_bundle, write_manifest
-from edgead.calibration import Calibration
+from edgead.core.bundle import FUSED, load_bundle, write_manifest
+from edgead.core.calibration import Calibration
 from edgead.engines import EngineError, open_engine
-from edgead.postprocess import smooth
+from edgead.core.postprocess import smooth
 
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"map_max_abs": 1e-4, "score_max_rel": 1e-4, "noise_floor_factor": 2.0, "atol": 1e-4, "rtol": 1e-4},

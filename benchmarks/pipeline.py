@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgead.engines.base import SlottedEngine
+from edgead.core.engine import SlottedEngine
 from edgead.runtime.infer import describe_engine, load_checked_bundle, open_bundle_engine
 from edgead.runtime.pipeline import Pipeline, PipelineConfig
 from edgead.runtime.postprocess_stage import Postprocessor

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgead.postprocess import DEFAULT_SIGMA, smooth
+from edgead.core.postprocess import DEFAULT_SIGMA, smooth
 
 DEFAULT_SCORER_STUDY = ("ganomaly", "ssim_ae", "utad")
 # Departures from the reference defaults, made only to fit the CPU budget (printed with the table).
@@ -107,7 +107,7 @@ def model_cost(detector, image_size: int) -> dict[str, float]:
 def ort_latency_ms(detector, repeats: int = 30) -> float | None:
     """Median ONNX Runtime FP32 latency (ms) of the fused graph on this CPU, batch 1."""
     import onnxruntime as ort
-    from export.onnx_export import export_detector
+    from edgead.export.onnx_export import export_detector
 
     with tempfile.TemporaryDirectory() as tmp:
         export_detector(detector.cpu(), tmp)

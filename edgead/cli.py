@@ -12,7 +12,7 @@ import sys
 
 # Subcommands that live in their own modules, each with ``main(argv) -> int``.
 DELEGATED = {
-    "export": "export.bundle_writer",
+    "export": "edgead.export.bundle_writer",
     "bench parity": "benchmarks.parity",
     "bench latency": "benchmarks.latency",
     "bench pipeline": "benchmarks.pipeline",

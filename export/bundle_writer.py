@@ -1,7 +1,7 @@
 """``edgead export RUN --precision fp32 fp16 int8 --out DIR``: a training run -> a station bundle.
 
 The bundle holds the fused graph ``detector.<precision>.onnx`` and every component's graph per
-precision, plus ``manifest.json`` (schema in :mod:`edgead.bundle`) with the SHA-256 of each file.
+precision, plus ``manifest.json`` (schema in :mod:`edgead.core.bundle`) with the SHA-256 of each file.
 
 INT8: each component is quantised on its own (its inputs are the FP32 chain's intermediate
 tensors on the calibration images) and certified by substituting it into the FP32 chain (see
@@ -25,13 +25,14 @@ import numpy as np
 import onnx
 
 from edgead import __version__
-from edgead.bundle import FUSED, MANIFEST, sha256_file, write_manifest
-from edgead.models.base import INPUT_NAME, OUTPUT_NAMES, Detector
+from edgead.core.bundle import FUSED, MANIFEST, sha256_file, write_manifest
+from edgead.core.contract import IMAGE, OUTPUT_NAMES
+from edgead.models.base import Detector
 from edgead.models.blocks import SignedRange
-from edgead.postprocess import DEFAULT_SIGMA
-from export.fp16 import export_fp16
-from export.int8 import CALIB_METHODS, open_sessions, output_errors, run_chain, select_precisions
-from export.onnx_export import ExportError, chain_graphs, export_detector, not_exportable_reason
+from edgead.core.postprocess import DEFAULT_SIGMA
+from edgead.export.fp16 import export_fp16
+from edgead.export.int8 import CALIB_METHODS, open_sessions, output_errors, run_chain, select_precisions
+from edgead.export.onnx_export import ExportError, chain_graphs, export_detector, not_exportable_reason
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -149,14 +150,14 @@ def assemble_int8(out: Path, components: list[dict[str, Any]], images: np.ndarra
         if precision == "fp16" and "fp16" not in graphs[name]:
             graphs[name]["fp16"] = selected["files"][name]
     parts = [(c["name"], onnx.load(str(out / selected["files"][c["name"]]))) for c in components]
-    fused = chain_graphs(parts, [INPUT_NAME], list(OUTPUT_NAMES))
+    fused = chain_graphs(parts, [IMAGE], list(OUTPUT_NAMES))
     onnx.save(fused, str(out / f"{FUSED}.int8.onnx"))
     graphs[FUSED]["int8"] = f"{FUSED}.int8.onnx"
     # End-to-end check of the assembled graph on the calibration images (the parity benchmark
     # certifies it on validation and test images).
     fp32 = open_sessions({FUSED: out / graphs[FUSED]["fp32"]})
     int8 = open_sessions({FUSED: out / graphs[FUSED]["int8"]})
-    wiring = [{"name": FUSED, "inputs": [INPUT_NAME], "outputs": list(OUTPUT_NAMES)}]
+    wiring = [{"name": FUSED, "inputs": [IMAGE], "outputs": list(OUTPUT_NAMES)}]
     feeds = [image[None].astype(np.float32) for image in images]
     check = output_errors([run_chain(wiring, fp32, x) for x in feeds], [run_chain(wiring, int8, x) for x in feeds])
     return {"components": selected["components"], "detector_check": check}
@@ -175,7 +176,7 @@ def build_manifest(detector: Detector, calibration: dict[str, Any], meta: dict[s
         "config": c.to_dict(),
         "source_run": str(run_dir),
         "data": {k: v for k, v in (meta.get("data") or {}).items() if k != "val_files"},
-        "input": {"name": INPUT_NAME, "shape": list(shapes[INPUT_NAME]), "dtype": "float32", "color": "RGB",
+        "input": {"name": IMAGE, "shape": list(shapes[IMAGE]), "dtype": "float32", "color": "RGB",
                   "range": [0, 1], "resize": _resize_rule(), "mean": mean, "std": std, "normalization": text},
         "outputs": [{"name": n, "shape": list(shapes[n]), "dtype": "float32"} for n in OUTPUT_NAMES],
         "postprocess": {"sigma": DEFAULT_SIGMA},
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, OSError, RuntimeError) as exc:
         print(f"edgead export: error: {exc}", file=sys.stderr)
         return 2
-    from edgead.bundle import load_bundle
+    from edgead.core.bundle import load_bundle
 
     bundle = load_bundle(out)
     print(f"bundle written: {out}")

@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quant_pre_process, quantize_static)
 
-from export.fp16 import drop_dead_nodes, fp32_node_names
+from edgead.export.fp16 import drop_dead_nodes, fp32_node_names
 
 CALIB_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}

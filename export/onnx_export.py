@@ -16,8 +16,9 @@ import onnxsim
 import torch
 from torch import Tensor, nn
 
-from edgead.bundle import FUSED
-from edgead.models.base import INPUT_NAME, OUTPUT_NAMES, Component, Detector
+from edgead.core.bundle import FUSED
+from edgead.core.contract import IMAGE, OUTPUT_NAMES
+from edgead.models.base import Component, Detector
 
 OPSET = 17
 
@@ -118,7 +119,7 @@ def _export_detector(detector: Detector, out: Path, opset: int, fused: bool,
     graphs: dict[str, dict[str, str]] = {}
     if fused:
         name = f"{FUSED}.fp32.onnx"
-        export_onnx(detector, example_tensors(shapes, [INPUT_NAME], device=device), [INPUT_NAME],
+        export_onnx(detector, example_tensors(shapes, [IMAGE], device=device), [IMAGE],
                     list(OUTPUT_NAMES), out / name, opset)
         graphs[FUSED] = {"fp32": name}
     # A non-exportable detector (AnoGAN) lists what does export on its own.

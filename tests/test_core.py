@@ -10,7 +10,7 @@ import pytest
 import torch
 from chain_check import assert_forward_is_chain
 
-from edgead.calibration import ERROR, NG, OK, calibrate
+from edgead.core.calibration import ERROR, NG, OK, calibrate
 from edgead.models import create
 from edgead.models.base import TrainConfig, run_components
 from edgead.models.blocks import dcgan_init

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from benchmarks.parity import TOLERANCES, noise_floor
-from edgead.bundle import BundleError, load_bundle
+from edgead.core.bundle import BundleError, load_bundle
 from edgead.models import registry
-from edgead.models.base import INPUT_NAME, OUTPUT_NAMES, TrainConfig
-from export.onnx_export import ExportError, export_detector
+from edgead.core.contract import IMAGE, OUTPUT_NAMES
+from edgead.models.base import TrainConfig
+from edgead.export.onnx_export import ExportError, export_detector
 
 SIZE = 32
 torch.set_num_threads(2)
@@ -50,7 +51,7 @@ def test_fp32_export_matches_torch(name: str, tmp_path: Path) -> None:
     with torch.no_grad():
         score, amap = detector(x)
         score64, amap64 = copy.deepcopy(detector).double()(x.double())
-    got = _ort(tmp_path / info["graphs"]["detector"]["fp32"], {INPUT_NAME: x.numpy()})
+    got = _ort(tmp_path / info["graphs"]["detector"]["fp32"], {IMAGE: x.numpy()})
     ref = {"score": score.numpy(), "anomaly_map": amap.numpy()}
     ref64 = {"score": score64.numpy(), "anomaly_map": amap64.numpy()}
     # The certificate's FP32 rule: |Δ| ≤ 1e-4 (scores: relative), or no further from the float64
@@ -63,11 +64,11 @@ def test_fp32_export_matches_torch(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["ganomaly", "ssim_ae"])
 def test_fused_graph_equals_chained_components(name: str, tmp_path: Path) -> None:
-    from export.int8 import open_sessions, run_chain
+    from edgead.export.int8 import open_sessions, run_chain
 
     info = export_detector(_tiny(name), tmp_path)
     x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
-    fused = _ort(tmp_path / "detector.fp32.onnx", {INPUT_NAME: x})
+    fused = _ort(tmp_path / "detector.fp32.onnx", {IMAGE: x})
     sessions = open_sessions({c["name"]: tmp_path / f"{c['name']}.fp32.onnx" for c in info["components"]})
     chained = run_chain(info["components"], sessions, x)
     for out in OUTPUT_NAMES:
@@ -80,7 +81,7 @@ def test_fused_graph_equals_chained_components(name: str, tmp_path: Path) -> Non
 
 
 def test_fp16_keeps_fp32_islands_and_io(tmp_path: Path) -> None:
-    from export.fp16 import FP32_MARKER, export_fp16
+    from edgead.export.fp16 import FP32_MARKER, export_fp16
 
     export_detector(_tiny("ganomaly"), tmp_path, components=[])
     model = onnx.shape_inference.infer_shapes(export_fp16(tmp_path / "detector.fp32.onnx", tmp_path / "d16.onnx"))
@@ -95,17 +96,17 @@ def test_fp16_keeps_fp32_islands_and_io(tmp_path: Path) -> None:
     assert all(types[v.name] == onnx.TensorProto.FLOAT for v in (*model.graph.input, *model.graph.output))
     assert any(t == onnx.TensorProto.FLOAT16 for t in types.values())  # the convolutions did convert
     x = np.random.default_rng(1).random((1, 3, SIZE, SIZE), dtype=np.float32)
-    out = _ort(tmp_path / "d16.onnx", {INPUT_NAME: x})  # ORT CPU loads and runs it
+    out = _ort(tmp_path / "d16.onnx", {IMAGE: x})  # ORT CPU loads and runs it
     assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in out.values())
 
 
 def test_int8_graph_is_symmetric_qdq(tmp_path: Path) -> None:
-    from export.fp16 import FP32_MARKER
-    from export.int8 import quantize_int8, quantized_nodes
+    from edgead.export.fp16 import FP32_MARKER
+    from edgead.export.int8 import quantize_int8, quantized_nodes
 
     export_detector(_tiny("ganomaly"), tmp_path, components=[])
     rng = np.random.default_rng(0)
-    feeds = [{INPUT_NAME: rng.random((1, 3, SIZE, SIZE), dtype=np.float32)} for _ in range(4)]
+    feeds = [{IMAGE: rng.random((1, 3, SIZE, SIZE), dtype=np.float32)} for _ in range(4)]
     model = quantize_int8(tmp_path / "detector.fp32.onnx", tmp_path / "d8.onnx", feeds)
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and quantized_nodes(model)
@@ -127,7 +128,7 @@ def test_int8_graph_is_symmetric_qdq(tmp_path: Path) -> None:
 def trained(tmp_path_factory) -> dict[str, Path]:
     from edgead.data.synth import SynthSpec, generate
     from edgead.training.trainer import train_run
-    from export.bundle_writer import export_run
+    from edgead.export.bundle_writer import export_run
 
     tmp = tmp_path_factory.mktemp("export")
     data = generate(tmp / "data", ["washer"], SynthSpec(image_size=SIZE, n_train=20, n_test_good=6,
@@ -217,7 +218,7 @@ def test_missing_graph_or_precision_is_a_clear_error(trained, tmp_path: Path) ->
     with pytest.raises(BundleError, match="no component 'vgg'"):
         open_engine(trained["bundle"], graph="vgg")
     fp32_only = tmp_path / "fp32"
-    from export.bundle_writer import export_run
+    from edgead.export.bundle_writer import export_run
 
     export_run(trained["run"], fp32_only)
     with pytest.raises(BundleError, match=r"no int8 graph.*--precision int8"):
@@ -225,13 +226,13 @@ def test_missing_graph_or_precision_is_a_clear_error(trained, tmp_path: Path) ->
 
 
 def test_export_refuses_an_uncalibrated_run(trained, tmp_path: Path) -> None:
-    from export.bundle_writer import main
+    from edgead.export.bundle_writer import main
 
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
     (run / "calibration.json").unlink()
     with pytest.raises(ExportError, match="no calibration"):
-        from export.bundle_writer import export_run
+        from edgead.export.bundle_writer import export_run
 
         export_run(run, tmp_path / "b")
     assert main([str(run), "--out", str(tmp_path / "b2")]) == 2
@@ -255,7 +256,7 @@ def test_latency_benchmark_reports_torch_baseline_and_ratios(trained, tmp_path: 
 def test_int8_component_that_fails_falls_back(trained, tmp_path: Path, monkeypatch) -> None:
     import export.int8 as int8
     from edgead.data.datasets import load_arrays, mvtec_samples
-    from export.fp16 import export_fp16
+    from edgead.export.fp16 import export_fp16
 
     out = tmp_path / "graphs"
     out.mkdir()

@@ -23,7 +23,7 @@ pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installe
 from torch import nn  # noqa: E402
 
 from edgead.engines import cuda_rt  # noqa: E402
-from edgead.engines.base import Engine, EngineError, TensorSpec  # noqa: E402
+from edgead.core.engine import Engine, EngineError, TensorSpec  # noqa: E402
 from edgead.engines.torch_cuda import TorchCudaEngine  # noqa: E402
 
 S = 64

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgead.bundle import load_bundle, write_manifest
+from edgead.core.bundle import load_bundle, write_manifest
 from edgead.runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def bundle(tmp_path_factory) -> Path:
     from edgead.models import create
     from edgead.training.checkpoint import save_run
     from edgead.training.trainer import calibrate_detector
-    from export.bundle_writer import export_run
+    from edgead.export.bundle_writer import export_run
 
     tmp = tmp_path_factory.mktemp("runtime_bundle")
     detector = create("ssim_ae", image_size=SIZE, channels=3, width=8, latent_dim=16).eval()

@@ -14,15 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import sys
 import numpy as np
-import edgead, edgead.bundle, edgead.engines, edgead.engines.ort_engine
-import edgead.calibration, edgead.postprocess, edgead.data.images
+import edgead, edgead.core.bundle, edgead.engines, edgead.engines.ort_engine
+import edgead.core.calibration, edgead.core.postprocess, edgead.data.images
 from edgead.engines import open_engine
 
-bundle = edgead.bundle.load_bundle(sys.argv[1])
+bundle = edgead.core.bundle.load_bundle(sys.argv[1])
 engine = open_engine(bundle, "onnxruntime", "fp32")
 image = np.random.default_rng(0).random(bundle.input_shape, dtype=np.float32)
 out = engine.run({"image": image})
-smoothed = edgead.postprocess.smooth(out["anomaly_map"][0, 0], bundle.manifest["postprocess"]["sigma"])
+smoothed = edgead.core.postprocess.smooth(out["anomaly_map"][0, 0], bundle.manifest["postprocess"]["sigma"])
 verdict = bundle.calibration.verdict(float(out["score"][0]))
 engine.enqueue(1)
 slot = engine.synchronize(1)
@@ -33,10 +33,10 @@ print("no-torch-ok", verdict)
 
 
 def test_runtime_imports_and_runs_without_torch(tmp_path: Path) -> None:
-    from edgead.calibration import calibrate
+    from edgead.core.calibration import calibrate
     from edgead.models import registry
     from edgead.training.checkpoint import save_run
-    from export.bundle_writer import export_run
+    from edgead.export.bundle_writer import export_run
 
     detector = registry.create("ganomaly", image_size=32, width=8, latent_dim=16).eval()
     rng = np.random.default_rng(0)

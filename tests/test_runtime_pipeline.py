@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from edgead.calibration import Calibration
-from edgead.engines.base import SlottedEngine, TensorSpec
+from edgead.core.calibration import Calibration
+from edgead.core.engine import SlottedEngine, TensorSpec
 from edgead.runtime.pipeline import CLOSED, Backoff, Pipeline, PipelineConfig, StageQueue
 from edgead.runtime.postprocess_stage import Postprocessor
 from edgead.runtime.preprocess import Preprocessor, to_bgr8

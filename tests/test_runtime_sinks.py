@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgead.calibration import Calibration
+from edgead.core.calibration import Calibration
 from edgead.runtime.pipeline import Frame
 from edgead.runtime.postprocess_stage import Postprocessor
 from edgead.runtime.sinks import DisplaySink, JsonlLog, NgSaver, SinkError, VideoSink, annotate, has_gui

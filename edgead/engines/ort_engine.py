@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgead.engines.base import EngineError, SlottedEngine, TensorSpec
+from edgead.core.engine import EngineError, SlottedEngine, TensorSpec
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from edgead.engines import cuda_rt
-from edgead.engines.base import EngineError, TensorSpec
+from edgead.core.engine import EngineError, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class _Component:
 
 
 class TensorRTEngine:
-    """The :class:`~edgead.engines.base.Engine` protocol on TensorRT: per slot, async H2D, then
+    """The :class:`~edgead.core.engine.Engine` protocol on TensorRT: per slot, async H2D, then
     ``execute_async_v3`` of each component, then async D2H, all on the slot's own stream."""
 
     backend = "tensorrt"

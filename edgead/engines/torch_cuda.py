@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgead.engines import cuda_rt
-from edgead.engines.base import EngineError, TensorSpec
+from edgead.core.engine import EngineError, TensorSpec
 
 
 def _torch() -> Any:

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgead.engines.base import EngineError, SlottedEngine, TensorSpec
-from edgead.models.base import INPUT_NAME, OUTPUT_NAMES, Detector
+from edgead.core.engine import EngineError, SlottedEngine, TensorSpec
+from edgead.core.contract import IMAGE, OUTPUT_NAMES
+from edgead.models.base import Detector
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -48,7 +49,7 @@ class TorchEngine(SlottedEngine):
 
     @classmethod
     def from_detector(cls, detector: Detector, device: str | torch.device = "cpu", **kw: object) -> "TorchEngine":
-        return cls(detector, [TensorSpec(INPUT_NAME, detector.input_shape)], OUTPUT_NAMES, device, **kw)  # type: ignore[arg-type]
+        return cls(detector, [TensorSpec(IMAGE, detector.input_shape)], OUTPUT_NAMES, device, **kw)  # type: ignore[arg-type]
 
     @classmethod
     def from_component(cls, detector: Detector, name: str, device: str | torch.device = "cpu",

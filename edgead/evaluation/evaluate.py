@@ -15,7 +15,7 @@ from sklearn.metrics import roc_curve
 
 from edgead.data.datasets import load_arrays, mvtec_samples
 from edgead.evaluation import figures, metrics
-from edgead.postprocess import DEFAULT_SIGMA
+from edgead.core.postprocess import DEFAULT_SIGMA
 from edgead.training.checkpoint import load_run
 from edgead.training.predict import predict_smoothed
 from edgead.training.trainer import select_device

@@ -15,8 +15,8 @@ Score: an iterative latent search
     distance between x and G(z*) chosen by ``scorer``.
 Export
     The score is an optimisation, not one forward graph, so the detector is not exportable:
-    ``components()`` and ``forward`` raise with that reason and :meth:`AnoGAN.score` (torch only)
-    runs the search. :meth:`AnoGAN.exportable_components` lists what does export on its own:
+    ``components()`` and ``forward`` raise with that reason and :meth:`AnoGAN.search_score` (torch
+    only) runs the search: AnoGAN evaluates, but never bundles. :meth:`AnoGAN.exportable_components` lists what does export on its own:
     the generator, z -> image.
 """
 
@@ -116,7 +116,7 @@ class AnoGAN(Detector):
                 history.append(loss.detach().mean())
         return z.detach(), torch.stack(history) if history else torch.empty(0)
 
-    def score(self, image: Tensor) -> tuple[Tensor, Tensor]:
+    def search_score(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """The latent search, then the two terms and the map at z* (torch backend only)."""
         was_training = self.training
         try:

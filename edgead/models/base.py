@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("score", "anomaly_map")
+from edgead.core.contract import ANOMALY_MAP, IMAGE, OUTPUT_NAMES, SCORE
+from edgead.core.wiring import run_wiring
 
 
 @dataclass
@@ -61,16 +61,10 @@ class Component:
     outputs: tuple[str, ...]
 
 
-def run_components(components: list[Component], image: Tensor) -> dict[str, Tensor]:
-    """Run ``components`` in order on ``image``; returns every named tensor."""
-    values: dict[str, Tensor] = {INPUT_NAME: image}
-    for comp in components:
-        result = comp.module(*(values[name] for name in comp.inputs))
-        result = result if isinstance(result, tuple) else (result,)
-        if len(result) != len(comp.outputs):
-            raise RuntimeError(f"component {comp.name!r} returned {len(result)} tensors, declared {comp.outputs}")
-        values.update(zip(comp.outputs, result))
-    return values
+def run_components(components: list[Component], image: Tensor, until: str | None = None) -> dict[str, Tensor]:
+    """Run ``components`` in order on ``image`` (up to the one writing ``until``); returns every
+    named tensor. The PyTorch face of :func:`edgead.core.wiring.run_wiring`."""
+    return run_wiring(components, {IMAGE: image}, lambda comp, args: comp.module(*args), until=until)
 
 
 @dataclass
@@ -115,13 +109,12 @@ class Detector(nn.Module):
         """The inference graph: the components, run in order. Detectors don't override this, so
         the fused graph and the chained components cannot disagree."""
         values = run_components(self.components(), image)
-        return values[OUTPUT_NAMES[0]], values[OUTPUT_NAMES[1]]
+        return values[SCORE], values[ANOMALY_MAP]
 
-    def score(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """Evaluate without gradients. Detectors whose score needs an optimisation (AnoGAN's latent
-        search) override this; everyone else's score *is* the forward graph."""
-        with torch.no_grad():
-            return self(image)
+    def run(self, image: Tensor, until: str | None = None) -> dict[str, Tensor]:
+        """Every named tensor of the graph on ``image``, up to ``until`` (training steps use it
+        instead of re-chaining the networks by hand)."""
+        return run_components(self.components(), image, until=until)
 
     @property
     def device(self) -> torch.device:

@@ -10,10 +10,11 @@ Loss
     [0, 1] (``recon_loss="mse"``: a Gaussian decoder of fixed variance, up to constants) or the
     summed binary cross-entropy (``"bce"``: a Bernoulli decoder). Adam 1e-3 (common VAE practice).
 Score and map
-    Score: the same negative ELBO, reconstruction + β·KL. The fused graph (what exports) decodes the
-    mean μ, deterministically. With ``mc_samples`` = L > 0, :meth:`VAE.score` (torch only) instead
-    averages the reconstruction term and the map over L sampled z (seeded, so repeatable) -- the
-    Monte-Carlo estimate of E_q[-log p(x | z)]; the KL is analytic either way.
+    Score: the same negative ELBO, reconstruction + β·KL. By default the graph decodes the mean μ,
+    deterministically. With ``mc_samples`` = L > 0 the graph itself averages the reconstruction
+    term and the map over L codes z = μ + σ·ε, with ε a fixed buffer drawn from the seed -- the
+    Monte-Carlo estimate of E_q[-log p(x | z)], the same in PyTorch, calibration and every engine,
+    because it is one graph; the KL is analytic either way.
     Map: the reconstruction distance chosen by ``scorer`` (between x and the decoded μ, or the
     mean over samples).
 """
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.heads import ScoreHead
 from edgead.models.blocks import DCGANDecoder, DCGANEncoder, ImageDecoder, ImageEncoder, dcgan_init
 from edgead.models.losses import update
 from edgead.models.registry import register
@@ -39,7 +41,7 @@ class VAEConfig(DetectorConfig):
     max_width: int = 512
     beta: float = 1.0
     recon_loss: str = "mse"
-    mc_samples: int = 0  # > 0: Monte-Carlo scoring in score() (torch only)
+    mc_samples: int = 0  # > 0: Monte-Carlo score over this many fixed, seeded samples, in the graph
 
     def __post_init__(self) -> None:
         if self.recon_loss not in RECON_LOSSES:
@@ -59,13 +61,15 @@ class GaussianEncoder(nn.Module):
 
 
 class NegativeELBO(nn.Module):
-    """Per-sample reconstruction + β·KL; images in [0, 1]."""
+    """Per-sample reconstruction + β·KL; images in [0, 1]. With ``samples`` = L > 0 the
+    reconstructions come stacked sample-major (L·B images) and the term is their mean."""
 
-    def __init__(self, recon_loss: str, beta: float) -> None:
+    def __init__(self, recon_loss: str, beta: float, samples: int = 0) -> None:
         super().__init__()
-        self.recon_loss, self.beta = recon_loss, beta
+        self.recon_loss, self.beta, self.samples = recon_loss, beta, max(1, samples)
 
     def reconstruction(self, image: Tensor, recon: Tensor) -> Tensor:
+        image = image.repeat(recon.shape[0] // image.shape[0], 1, 1, 1)
         if self.recon_loss == "mse":
             err = (image - recon).pow(2)
         else:
@@ -77,19 +81,41 @@ class NegativeELBO(nn.Module):
         return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).flatten(1).sum(dim=1)
 
     def forward(self, image: Tensor, recon: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-        return self.reconstruction(image, recon) + self.beta * self.kl(mu, logvar)
+        rec = self.reconstruction(image, recon).view(-1, image.shape[0]).mean(dim=0)
+        return rec + self.beta * self.kl(mu, logvar)
 
 
-class ELBOScoreHead(nn.Module):
-    """(image, reconstruction, μ, log σ²) -> (score, map)."""
+class LatentSamples(nn.Module):
+    """(μ, log σ²) -> L codes μ + σ·ε, stacked sample-major along the batch (L·B, latent, 1, 1).
 
-    def __init__(self, scorer: nn.Module, recon_loss: str, beta: float) -> None:
+    ε is a fixed buffer drawn once from the config's seed, so the Monte-Carlo score is one
+    deterministic graph: the same numbers in PyTorch, in calibration and in every engine.
+    """
+
+    def __init__(self, latent_dim: int, samples: int, seed: int) -> None:
+        super().__init__()
+        eps = torch.randn(samples, 1, latent_dim, 1, 1, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("eps", eps, persistent=False)
+
+    def forward(self, mu: Tensor, logvar: Tensor) -> Tensor:
+        z = mu.unsqueeze(0) + (0.5 * logvar).exp().unsqueeze(0) * self.eps
+        return z.flatten(0, 1)
+
+
+class SampleMean(nn.Module):
+    """A reconstruction map averaged over the L stacked reconstructions of each image."""
+
+    def __init__(self, scorer: nn.Module) -> None:
         super().__init__()
         self.scorer = scorer
-        self.fp32_score = NegativeELBO(recon_loss, beta)
+        self.mixed_precision = getattr(scorer, "mixed_precision", False)
 
-    def forward(self, image: Tensor, recon: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
-        return self.fp32_score(image, recon, mu, logvar), self.scorer(image, recon)
+    def forward(self, image: Tensor, recon: Tensor) -> Tensor:
+        n = recon.shape[0] // image.shape[0]
+        if n == 1:
+            return self.scorer(image, recon)
+        maps = self.scorer(image.repeat(n, 1, 1, 1), recon)
+        return maps.view(n, image.shape[0], *maps.shape[1:]).mean(dim=0)
 
 
 class VAE(Detector):
@@ -100,33 +126,21 @@ class VAE(Detector):
         super().__init__(config)
         c = config
         self.encoder = GaussianEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width)
+        self.sampler = LatentSamples(c.latent_dim, c.mc_samples, c.seed) if c.mc_samples > 0 else None
         self.decoder = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
-        self.head = ELBOScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), c.recon_loss, c.beta)
+        self.head = ScoreHead(SampleMean(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed)),
+                              NegativeELBO(c.recon_loss, c.beta, c.mc_samples),
+                              map_inputs=("image", "reconstruction"),
+                              score_inputs=("image", "reconstruction", "mu", "logvar"))
         self.encoder.apply(dcgan_init)
         self.decoder.apply(dcgan_init)
 
     def components(self) -> list[Component]:
-        return [
-            Component("encoder", self.encoder, ("image",), ("mu", "logvar")),
-            Component("decoder", self.decoder, ("mu",), ("reconstruction",)),  # deterministic: z = μ
-            Component("scorer", self.head, ("image", "reconstruction", "mu", "logvar"), ("score", "anomaly_map")),
-        ]
-
-    def score(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """The fused graph when ``mc_samples`` is 0; else the Monte-Carlo average over sampled z."""
-        samples = self.config.mc_samples
-        if samples <= 0:
-            return super().score(image)
-        gen = torch.Generator(device=image.device).manual_seed(self.config.seed)
-        with torch.no_grad():
-            mu, logvar = self.encoder(image)
-            std = (0.5 * logvar).exp()
-            score, amap = torch.zeros(len(image), device=image.device), torch.zeros_like(image[:, :1])
-            for _ in range(samples):
-                z = mu + std * torch.randn(mu.shape, generator=gen, device=mu.device)
-                s, m = self.head(image, self.decoder(z), mu, logvar)
-                score, amap = score + s / samples, amap + m / samples
-        return score, amap
+        code = "mu" if self.sampler is None else "z"  # deterministic (z = μ) unless Monte-Carlo
+        comps = [Component("encoder", self.encoder, ("image",), ("mu", "logvar"))]
+        if self.sampler is not None:
+            comps.append(Component("sampler", self.sampler, ("mu", "logvar"), ("z",)))
+        return comps + [Component("decoder", self.decoder, (code,), ("reconstruction",)), self.head.component()]
 
 
 class VAERecipe(Recipe):
@@ -135,7 +149,7 @@ class VAERecipe(Recipe):
 
     def __init__(self, detector: VAE, train: TrainConfig) -> None:
         super().__init__(detector, train)
-        self.elbo = detector.head.fp32_score
+        self.elbo = NegativeELBO(detector.config.recon_loss, detector.config.beta)
         self.opt = self.adam(detector.encoder, detector.decoder)
 
     def step(self, images: Tensor, stage: str) -> dict[str, float]:

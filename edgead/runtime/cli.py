@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, say) -> int:
-    from edgead.bundle import BundleError
-    from edgead.engines.base import EngineError
+    from edgead.core.bundle import BundleError
+    from edgead.core.engine import EngineError
     from edgead.runtime.infer import BundleRefused, describe_engine, load_checked_bundle, open_bundle_engine
     from edgead.runtime.pipeline import Backoff, Pipeline, PipelineConfig
     from edgead.runtime.postprocess_stage import Postprocessor

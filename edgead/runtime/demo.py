@@ -36,7 +36,7 @@ def cache_dir() -> Path:
 
 def cached_bundle(cache: Path) -> tuple[Path, dict] | None:
     """The cached demo bundle and its info, if complete and intact."""
-    from edgead.bundle import BundleError, load_bundle
+    from edgead.core.bundle import BundleError, load_bundle
 
     info_path = cache / DEMO_INFO
     if not info_path.is_file():

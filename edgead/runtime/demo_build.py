@@ -49,7 +49,7 @@ def _images(category: str, size: int, stream: str, count: int, seed: int = 0) ->
 
 def _check_accuracy(bundle_dir: Path, category: str, size: int) -> dict[str, Any]:
     """Verdicts of the exported graph (ONNX Runtime, runtime post-processing) on fresh parts."""
-    from edgead.bundle import load_bundle
+    from edgead.core.bundle import load_bundle
     from edgead.data.images import to_model_input
     from edgead.data.synth import Conveyor
     from edgead.engines import open_engine
@@ -97,7 +97,7 @@ def build(out: Path, category: str = CATEGORY, size: int = SIZE, epochs: int = E
 
     from edgead.models.base import TrainConfig
     from edgead.training.trainer import train_from_arrays
-    from export.bundle_writer import export_run
+    from edgead.export.bundle_writer import export_run
 
     torch.set_num_threads(_cores())
     started = time.monotonic()

@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgead.bundle import Bundle, BundleError, load_bundle
-from edgead.engines.base import Engine, EngineError
+from edgead.core.bundle import Bundle, BundleError, load_bundle
+from edgead.core.engine import Engine, EngineError
 
 SCORE, MAP = "score", "anomaly_map"
 

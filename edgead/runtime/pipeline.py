@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgead.engines.base import Engine, SlottedEngine
+from edgead.core.engine import Engine, SlottedEngine
 from edgead.runtime.infer import take_outputs
 from edgead.runtime.postprocess_stage import Inspection, Postprocessor, error_inspection
 from edgead.runtime.preprocess import Preprocessor

@@ -1,6 +1,6 @@
 """Stage 4: raw engine outputs -> what the line needs (score, verdict, regions, frame-sized map).
 
-Uses :mod:`edgead.postprocess` and :class:`edgead.calibration.Calibration`, exactly as
+Uses :mod:`edgead.core.postprocess` and :class:`edgead.core.calibration.Calibration`, exactly as
 evaluation does, so the station's verdicts are the ones the validation report promised.
 """
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from edgead.calibration import ERROR, Calibration
-from edgead.postprocess import DEFAULT_SIGMA, Region, regions, smooth, to_frame
+from edgead.core.calibration import ERROR, Calibration
+from edgead.core.postprocess import DEFAULT_SIGMA, Region, regions, smooth, to_frame
 
 MIN_REGION_AREA = 4  # px at the model's resolution; scaled to the frame's
 

@@ -16,7 +16,7 @@ from typing import IO, Any, Callable, Protocol
 import cv2
 import numpy as np
 
-from edgead.calibration import NG, OK
+from edgead.core.calibration import NG, OK
 from edgead.runtime.postprocess_stage import Inspection
 from edgead.runtime.preprocess import to_bgr8
 

@@ -3,7 +3,7 @@
 ``runs/NAME/``
     ``config.json``       detector name, its config, training settings, data source
     ``model.safetensors`` the weights selected on the validation split
-    ``calibration.json``  thresholds from the validation split (see :mod:`edgead.calibration`)
+    ``calibration.json``  thresholds from the validation split (see :mod:`edgead.core.calibration`)
     ``history.json``      losses and validation objective per epoch
     ``resume.pt``         optimiser state for ``--resume``; loaded with ``weights_only=True``
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgead.calibration import Calibration
+from edgead.core.calibration import Calibration
 from edgead.models import registry
 from edgead.models.base import Detector
 
@@ -96,7 +96,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[D
 def _create_for_loading(meta: dict[str, Any]) -> Detector:
     """Rebuild a run's detector. The VGG scorer's weights are in the run's own safetensors, so a
     run trained with ``--vgg-weights FILE`` loads on a machine that lacks FILE."""
-    from edgead.models.vgg import VGGWeightsError
+    from edgead.models.vgg_weights import VGGWeightsError
 
     try:
         return registry.create(meta["detector"], **meta["config"])

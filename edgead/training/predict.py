@@ -6,7 +6,16 @@ import numpy as np
 import torch
 
 from edgead.models.base import Detector
-from edgead.postprocess import DEFAULT_SIGMA, smooth
+from edgead.core.postprocess import DEFAULT_SIGMA, smooth
+
+
+def detector_outputs(detector: Detector, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, map) of a batch: the forward graph, which is what every bundle exports; a torch-only
+    detector (``exportable = False``: AnoGAN) runs its own search instead."""
+    if not detector.exportable:
+        return detector.search_score(batch)  # type: ignore[attr-defined]
+    with torch.no_grad():
+        return detector(batch)
 
 
 def predict(detector: Detector, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -15,7 +24,7 @@ def predict(detector: Detector, images: np.ndarray, batch_size: int = 16) -> tup
     scores, maps = [], []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(detector.device)
-        score, anomaly_map = detector.score(batch)
+        score, anomaly_map = detector_outputs(detector, batch)
         scores.append(score.detach().float().cpu().numpy())
         maps.append(anomaly_map.detach().float().cpu().numpy()[:, 0])
     return np.concatenate(scores), np.concatenate(maps)

@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from edgead import __version__
-from edgead.calibration import Calibration, calibrate
+from edgead.core.calibration import Calibration, calibrate
 from edgead.models import registry
 from edgead.models.base import Detector, TrainConfig
 from edgead.training.checkpoint import HISTORY, RESUME, load_resume, save_resume, save_run

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgead.calibration import Calibration
+from edgead.core.calibration import Calibration
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -1,0 +1,16 @@
+"""Names every layer agrees on: the graph's I/O tensors and the verdicts.
+
+Every graph (PyTorch, ONNX, each engine) takes ``image`` (B, C, H, W) float32 in [0, 1] and
+returns ``score`` (B,) and ``anomaly_map`` (B, 1, H, W). A verdict is ``OK``, ``NG`` or ``ERROR``;
+an ERROR is never an OK.
+"""
+
+from __future__ import annotations
+
+IMAGE = "image"
+SCORE = "score"
+ANOMALY_MAP = "anomaly_map"
+OUTPUT_NAMES = (SCORE, ANOMALY_MAP)
+
+OK, NG, ERROR = "OK", "NG", "ERROR"
+VERDICTS = (OK, NG, ERROR)
