@@ -143,6 +143,16 @@ class Recipe:
         self.detector = detector
         self.train = train
         self.lr = train.lr if train.lr is not None else self.default_lr
+        # Rows of the training set in the batch that step() receives (set by the trainer), so a
+        # recipe can look up what prepare() cached per image. None when augmentation is on:
+        # augmented images no longer match anything cached.
+        self.batch_indices: Tensor | None = None
+
+    def prepare(self, images: Tensor) -> None:
+        """Called once before training with every training image (N, C, H, W) on the training
+        device. A recipe whose networks read a frozen backbone caches its features here (when
+        ``train.augment`` is off), so an epoch does not recompute it; memory-bank methods build
+        their bank here."""
 
     def adam(self, *modules: nn.Module, lr: float | None = None,
              betas: tuple[float, float] | None = None) -> torch.optim.Adam:

@@ -130,6 +130,7 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
 
     generator = torch.Generator().manual_seed(train.seed)
     data = torch.from_numpy(np.ascontiguousarray(train_images, dtype=np.float32))
+    recipe.prepare(data.to(device))
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     started, cpu_started = time.perf_counter(), time.process_time()
     deadlines = _stage_deadlines(recipe.stages, train, cpu_started)
@@ -150,6 +151,7 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
             bar = tqdm(batches, desc=f"{model} {stage} {epoch + 1}/{epochs}", disable=not progress, leave=False)
             for idx in bar:
                 batch = data[idx]
+                recipe.batch_indices = None if train.augment else idx
                 if train.augment:
                     batch = augment(batch, generator)
                 for key, value in recipe.step(batch.to(device), stage).items():
