@@ -213,7 +213,8 @@ def certify(bundle_dir: str | Path, images: np.ndarray, masks: np.ndarray | None
     run = run_dir or bundle.manifest.get("source_run")
     reference = open_engine(bundle, "torch", run=run)
     ref = run_engine(reference, images)
-    calibration, sigma = bundle.calibration, float(bundle.manifest.get("postprocess", {}).get("sigma", 4.0))
+    calibration = bundle.calibration
+    sigma = calibration.sigma
     labels = np.asarray(labels).astype(int)
     results: dict[str, Any] = {}
     ref64: dict[str, np.ndarray] | None = None

@@ -31,7 +31,7 @@ from edgead.core.engine import SlottedEngine
 from edgead.runtime.infer import describe_engine, load_checked_bundle, open_bundle_engine
 from edgead.runtime.pipeline import Pipeline, PipelineConfig
 from edgead.runtime.postprocess_stage import Postprocessor
-from edgead.runtime.sinks import JsonlLog
+from edgead.runtime.log import JsonlLog
 from edgead.runtime.sources import EndOfStream, Source, Truth
 from edgead.runtime.stats import RunStats
 
@@ -89,7 +89,7 @@ def engine_only(engine: Any, frames: int, warmup: int) -> dict[str, float]:
 def full_pipeline(bundle: Any, engine: Any, category: str, frames: int, warmup: int,
                   stats: RunStats | None = None) -> dict[str, Any]:
     size = int(bundle.input_shape[-1])
-    post = Postprocessor.from_manifest(bundle.manifest, bundle.calibration)
+    post = Postprocessor(bundle.calibration)
     with tempfile.TemporaryDirectory() as tmp:
         if warmup:
             Pipeline(ReplaySource(category, size, warmup), engine, post, [], JsonlLog(None)).run()

@@ -29,7 +29,6 @@ from edgead.core.bundle import FUSED, MANIFEST, sha256_file, write_manifest
 from edgead.core.contract import IMAGE, OUTPUT_NAMES
 from edgead.models.base import Detector
 from edgead.models.blocks import SignedRange
-from edgead.core.postprocess import DEFAULT_SIGMA
 from edgead.export.fp16 import export_fp16
 from edgead.export.int8 import CALIB_METHODS, open_sessions, output_errors, run_chain, select_precisions
 from edgead.export.onnx_export import ExportError, chain_graphs, export_detector, not_exportable_reason
@@ -179,7 +178,6 @@ def build_manifest(detector: Detector, calibration: dict[str, Any], meta: dict[s
         "input": {"name": IMAGE, "shape": list(shapes[IMAGE]), "dtype": "float32", "color": "RGB",
                   "range": [0, 1], "resize": _resize_rule(), "mean": mean, "std": std, "normalization": text},
         "outputs": [{"name": n, "shape": list(shapes[n]), "dtype": "float32"} for n in OUTPUT_NAMES],
-        "postprocess": {"sigma": DEFAULT_SIGMA},
         "calibration": calibration,
         "components": info["components"],
         "graphs": graphs,

@@ -3,6 +3,7 @@ frame conversion, the bounded queues. No bundle, no torch, fast."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -15,7 +16,7 @@ from edgead.core.engine import SlottedEngine, TensorSpec
 from edgead.runtime.pipeline import CLOSED, Backoff, Pipeline, PipelineConfig, StageQueue
 from edgead.runtime.postprocess_stage import Postprocessor
 from edgead.runtime.preprocess import Preprocessor, to_bgr8
-from edgead.runtime.sinks import JsonlLog
+from edgead.runtime.log import JsonlLog
 from edgead.runtime.sources import EndOfStream, Source, SourceError, SourceLost, Truth
 
 SIZE = 32
@@ -80,7 +81,7 @@ def frames(n: int, size: int = SIZE) -> list[np.ndarray]:
 
 def run(source, engine, tmp_path, policy="block", **cfg):
     log = JsonlLog(tmp_path / "log.jsonl")
-    pipe = Pipeline(source, engine, Postprocessor(CAL, sigma=1.0), [], log, PipelineConfig(policy=policy, **cfg))
+    pipe = Pipeline(source, engine, Postprocessor(dataclasses.replace(CAL, sigma=1.0)), [], log, PipelineConfig(policy=policy, **cfg))
     result = pipe.run()
     log.close()
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import cv2
@@ -11,7 +12,9 @@ import pytest
 from edgead.core.calibration import Calibration
 from edgead.runtime.pipeline import Frame
 from edgead.runtime.postprocess_stage import Postprocessor
-from edgead.runtime.sinks import DisplaySink, JsonlLog, NgSaver, SinkError, VideoSink, annotate, has_gui
+from edgead.runtime.annotate import annotate, has_gui
+from edgead.runtime.log import JsonlLog
+from edgead.runtime.sinks import DisplaySink, NgSaver, SinkError, VideoSink
 from edgead.runtime.stats import RunStats, format_summary, line_rate_check
 
 CAL = Calibration(image_threshold=0.5, score_min=0.0, score_max=1.0, pixel_threshold=0.5, map_min=0.0,
@@ -21,7 +24,7 @@ CAL = Calibration(image_threshold=0.5, score_min=0.0, score_max=1.0, pixel_thres
 def ng_result(shape=(60, 80)):
     amap = np.zeros((16, 16), np.float32)
     amap[4:9, 4:9] = 2.0
-    return Postprocessor(CAL, sigma=0.0)(0.9, amap, shape)
+    return Postprocessor(dataclasses.replace(CAL, sigma=0.0))(0.9, amap, shape)
 
 
 def test_postprocess_scales_map_and_regions_to_the_frame():

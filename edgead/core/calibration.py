@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-OK, NG, ERROR = "OK", "NG", "ERROR"
+from edgead.core.contract import ERROR, NG, OK
+from edgead.core.postprocess import DEFAULT_SIGMA
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Calibration:
     n_images: int
     quantile: float
     pixel_quantile: float
+    sigma: float = DEFAULT_SIGMA  # Gaussian smoothing of the map before the pixel threshold
     source: str = "validation split: normal images held out of training"
 
     def normalize(self, raw: float | np.ndarray) -> float | np.ndarray:
@@ -55,8 +57,9 @@ class Calibration:
 
 
 def calibrate(val_scores: np.ndarray, val_maps: np.ndarray, quantile: float = 0.99,
-              pixel_quantile: float = 0.999) -> Calibration:
-    """Fit thresholds on validation scores (N,) and smoothed validation maps (N, H, W)."""
+              pixel_quantile: float = 0.999, sigma: float = DEFAULT_SIGMA) -> Calibration:
+    """Fit thresholds on validation scores (N,) and validation maps (N, H, W) already smoothed
+    with ``sigma`` (recorded, so the runtime smooths exactly as calibration did)."""
     scores = np.asarray(val_scores, dtype=np.float64)
     maps = np.asarray(val_maps, dtype=np.float64)
     if scores.size < 2:
@@ -73,4 +76,5 @@ def calibrate(val_scores: np.ndarray, val_maps: np.ndarray, quantile: float = 0.
         n_images=int(scores.size),
         quantile=quantile,
         pixel_quantile=pixel_quantile,
+        sigma=float(sigma),
     )

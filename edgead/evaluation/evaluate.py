@@ -22,8 +22,10 @@ from edgead.training.trainer import select_device
 
 
 def evaluate_arrays(detector, calibration, images: np.ndarray, masks: np.ndarray, labels: np.ndarray,
-                    defects: list[str], sigma: float = DEFAULT_SIGMA) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Metrics of ``detector`` on test arrays; returns (report dict, scores, smoothed maps)."""
+                    defects: list[str]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Metrics of ``detector`` on test arrays, its maps smoothed with the calibration's sigma (as
+    the station smooths them); returns (report dict, scores, smoothed maps)."""
+    sigma = calibration.sigma if calibration is not None else DEFAULT_SIGMA
     scores, maps = predict_smoothed(detector, images, sigma)
     threshold = calibration.image_threshold if calibration is not None else float("nan")
     report = metrics.evaluate_arrays(labels, scores, masks, maps, defects, threshold).to_dict()

@@ -11,8 +11,9 @@ import os
 import signal
 import sys
 import threading
+from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgead.runtime.sources import URI_HELP
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect frames with an edgead bundle: per frame an anomaly map, a score and an "
                     "OK/NG verdict, at line speed.")
     p.add_argument("input", nargs="?", help="input URI (see below)")
-    p.add_argument("output", nargs="?", help="output URI (see below)")
+    p.add_argument("output", nargs="?", help="output URI (see below); more with --output")
     p.add_argument("--model", metavar="BUNDLE", help="bundle directory (from `edgead export`)")
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--line-rate", type=float, metavar="HZ",
                      help="report whether the station keeps up with HZ parts per second")
     out = p.add_argument_group("output")
-    out.add_argument("--output", dest="output_opt", metavar="URI", help="same as the positional OUTPUT")
+    out.add_argument("--output", dest="output_opt", metavar="URI", action="append",
+                     help="an output URI, as the positional OUTPUT; repeat for several")
     out.add_argument("--headless", action="store_true", help="no window (default when there is no DISPLAY)")
     out.add_argument("--results", metavar="DIR", help="results folder (default ./edgead-results)")
     out.add_argument("--log", metavar="FILE", help="JSONL log (default RESULTS/log.jsonl)")
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class UsageError(ValueError):
-    pass
+    """Bad command-line usage; the message says what to give instead."""
 
 
 def _input_uri(args: argparse.Namespace) -> str:
@@ -114,33 +116,34 @@ def _input_uri(args: argparse.Namespace) -> str:
 
 
 def _outputs(args: argparse.Namespace) -> list[str]:
-    if args.output and args.output_opt:
-        raise UsageError("give the output either positionally or with --output, not both")
-    return [u for u in (args.output or args.output_opt,) if u]
+    return [u for u in ([args.output] if args.output else []) + list(args.output_opt or [])]
 
 
-def _make_sinks(args: argparse.Namespace, outputs: list[str], vrange: tuple[float, float], rate: float,
-                on_quit, say) -> list[Any]:
-    from edgead.runtime.sinks import DisplaySink, NgSaver, VideoSink, has_gui
+def _open_sinks(args: argparse.Namespace, outputs: list[str], context: Any, stack: ExitStack) -> list[Any]:
+    """Every sink the run writes to, closed by ``stack`` (whatever happens)."""
+    from edgead.runtime.annotate import has_gui
+    from edgead.runtime.sinks import NgSaver, open_sink, sink_scheme
 
-    sinks: list[Any] = []
+    uris = list(outputs)
     headless = args.headless or not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    wants_display = any(u.startswith("display://") for u in outputs)
-    if wants_display:
-        sinks.append(DisplaySink(outputs[0], vrange, on_quit))  # explicit: a missing GUI is an error
-    elif not headless:
+    if not headless and not any(sink_scheme(u) == "display" for u in uris):
         if has_gui():
-            sinks.append(DisplaySink("display://0", vrange, on_quit))
+            uris.insert(0, "display://0")
         else:
-            say("note: this OpenCV has no GUI (headless wheel): running headless")
-    for uri in outputs:
-        if uri.startswith("display://"):
-            continue
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        sinks.append(VideoSink(path, rate, vrange))
+            context.say("note: this OpenCV has no GUI (headless wheel): running headless")
+    sinks = [open_sink(uri, context) for uri in uris]
     if args.save_ng:
-        sinks.append(NgSaver(args.save_ng, vrange))
+        sinks.append(NgSaver(args.save_ng, context.vrange))
+    for sink in sinks:
+        stack.callback(_close_quietly, sink, context.say)
     return sinks
+
+
+def _close_quietly(resource: Any, say: Callable[[str], Any]) -> None:
+    try:
+        resource.close()
+    except Exception as exc:  # noqa: BLE001 - closing must not hide the summary
+        say(f"edgead-run: closing {type(resource).__name__}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     try:
         if args.demo:
-            from edgead.runtime.demo import prepare_demo
+            from edgead.runtime.demo import DemoError, prepare_demo
 
-            prepare_demo(args, say)
+            try:
+                prepare_demo(args, say)
+            except DemoError as err:
+                print(f"edgead-run --demo: error: {err}", file=sys.stderr)
+                return EXIT_USAGE
         return _run(args, say)
     except UsageError as err:
         print(f"edgead-run: error: {err}", file=sys.stderr)
@@ -160,98 +167,99 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SIGNAL[signal.SIGINT]
 
 
-def _run(args: argparse.Namespace, say) -> int:
-    from edgead.core.bundle import BundleError
-    from edgead.core.engine import EngineError
-    from edgead.runtime.infer import BundleRefused, describe_engine, load_checked_bundle, open_bundle_engine
-    from edgead.runtime.pipeline import Backoff, Pipeline, PipelineConfig
-    from edgead.runtime.postprocess_stage import Postprocessor
-    from edgead.runtime.sinks import JsonlLog, SinkError
-    from edgead.runtime.sources import InputOptions, SourceError, open_source
-    from edgead.runtime.stats import format_summary
+class _Refused(Exception):
+    """A start-up failure with its exit code; the message is printed as one line."""
 
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _run(args: argparse.Namespace, say: Callable[..., Any]) -> int:
     uri = _input_uri(args)
     outputs = _outputs(args)
     if not args.model:
         raise UsageError("no model: give --model BUNDLE (a folder made by `edgead export`) or use --demo")
+    with ExitStack() as stack:
+        try:
+            return _inspect(args, uri, outputs, say, stack)
+        except _Refused as err:
+            print(f"edgead-run: {err}", file=sys.stderr)
+            return err.code
 
-    # The model first: a refused bundle should fail before a camera is grabbed.
-    try:
+
+def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callable[..., Any],
+             stack: ExitStack) -> int:
+    from edgead.core.bundle import BundleError
+    from edgead.core.engine import EngineError
+    from edgead.runtime.infer import BundleRefused, describe_engine, load_checked_bundle, open_bundle_engine
+    from edgead.runtime.log import JsonlLog, LogError
+    from edgead.runtime.pipeline import Backoff, Pipeline, PipelineConfig
+    from edgead.runtime.postprocess_stage import Postprocessor
+    from edgead.runtime.sinks import SinkContext, SinkError
+    from edgead.runtime.sources import InputOptions, SourceError, open_source
+
+    try:  # the model first: a refused bundle should fail before a camera is grabbed
         bundle = load_checked_bundle(args.model, args.backend, args.precision, args.allow_unverified, warn=say)
-        engine = open_bundle_engine(bundle, args.backend, args.precision, args.threads)
+        engine = stack.enter_context(closing(open_bundle_engine(bundle, args.backend, args.precision, args.threads)))
     except (BundleRefused, BundleError, EngineError) as err:
-        print(f"edgead-run: {err}", file=sys.stderr)
-        return EXIT_MODEL
-
+        raise _Refused(str(err), EXIT_MODEL) from err
     results = Path(args.results or "edgead-results")
     try:
         results.mkdir(parents=True, exist_ok=True)
-        log = JsonlLog(args.log or results / "log.jsonl", echo_events=None if args.quiet else sys.stderr)
-    except (OSError, SinkError) as err:
-        print(f"edgead-run: {err}", file=sys.stderr)
-        engine.close()
-        return EXIT_USAGE
-
-    size = int(bundle.input_shape[-1])
+        log = stack.enter_context(closing(JsonlLog(args.log or results / "log.jsonl",
+                                                   echo_events=None if args.quiet else sys.stderr)))
+    except (OSError, LogError) as err:
+        raise _Refused(str(err), EXIT_USAGE) from err
     opts = InputOptions(width=args.input_width, height=args.input_height, rate=args.input_rate,
-                        loop=args.input_loop, default_size=size)
-    on_skip = lambda path, error: log.event("bad_image", path=path, error=error)  # noqa: E731
+                        loop=args.input_loop, default_size=int(bundle.input_shape[-1]))
     try:
-        source = open_source(uri, opts, on_skip=on_skip)
+        source = open_source(uri, opts, on_skip=lambda path, error: log.event("bad_image", path=path, error=error))
         source.open()
     except SourceError as err:
-        print(f"edgead-run: {err}", file=sys.stderr)
         log.event("source_error", source=uri, error=str(err))
-        log.close()
-        engine.close()
-        return EXIT_SOURCE
-
+        raise _Refused(str(err), EXIT_SOURCE) from err
+    stack.callback(source.close)
     cal = bundle.calibration
-    vrange = (cal.map_min, cal.map_max)
-    policy = args.drop_policy or ("latest" if source.live else "block")
-    running: list[Any] = []  # the pipeline, once built: the window's q/Esc stops it
+    running: list[Any] = []  # the pipeline, once built: a window's q/Esc stops it
+    context = SinkContext(vrange=(cal.map_min, cal.map_max), rate=args.input_rate or 30.0, say=say, results=results,
+                          on_quit=lambda: running and running[0].stop("window closed"),
+                          run={"model": str(bundle.root), "detector": bundle.detector, "backend": args.backend,
+                               "precision": args.precision, "input": uri})
     try:
-        sinks = _make_sinks(args, outputs, vrange, args.input_rate or 30.0,
-                            lambda: running and running[0].stop("window closed"), say)
+        sinks = _open_sinks(args, outputs, context, stack)
     except SinkError as err:
-        print(f"edgead-run: {err}", file=sys.stderr)
-        source.close()
-        engine.close()
-        log.close()
-        return EXIT_USAGE
-
+        raise _Refused(str(err), EXIT_USAGE) from err
+    policy = args.drop_policy or ("latest" if source.live else "block")
     config = PipelineConfig(policy=policy, max_frames=args.frames,
                             backoff=Backoff(cap=args.reconnect_max_delay, max_attempts=args.reconnect_attempts))
-    pipeline = Pipeline(source, engine, Postprocessor.from_manifest(bundle.manifest, cal), sinks, log, config)
+    pipeline = Pipeline(source, engine, Postprocessor(cal), sinks, log, config)
+    running.append(pipeline)
     mode = "live" if source.live else ("read on demand" if policy == "block" else "read ahead")
     say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{args.precision}, "
         f"input {uri} ({mode}, drop policy {policy})")
-
-    running.append(pipeline)
     got_signal: list[int] = []
-    restore = _install_signals(pipeline, got_signal)
-    try:
-        result = pipeline.run()
-    finally:
-        restore()
-        for sink in sinks:
-            try:
-                sink.close()
-            except Exception as exc:  # noqa: BLE001 - closing must not hide the summary
-                say(f"edgead-run: closing {type(sink).__name__}: {exc}")
-        engine.close()
-
+    stack.callback(_install_signals(pipeline, got_signal))
+    result = pipeline.run()
     summary = {"model": str(bundle.root), "detector": bundle.detector, "engine": describe_engine(engine),
                "input": uri, "drop_policy": policy, "stop_reason": result.stop_reason, **result.summary}
+    if sink_summaries := pipeline.sink_summaries():
+        summary["sinks"] = sink_summaries
+    return _finish(args, pipeline, result, got_signal, summary, log, results, source.live)
+
+
+def _finish(args: argparse.Namespace, pipeline: Any, result: Any, got_signal: list[int], summary: dict[str, Any],
+            log: Any, results: Path, live: bool) -> int:
+    from edgead.runtime.stats import format_summary
+
     if args.line_rate:
-        summary["line_rate"] = pipeline.stats.summary(args.line_rate, saturated=not source.live)["line_rate"]
+        summary["line_rate"] = pipeline.stats.summary(args.line_rate, saturated=not live)["line_rate"]
     if result.fatal:
         summary["fatal"] = result.fatal
     code = _exit_code(result, got_signal, summary)
     summary["exit_code"] = code
     log.event("stop", reason=result.stop_reason, exit_code=code)
     log.event("summary", **{k: v for k, v in summary.items() if k != "engine"})
-    log.close()
     (results / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(format_summary(summary))
     print(f"results: {results / 'summary.json'}")

@@ -2,7 +2,7 @@
 
 The first run builds a small demo bundle with the project's own code (synthetic data -> train a
 small SSIM autoencoder -> export ONNX -> certify parity) in a *subprocess*
-(``python -m edgead.runtime.demo_build``), because training needs torch and this process must
+(``python -m edgead.training.demo_build``), because training needs torch and this process must
 never import it. The bundle is cached in ``$EDGEAD_CACHE/demo`` (default ``~/.cache/edgead/demo``)
 and reused. Then the ordinary station loop inspects the synthetic conveyor, whose ground truth
 gives the summary its accuracy.
@@ -26,7 +26,7 @@ BUILD_TIMEOUT_S = 900
 
 
 class DemoError(RuntimeError):
-    pass
+    """The demo bundle could not be built or found; the message says why and what to install."""
 
 
 def cache_dir() -> Path:
@@ -60,7 +60,7 @@ def build_bundle(cache: Path, say: Callable[..., None], rebuild: bool = False) -
             return hit
         say(f"edgead-run --demo: building the demo bundle in {cache} (first run only, ~1-2 min of CPU)...")
         started = time.monotonic()
-        cmd = [sys.executable, "-m", "edgead.runtime.demo_build", "--out", str(cache)]
+        cmd = [sys.executable, "-m", "edgead.training.demo_build", "--out", str(cache)]
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # so a source checkout works without install
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -105,14 +105,9 @@ class _lock:
 
 def prepare_demo(args: argparse.Namespace, say: Callable[..., None]) -> None:
     """Fill in the demo's defaults on ``args``; the ordinary run does the rest."""
-    from edgead.runtime.cli import UsageError
-
     if args.model:
-        raise UsageError("--demo brings its own bundle; drop --model (or drop --demo)")
-    try:
-        bundle, info = build_bundle(cache_dir(), say, rebuild=args.demo_rebuild)
-    except DemoError as err:
-        raise UsageError(str(err)) from err
+        raise DemoError("--demo brings its own bundle; drop --model (or drop --demo)")
+    bundle, info = build_bundle(cache_dir(), say, rebuild=args.demo_rebuild)
     args.model = str(bundle)
     if args.camera is None and not args.input:
         # seed 1: parts the detector never saw (training used other streams of seed 0)

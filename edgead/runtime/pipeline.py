@@ -26,147 +26,21 @@ import collections
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
+from edgead.core.contract import ERROR, NG
 from edgead.core.engine import Engine, SlottedEngine
 from edgead.runtime.infer import take_outputs
-from edgead.runtime.postprocess_stage import Inspection, Postprocessor, error_inspection
+from edgead.runtime.jobs import CLOSED, POLICIES, Backoff, Frame, Job, PipelineConfig, RunResult, StageQueue
+from edgead.runtime.log import JsonlLog
+from edgead.runtime.postprocess_stage import Postprocessor, error_inspection
 from edgead.runtime.preprocess import Preprocessor
-from edgead.runtime.sinks import JsonlLog, Sink
-from edgead.runtime.sources import EndOfStream, Source, SourceError, Truth
+from edgead.runtime.sinks import Sink
+from edgead.runtime.sources import EndOfStream, Source, SourceError
 from edgead.runtime.stats import RunStats
 
-POLICIES = ("latest", "block")
-
-
-# -- the unit of work ----------------------------------------------------------------------------
-
-@dataclass
-class Frame:
-    """One captured frame: id, pixels as delivered, capture time (monotonic for ages, wall for
-    the log) and, from synthetic sources, the ground truth."""
-
-    id: int
-    image: np.ndarray
-    t_mono: float
-    t_wall: float
-    truth: Truth | None = None
-
-
-@dataclass
-class Job:
-    frame: Frame
-    marks: dict[str, float] = field(default_factory=dict)
-    slot: int | None = None
-    score: float = float("nan")
-    anomaly_map: np.ndarray | None = None
-    error: str | None = None
-    inspection: Inspection | None = None
-
-    def mark(self, name: str) -> None:
-        self.marks[name] = time.monotonic()
-
-    def latency_ms(self) -> dict[str, float]:
-        m, out = self.marks, {}
-        for stage in ("preprocess", "infer", "postprocess", "sink"):
-            if f"{stage}_start" in m and f"{stage}_end" in m:
-                out[stage] = round(1000.0 * (m[f"{stage}_end"] - m[f"{stage}_start"]), 3)
-        return out
-
-
-# -- a bounded queue that can drop the oldest and be closed --------------------------------------
-
-CLOSED = object()  # what get() returns once a queue is closed and empty
-
-
-class StageQueue:
-    """Bounded FIFO between two stages. ``put`` blocks when full, or with ``drop_oldest`` evicts
-    and returns the oldest item. After ``close`` puts are refused (the item is returned) and
-    ``get`` drains what is left, then returns :data:`CLOSED`."""
-
-    def __init__(self, capacity: int, drop_oldest: bool = False) -> None:
-        self.capacity, self.drop_oldest = capacity, drop_oldest
-        self.items: collections.deque[Any] = collections.deque()
-        self.closed = False
-        self.cond = threading.Condition()
-
-    def put(self, item: Any) -> Any | None:
-        """Returns None when queued, else the item that was dropped or refused."""
-        with self.cond:
-            while not self.drop_oldest and len(self.items) >= self.capacity and not self.closed:
-                self.cond.wait()
-            if self.closed:
-                return item
-            evicted = self.items.popleft() if len(self.items) >= self.capacity else None
-            self.items.append(item)
-            self.cond.notify_all()
-            return evicted
-
-    def get(self) -> Any:
-        with self.cond:
-            while not self.items and not self.closed:
-                self.cond.wait()
-            if not self.items:
-                return CLOSED
-            item = self.items.popleft()
-            self.cond.notify_all()
-            return item
-
-    def empty(self) -> bool:
-        with self.cond:
-            return not self.items
-
-    def close(self) -> list[Any]:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-            return list(self.items)
-
-    def abort(self) -> list[Any]:
-        """Close and discard what is queued; returns the discarded items."""
-        with self.cond:
-            left = list(self.items)
-            self.items.clear()
-            self.closed = True
-            self.cond.notify_all()
-            return left
-
-
-# -- configuration -------------------------------------------------------------------------------
-
-@dataclass
-class Backoff:
-    """Reconnect delays: ``initial``, doubling, capped at ``cap`` seconds; ``max_attempts`` < 0
-    retries forever (a station should come back when the cable is plugged in again)."""
-
-    initial: float = 0.25
-    cap: float = 5.0
-    max_attempts: int = -1
-
-    def delays(self):
-        delay, attempt = self.initial, 0
-        while self.max_attempts < 0 or attempt < self.max_attempts:
-            attempt += 1
-            yield attempt, delay
-            delay = min(delay * 2.0, self.cap)
-
-
-@dataclass
-class PipelineConfig:
-    policy: str = "block"
-    max_frames: int | None = None  # stop after this many captured frames
-    backoff: Backoff = field(default_factory=Backoff)
-    stop_grace_s: float = 3.0  # how long a stop waits for a capture blocked in the driver
-
-
-@dataclass
-class RunResult:
-    summary: dict[str, Any]
-    stop_reason: str  # "end of stream" | "frame limit" | "signal SIGINT" | "source lost" | ...
-    fatal: str | None = None  # a failure that ended the run early
+__all__ = ["Backoff", "Frame", "Job", "Pipeline", "PipelineConfig", "RunResult", "StageQueue"]
 
 
 # -- the pipeline --------------------------------------------------------------------------------
@@ -399,19 +273,29 @@ class Pipeline:
         broken: set[int] = set()
         while (job := self.q_sink.get()) is not CLOSED:
             job.mark("sink_start")
-            insp, frame = job.inspection, job.frame
+            record = self._record(job)
             for i, sink in enumerate(self.sinks):
                 if i in broken:
                     continue
                 try:
-                    sink.write(frame, insp, self._fps)
+                    sink.write(job.frame, job.inspection, self._fps, record)
                 except Exception as exc:  # noqa: BLE001 - a broken window must not stop inspection
                     broken.add(i)
                     self.log.event("sink_error", sink=type(sink).__name__, error=str(exc))
             job.mark("sink_end")
-            self._account(job)
+            self._account(job, record)
 
-    def _account(self, job: Job) -> None:
+    def _record(self, job: Job) -> dict[str, Any]:
+        """The frame's JSONL record, as the sinks see it (the sink stage's own time is added after)."""
+        frame, insp = job.frame, job.inspection
+        record: dict[str, Any] = {"frame": frame.id, "t_capture": round(frame.t_wall, 6), **insp.to_dict(),
+                                  "latency_ms": job.latency_ms(),
+                                  "age_ms": round(1000.0 * (job.marks["postprocess_end"] - frame.t_mono), 3)}
+        if frame.truth is not None:
+            record["truth"] = frame.truth.defect or "good"
+        return record
+
+    def _account(self, job: Job, record: dict[str, Any]) -> None:
         frame, insp = job.frame, job.inspection
         now = time.monotonic()
         if self._last_out is not None:
@@ -421,14 +305,17 @@ class Pipeline:
         latency = job.latency_ms()
         e2e = 1000.0 * (now - frame.t_mono)
         truth = frame.truth
-        localized = bool(truth and insp.verdict == "NG" and self.post.localized(insp, truth.mask))
+        localized = bool(truth and insp.verdict == NG and self.post.localized(insp, truth.mask))
         self.stats.record(insp.verdict, latency, e2e, truth.defective if truth else None, localized)
-        record: dict[str, Any] = {"frame": frame.id, "t_capture": round(frame.t_wall, 6), **insp.to_dict(),
-                                  "latency_ms": latency,
-                                  "age_ms": round(1000.0 * (job.marks["postprocess_end"] - frame.t_mono), 3),
-                                  "e2e_ms": round(e2e, 3)}
-        if truth is not None:
-            record["truth"] = truth.defect or "good"
-        self.log.frame(record)
-        if insp.verdict == "ERROR":
+        self.log.frame({**record, "latency_ms": latency, "e2e_ms": round(e2e, 3)})
+        if insp.verdict == ERROR:
             self.log.event("frame_error", frame=frame.id, error=insp.error)
+
+    def sink_summaries(self) -> dict[str, Any]:
+        """Each sink's own counters (network sinks: sent, queued, unsent, reconnects...)."""
+        out: dict[str, Any] = {}
+        for sink in self.sinks:
+            summary = getattr(sink, "summary", None)
+            if callable(summary):
+                out[getattr(sink, "uri", type(sink).__name__)] = summary()
+        return out

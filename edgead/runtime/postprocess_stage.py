@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from edgead.core.calibration import ERROR, Calibration
-from edgead.core.postprocess import DEFAULT_SIGMA, Region, regions, smooth, to_frame
+from edgead.core.calibration import Calibration
+from edgead.core.contract import ERROR
+from edgead.core.postprocess import Region, regions, smooth, to_frame
 
 MIN_REGION_AREA = 4  # px at the model's resolution; scaled to the frame's
 
@@ -45,16 +46,10 @@ def error_inspection(message: str) -> Inspection:
 
 
 class Postprocessor:
-    def __init__(self, calibration: Calibration, sigma: float = DEFAULT_SIGMA,
-                 min_area: int = MIN_REGION_AREA) -> None:
+    def __init__(self, calibration: Calibration, min_area: int = MIN_REGION_AREA) -> None:
         self.calibration = calibration
-        self.sigma = sigma
+        self.sigma = calibration.sigma  # the smoothing the thresholds were calibrated with
         self.min_area = min_area
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], calibration: Calibration) -> "Postprocessor":
-        sigma = float(manifest.get("postprocess", {}).get("sigma", DEFAULT_SIGMA))
-        return cls(calibration, sigma)
 
     def __call__(self, score: float, anomaly_map: np.ndarray, frame_hw: tuple[int, int]) -> Inspection:
         cal = self.calibration

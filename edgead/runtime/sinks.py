@@ -1,140 +1,92 @@
-"""Stage 5: where results go. A JSONL log, a window, an annotated video, saved NG frames.
+"""Stage 5: where results go, chosen by URI as sources are (:func:`open_sink` mirrors
+:func:`edgead.runtime.sources.open_source`).
 
-Every sink has ``write(frame, inspection, fps)`` and ``close()``. The log also takes event lines
-(``{"event": ...}``) from any thread; each line is flushed so a killed station loses nothing.
+    display://0            a window (needs an OpenCV with GUI and a display)
+    file://out.mp4, out.avi an annotated video
+    http://HOST:PORT        the station view in a browser       (extra ``view``)
+    mqtt://HOST:PORT/TOPIC  one message per frame or per NG     (extra ``line``)
+    opc.tcp://HOST:PORT     an OPC UA server the PLC reads       (extra ``line``)
+    modbus://HOST:PORT      a coil/register pulse per NG         (extra ``line``)
+
+Every sink has ``write(frame, inspection, fps, record)``, where ``record`` is the frame's JSONL
+record, and ``close()``; a sink may also have ``summary() -> dict`` (its own counters, reported per
+sink in ``summary.json``). Sinks run in the sink stage's thread: a network sink queues and sends
+from its own thread, so a slow link never slows inspection.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
-import threading
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import cv2
 import numpy as np
 
-from edgead.core.calibration import NG, OK
+from edgead.core.contract import NG
+from edgead.runtime.annotate import annotate, has_gui
 from edgead.runtime.postprocess_stage import Inspection
 from edgead.runtime.preprocess import to_bgr8
 
-QUIET_EVENTS = {"start", "stop", "summary"}  # logged, not echoed: the terminal gets the summary table
-COLORS = {OK: (0, 200, 0), NG: (0, 0, 255), "ERROR": (0, 200, 255)}  # BGR
-
 
 class SinkError(RuntimeError):
-    """A sink cannot be opened (no GUI, unwritable file); the message says which and why."""
+    """A sink cannot be opened (no GUI, unwritable file, unknown scheme); the message says which
+    and why."""
 
 
 class Sink(Protocol):
-    def write(self, frame: Any, inspection: Inspection, fps: float) -> None: ...
+    def write(self, frame: Any, inspection: Inspection, fps: float, record: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...
 
 
-# -- the log -------------------------------------------------------------------------------------
+@dataclass
+class SinkContext:
+    """What a sink may need besides its URI."""
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-class JsonlLog:
-    """One JSON object per line: frame lines (``"frame": id``) and event lines (``"event": name``).
-    Thread-safe and flushed per line."""
-
-    def __init__(self, path: str | os.PathLike | None, echo_events: IO[str] | None = None) -> None:
-        self.path = Path(path) if path else None
-        self.echo = echo_events
-        self._lock = threading.Lock()
-        self._fh: IO[str] | None = None
-        if self.path is not None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "w", encoding="utf-8", buffering=1)
-            except OSError as err:
-                raise SinkError(f"--log {self.path}: cannot write ({err.strerror or err})") from err
-
-    def _line(self, record: dict[str, Any]) -> None:
-        text = json.dumps(record, default=_json_default, allow_nan=False)
-        with self._lock:
-            if self._fh is not None:
-                self._fh.write(text + "\n")
-                self._fh.flush()
-
-    def event(self, name: str, **fields: Any) -> None:
-        record = {"event": name, "t_wall": round(time.time(), 6), **fields}
-        self._line(_finite(record))
-        if self.echo is not None and name not in QUIET_EVENTS:
-            print(json.dumps(_finite(record), default=_json_default), file=self.echo, flush=True)
-
-    def frame(self, record: dict[str, Any]) -> None:
-        self._line(_finite(record))
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+    vrange: tuple[float, float] = (0.0, 1.0)  # calibration map range: heat-map colours
+    rate: float = 30.0  # frames per second of an output video
+    on_quit: Callable[[], Any] = lambda: None  # a window's q/Esc stops the run
+    say: Callable[[str], Any] = lambda message: None  # start-up notes for the terminal
+    run: dict[str, Any] = field(default_factory=dict)  # bundle, detector, engine, certificate status
+    results: Path | None = None  # the run's results folder
 
 
-def _finite(value: Any) -> Any:
-    """NaN/Inf are not JSON: write them as null."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+# scheme -> "module:factory"; each factory is (uri, SinkContext) -> Sink. Imported on use, so a
+# station without an extra's packages still runs every other sink.
+SCHEMES: dict[str, str] = {
+    "display": "edgead.runtime.sinks:DisplaySink.from_uri",
+    "file": "edgead.runtime.sinks:VideoSink.from_uri",
+    "http": "edgead.runtime.view:open_view_sink",
+    "mqtt": "edgead.runtime.line.mqtt:open_mqtt_sink",
+    "opc.tcp": "edgead.runtime.line.opcua:open_opcua_sink",
+    "modbus": "edgead.runtime.line.modbus:open_modbus_sink",
+}
 
 
-# -- drawing -------------------------------------------------------------------------------------
-
-def _heatmap(image_bgr: np.ndarray, frame_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    try:  # the figures' own overlay, so the station and the report look alike
-        from edgead.evaluation.figures import heatmap_overlay
-
-        return heatmap_overlay(image_bgr, frame_map, vmin, vmax)
-    except ImportError:
-        span = max(vmax - vmin, 1e-12)
-        scaled = np.clip((frame_map - vmin) / span * 255.0, 0, 255).astype(np.uint8)
-        return cv2.addWeighted(image_bgr, 0.6, cv2.applyColorMap(scaled, cv2.COLORMAP_JET), 0.4, 0.0)
+def sink_scheme(uri: str) -> str:
+    """The scheme of an output URI; a bare path is a ``file``."""
+    scheme, sep, _ = uri.partition("://")
+    return scheme.lower() if sep else "file"
 
 
-def annotate(image: np.ndarray, inspection: Inspection, fps: float, vmin: float, vmax: float) -> np.ndarray:
-    """The operator's view: heat-map overlay, region boxes, verdict, score and FPS."""
-    view = to_bgr8(image)
-    if inspection.frame_map is not None:
-        view = _heatmap(view, inspection.frame_map, vmin, vmax)
-    else:
-        view = view.copy()
-    color = COLORS.get(inspection.verdict, (255, 255, 255))
-    for r in inspection.regions:
-        cv2.rectangle(view, (r.x, r.y), (r.x + r.w - 1, r.y + r.h - 1), color, 1)
-    scale = max(0.35, view.shape[0] / 480.0)
-    text = inspection.verdict
-    if np.isfinite(inspection.score):
-        text += f" {inspection.score_norm:.2f}"
-    cv2.putText(view, text, (4, int(18 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, color, max(1, int(scale)))
-    cv2.putText(view, f"{fps:.1f} fps", (4, view.shape[0] - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale,
-                (255, 255, 255), 1)
-    return view
-
-
-# -- visual sinks --------------------------------------------------------------------------------
-
-def has_gui(build_info: str | None = None) -> bool:
-    info = build_info if build_info is not None else cv2.getBuildInformation()
-    for line in info.splitlines():
-        if line.strip().startswith("GUI:"):
-            return "NONE" not in line.split(":", 1)[1].upper()
-    return False
+def open_sink(uri: str, context: SinkContext) -> Sink:
+    """The sink for output ``uri`` (see the module docstring)."""
+    scheme = sink_scheme(uri)
+    if scheme not in SCHEMES:
+        raise SinkError(f"{uri}: unknown output scheme {scheme!r}; use one of "
+                        f"{', '.join(s + '://' for s in SCHEMES)} or a video file path")
+    module, _, attr = SCHEMES[scheme].partition(":")
+    try:
+        factory: Any = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise SinkError(f"{uri}: the {scheme}:// output needs {err.name!r}, which is not installed "
+                        "(see the extras in the README: pip install 'edgead[view]' or 'edgead[line]')") from err
+    for part in attr.split("."):
+        factory = getattr(factory, part)
+    return factory(uri, context)
 
 
 class DisplaySink:
@@ -151,7 +103,11 @@ class DisplaySink:
         self.shown = False  # a window reads as not visible until the GUI has mapped it
         cv2.namedWindow(self.window, cv2.WINDOW_NORMAL)
 
-    def write(self, frame: Any, inspection: Inspection, fps: float) -> None:
+    @classmethod
+    def from_uri(cls, uri: str, context: SinkContext) -> "DisplaySink":
+        return cls(uri, context.vrange, context.on_quit)
+
+    def write(self, frame: Any, inspection: Inspection, fps: float, record: dict[str, Any] | None = None) -> None:
         cv2.imshow(self.window, annotate(frame.image, inspection, fps, *self.vrange))
         key = cv2.waitKey(1) & 0xFF
         visible = cv2.getWindowProperty(self.window, cv2.WND_PROP_VISIBLE) >= 1
@@ -178,7 +134,11 @@ class VideoSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer: cv2.VideoWriter | None = None
 
-    def write(self, frame: Any, inspection: Inspection, fps: float) -> None:
+    @classmethod
+    def from_uri(cls, uri: str, context: SinkContext) -> "VideoSink":
+        return cls(uri[len("file://"):] if uri.startswith("file://") else uri, context.rate, context.vrange)
+
+    def write(self, frame: Any, inspection: Inspection, fps: float, record: dict[str, Any] | None = None) -> None:
         view = annotate(frame.image, inspection, fps, *self.vrange)
         if self.writer is None:
             h, w = view.shape[:2]
@@ -206,7 +166,7 @@ class NgSaver:
             raise SinkError(f"--save-ng {folder}: cannot create ({err.strerror or err})") from err
         self.saved = 0
 
-    def write(self, frame: Any, inspection: Inspection, fps: float) -> None:
+    def write(self, frame: Any, inspection: Inspection, fps: float, record: dict[str, Any] | None = None) -> None:
         if inspection.verdict != NG:
             return
         stem = self.folder / f"{frame.id:08d}"

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from edgead import __version__
 from edgead.core.calibration import Calibration, calibrate
+from edgead.core.postprocess import DEFAULT_SIGMA
 from edgead.models import registry
 from edgead.models.base import Detector, TrainConfig
 from edgead.training.checkpoint import HISTORY, RESUME, load_resume, save_resume, save_run
@@ -187,9 +188,11 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
     return save_run(out, detector, run_meta, calibration)
 
 
-def calibrate_detector(detector: Detector, val_images: np.ndarray) -> Calibration:
-    scores, maps = predict_smoothed(detector, val_images)
-    return calibrate(scores, maps)
+def calibrate_detector(detector: Detector, val_images: np.ndarray, sigma: float = DEFAULT_SIGMA) -> Calibration:
+    """Thresholds from the validation images' scores and maps, smoothed with ``sigma`` as the
+    runtime will smooth them (the sigma is stored in the calibration)."""
+    scores, maps = predict_smoothed(detector, val_images, sigma)
+    return calibrate(scores, maps, sigma=sigma)
 
 
 def train_run(model: str, data_root: str | Path, category: str, out: str | Path, *, image_size: int = 128,

@@ -1,6 +1,6 @@
-"""Build the demo bundle: ``python -m edgead.runtime.demo_build --out CACHE_DIR``.
+"""Build the demo bundle: ``python -m edgead.training.demo_build --out CACHE_DIR``.
 
-The one module under ``edgead/runtime`` that needs torch (it trains). ``edgead-run --demo`` runs
+Training code: it needs torch. ``edgead-run --demo`` runs
 it as a *subprocess*, so the station process itself never imports torch.
 
 Steps, all with the project's own code: render a small synthetic data set (one category, 64²),
@@ -138,7 +138,7 @@ def build(out: Path, category: str = CATEGORY, size: int = SIZE, epochs: int = E
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgead.runtime.demo_build", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m edgead.training.demo_build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="cache folder (gets bundle/, run/ and demo.json)")
     p.add_argument("--category", default=CATEGORY)
