@@ -1,5 +1,5 @@
 """The station pipeline on a CUDA GPU without TensorRT: the runtime's five stages driving
-:class:`edgead.engines.torch_cuda.TorchCudaEngine`, which moves data with the same ``CudaSlots``
+:class:`edgead.training.reference.TorchCudaEngine`, which moves data with the same ``CudaSlots``
 code as the TensorRT engine (pinned host buffers, cudaMemcpyAsync, one stream per slot).
 
     python -m benchmarks.gpu_pipeline --model ssim_ae --size 256 --frames 600
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.pipeline import engine_only, full_pipeline
     from edgead.core.engine import TensorSpec
-    from edgead.engines.torch_cuda import TorchCudaEngine
+    from edgead.training.reference import TorchCudaEngine
     from edgead.models import create
 
     warnings.simplefilter("ignore")

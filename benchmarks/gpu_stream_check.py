@@ -1,6 +1,6 @@
 """Check the CUDA slot machinery on a GPU without TensorRT: serial (1 slot) vs overlapped (2 slots).
 
-Runs :class:`edgead.engines.torch_cuda.TorchCudaEngine`, which moves data with the same
+Runs :class:`edgead.training.reference.TorchCudaEngine`, which moves data with the same
 ``CudaSlots`` code (pinned buffers, cudaMemcpyAsync, one stream + events per slot) as the
 TensorRT engine, and reports:
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from edgead.engines import cuda_rt
     from edgead.core.engine import TensorSpec
-    from edgead.engines.torch_cuda import TorchCudaEngine
+    from edgead.training.reference import TorchCudaEngine
 
     torch.manual_seed(0)
     model, model_name = build_model(args.model, args.size, args.width)

@@ -10,13 +10,11 @@ import importlib
 import json
 import sys
 
-# Subcommands that live in their own modules, each with ``main(argv) -> int``.
+# Subcommands that live in their own modules: "module:function", each function(argv) -> int.
 DELEGATED = {
-    "export": "edgead.export.bundle_writer",
-    "bench parity": "benchmarks.parity",
-    "bench latency": "benchmarks.latency",
-    "bench pipeline": "benchmarks.pipeline",
-    "bench quality": "benchmarks.quality",
+    "export": "edgead.export.bundle_writer:main",
+    "bench parity": "edgead.bench:parity_main",
+    "bench latency": "edgead.bench:latency_main",
 }
 
 
@@ -76,6 +74,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delegate(command: str, argv: list[str]) -> int:
+    module, _, function = DELEGATED[command].partition(":")
+    return getattr(importlib.import_module(module), function)(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,17 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     sub.add_parser("export", help="export a run to a bundle (see `edgead export --help`)", add_help=False)
-    bench = sub.add_parser("bench", help="parity | latency | pipeline | quality", add_help=False)
-    bench.add_argument("what", choices=["parity", "latency", "pipeline", "quality"])
+    bench = sub.add_parser("bench", help="parity | latency (on this device; see `edgead bench parity --help`)",
+                           add_help=False)
+    bench.add_argument("what", choices=["parity", "latency"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
-        return importlib.import_module(DELEGATED["export"]).main(argv[1:])
+        return _delegate("export", argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and f"bench {argv[1]}" in DELEGATED:
-        return importlib.import_module(DELEGATED[f"bench {argv[1]}"]).main(argv[2:])
+        return _delegate(f"bench {argv[1]}", argv[2:])
     args = build_parser().parse_args(argv)
     if args.command == "bench":  # `edgead bench` with no or an unknown target
         build_parser().parse_args(["bench", "--help"])

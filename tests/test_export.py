@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from benchmarks.parity import TOLERANCES, noise_floor
+from edgead.certify.parity import TOLERANCES, noise_floor
 from edgead.core.bundle import BundleError, load_bundle
 from edgead.models import registry
 from edgead.core.contract import IMAGE, OUTPUT_NAMES
@@ -158,11 +158,12 @@ def test_bundle_manifest(trained) -> None:
 
 
 def test_reduced_precision_engines_meet_tolerances(trained) -> None:
-    from benchmarks.parity import certify, load_data
+    from edgead.bench import certify_against_run
+    from edgead.certify.parity import load_data
 
     meta = json.loads((Path(trained["run"]) / "config.json").read_text())
     images, masks, labels, desc = load_data(trained["bundle"], trained["data"], "washer", meta)
-    report = certify(trained["bundle"], images, masks, labels, data=desc)
+    report = certify_against_run(trained["bundle"], images, masks, labels, trained["run"], data=desc)
     for key in ("onnxruntime/fp32", "onnxruntime/fp16", "onnxruntime/int8"):
         r = report["results"][key]
         failed = [check for check, ok in r["checks"].items() if ok is False]
@@ -177,7 +178,7 @@ def test_reduced_precision_engines_meet_tolerances(trained) -> None:
 
 
 def test_parity_cli_writes_json_and_certificate(trained, tmp_path: Path) -> None:
-    from benchmarks.parity import main
+    from edgead.bench import parity_main as main
 
     bundle = tmp_path / "bundle"
     shutil.copytree(trained["bundle"], bundle)
@@ -239,7 +240,7 @@ def test_export_refuses_an_uncalibrated_run(trained, tmp_path: Path) -> None:
 
 
 def test_latency_benchmark_reports_torch_baseline_and_ratios(trained, tmp_path: Path) -> None:
-    from benchmarks.latency import main
+    from edgead.bench import latency_main as main
 
     out = tmp_path / "latency.json"
     assert main([str(trained["bundle"]), "--precision", "fp32", "int8", "--iterations", "3",
@@ -254,7 +255,7 @@ def test_latency_benchmark_reports_torch_baseline_and_ratios(trained, tmp_path: 
 
 
 def test_int8_component_that_fails_falls_back(trained, tmp_path: Path, monkeypatch) -> None:
-    import export.int8 as int8
+    import edgead.export.int8 as int8
     from edgead.data.datasets import load_arrays, mvtec_samples
     from edgead.export.fp16 import export_fp16
 
@@ -288,8 +289,8 @@ def test_engine_options_and_errors(trained, tmp_path: Path) -> None:
         engine.run({"image": np.zeros((1, 3, 8, 8), np.float32)})
     with pytest.raises(EngineError, match="unknown backend"):
         open_engine(trained["bundle"], "openvino")
-    with pytest.raises(EngineError, match="training run"):
-        open_engine(trained["bundle"], "torch", run=tmp_path / "missing")
-    torch_engine = open_engine(trained["bundle"], "torch")  # the run recorded at export
+    from edgead.training.reference import TorchEngine
+
+    torch_engine = TorchEngine.from_run(trained["run"])
     out = torch_engine.run({"image": np.full((1, 3, SIZE, SIZE), 0.5, np.float32)})
     assert out["score"].shape == (1,) and out["anomaly_map"].shape == (1, 1, SIZE, SIZE)

@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 
 from edgead.engines import cuda_rt  # noqa: E402
 from edgead.core.engine import Engine, EngineError, TensorSpec  # noqa: E402
-from edgead.engines.torch_cuda import TorchCudaEngine  # noqa: E402
+from edgead.training.reference import TorchCudaEngine  # noqa: E402
 
 S = 64
 

@@ -28,7 +28,7 @@ def bundle(tmp_path_factory) -> Path:
     """A random-init SSIM-AE at 32², calibrated on synthetic normal parts, exported to ONNX and
     certified: the same path a real bundle takes, in a few seconds."""
     pytest.importorskip("torch")
-    from benchmarks.parity import certify
+    from edgead.bench import certify_against_run
     from edgead.data.images import to_model_input
     from edgead.data.synth import Conveyor, sample
     from edgead.models import create
@@ -45,7 +45,7 @@ def bundle(tmp_path_factory) -> Path:
     parts = [Conveyor("washer", size=SIZE, seed=5, defect_rate=0.5)[i] for i in range(8)]
     images = np.concatenate([val, np.stack([to_model_input(p[0], SIZE, 3) for p in parts])])
     labels = np.r_[np.zeros(8, int), [int(p[2] is not None) for p in parts]]
-    report = certify(out, images, None, labels, run_dir=tmp / "run", precisions=("fp32",))
+    report = certify_against_run(out, images, None, labels, tmp / "run", precisions=("fp32",))
     assert report["results"]["onnxruntime/fp32"]["pass"]
     return Path(out)
 

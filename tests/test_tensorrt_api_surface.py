@@ -31,7 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TRT_SOURCE = ROOT / "edgead" / "engines" / "tensorrt_engine.py"
 CUDA_SOURCE = ROOT / "edgead" / "engines" / "cuda_rt.py"
-TORCH_SOURCE = ROOT / "edgead" / "engines" / "torch_cuda.py"
+TORCH_SOURCE = ROOT / "edgead" / "training" / "reference.py"
 ENGINE_SOURCES = (TRT_SOURCE, CUDA_SOURCE, TORCH_SOURCE)
 
 # attribute used on a TensorRT object -> the stub class that must define it
@@ -78,7 +78,7 @@ NOT_TRT = {
     "with_name", "lower", "strip", "join", "hexdigest", "dtype", "ptr", "stream", "handle",
     "dev_in", "dev_out", "fill", "upload", "download", "wait", "timings", "bind", "launch", "close",
     "free", "inputs", "outputs", "compute_capability", "stem", "host_inputs",
-    "warning", "encode",
+    "warning", "encode", "_release", "setdefault", "update",
 }
 
 # removed in TensorRT 10 (REFERENCES.md), plus the INT8 calibrator API (removed in TensorRT 11)

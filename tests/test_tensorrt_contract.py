@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edgead.engines import cuda_rt, tensorrt_engine  # noqa: E402
 from edgead.core.engine import Engine, EngineError  # noqa: E402
+from edgead.core.wiring import Node  # noqa: E402
 from edgead.engines.tensorrt_engine import (  # noqa: E402
     BUILD_MESSAGE,
     TensorRTChain,
@@ -807,9 +808,10 @@ def test_execute_failure_is_an_engine_error(fakes, tmp_path):
 def test_chain_runs_on_device_with_one_upload_and_one_download(fakes, tmp_path):
     full = detector_onnx(tmp_path / "full.onnx", seed=0)
     body = body_onnx(tmp_path / "body.onnx", seed=0)
-    head = head_onnx(tmp_path / "head.onnx", seed=1, input_name="head_in")
-    plans = [build_engine(body, "fp16"), build_engine(head, "fp16")]
-    chain = TensorRTChain(plans, links=[{"features": "head_in"}], precision="fp16")
+    head = head_onnx(tmp_path / "head.onnx", seed=1)
+    plans = {"body": build_engine(body, "fp16"), "head": build_engine(head, "fp16")}
+    wiring = [Node("body", ("image",), ("features",)), Node("head", ("features",), ("score", "anomaly_map"))]
+    chain = TensorRTChain(plans, wiring, precision="fp16")
     assert isinstance(chain, Engine)
     assert [s.name for s in chain.inputs] == ["image"] and [s.name for s in chain.outputs] == ["score", "anomaly_map"]
 
@@ -820,13 +822,13 @@ def test_chain_runs_on_device_with_one_upload_and_one_download(fakes, tmp_path):
     assert transfers == [("H2D", s0.dev_in["image"].ptr), ("D2H", s0.dev_out["score"].ptr), ("D2H", s0.dev_out["anomaly_map"].ptr)]
     assert [op for op, _ in log if op != "event"] == ["H2D", "execute", "execute", "D2H", "D2H"]
     body_ctx, head_ctx = chain._parts[0].contexts[0], chain._parts[1].contexts[0]
-    assert body_ctx.addresses["features"] == head_ctx.addresses["head_in"], "the intermediate stays on the device"
+    assert body_ctx.addresses["features"] == head_ctx.addresses["features"], "the intermediate stays on the device"
 
     ref = ort_run(full, {"image": image(7)})
     np.testing.assert_allclose(out["anomaly_map"], ref["anomaly_map"], rtol=1e-6, atol=1e-6)
     # ... and the same as running the two components separately with a host round trip
-    body_engine, head_engine = TensorRTEngine(plans[0]), TensorRTEngine(plans[1])
-    separate = head_engine.run({"head_in": body_engine.run({"image": image(7)})["features"]})
+    body_engine, head_engine = TensorRTEngine(plans["body"]), TensorRTEngine(plans["head"])
+    separate = head_engine.run({"features": body_engine.run({"image": image(7)})["features"]})
     for name in ("score", "anomaly_map"):
         np.testing.assert_array_equal(out[name], separate[name])
     for engine in (chain, body_engine, head_engine):
@@ -834,11 +836,15 @@ def test_chain_runs_on_device_with_one_upload_and_one_download(fakes, tmp_path):
     assert not fakes.cuda.device
 
 
-def test_chain_rejects_unmatched_links(fakes, tmp_path):
+def test_chain_rejects_unmatched_wiring(fakes, tmp_path):
     body = build_engine(body_onnx(tmp_path / "body.onnx"), "fp16")
     head = build_engine(head_onnx(tmp_path / "head.onnx", input_name="head_in"), "fp16")
+    wiring = [Node("body", ("image",), ("features",)), Node("head", ("head_in",), ("score", "anomaly_map"))]
     with pytest.raises(EngineError, match="head_in"):
-        TensorRTChain([body, head])  # no link from "features" to "head_in"
+        TensorRTChain({"body": body, "head": head}, wiring)  # nobody writes "head_in"
+    wrong = [Node("body", ("image",), ("features",)), Node("head", ("features",), ("score", "anomaly_map"))]
+    with pytest.raises(EngineError, match="does not match the wiring"):
+        TensorRTChain({"body": body, "head": head}, wrong)  # the plan reads head_in, the wiring says features
 
 
 # ============================================================== missing packages and CUDA errors
@@ -877,7 +883,7 @@ def test_importing_the_backends_needs_neither_tensorrt_nor_cuda_nor_torch():
     code = (
         "import sys\n"
         "sys.modules['tensorrt'] = None; sys.modules['cuda.bindings.runtime'] = None; sys.modules['torch'] = None\n"
-        "import edgead.engines.tensorrt_engine, edgead.engines.cuda_rt, edgead.engines.torch_cuda\n"
+        "import edgead.engines.tensorrt_engine, edgead.engines.cuda_rt, edgead.engines.cuda_slotted\n"
     )
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)

@@ -1,5 +1,9 @@
-"""Inference engines behind one protocol (:mod:`edgead.core.engine`). Torch-free: backends are
-imported only when opened, so a station with onnxruntime alone never loads torch or TensorRT."""
+"""The station's inference engines behind one protocol (:mod:`edgead.core.engine`).
+
+Torch-free (import-linter checks it): backends are imported only when opened, so a station with
+onnxruntime alone never loads TensorRT. The PyTorch reference engines live with training
+(:mod:`edgead.training.reference`), because they import torch.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 from edgead.core.bundle import FUSED, Bundle, BundleError, load_bundle
 from edgead.core.engine import Engine, EngineError, SlottedEngine, TensorSpec
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "tensorrt")
 
 __all__ = ["BACKENDS", "BundleError", "Engine", "EngineError", "SlottedEngine", "TensorSpec", "available_backends", "open_engine",
            "resolve_graph"]
@@ -35,26 +39,10 @@ def open_engine(bundle_or_path: Bundle | str | Path, backend: str = "onnxruntime
       ``intra_op_num_threads``...).
     * ``tensorrt``: builds (or loads the cached) plan of the precision's ONNX on this GPU via
       ``tensorrt_engine.load_or_build``; kw go to it.
-    * ``torch``: the FP32 PyTorch reference of the training run; ``run=RUN_DIR`` or the run
-      recorded in the bundle (``source_run``); kw ``device``.
 
     ``verify=False`` skips the SHA-256 check of a bundle folder (it is on by default).
     """
     verify = bool(kw.pop("verify", True))
-    if backend == "torch":
-        run = kw.pop("run", None)
-        bundle = None
-        if run is None:
-            bundle, _ = resolve_graph(bundle_or_path, "fp32", graph, verify)
-            run = bundle.manifest.get("source_run") if bundle is not None else None
-        if not run:
-            raise EngineError("the torch backend needs the training run: pass run=RUN_DIR (--run)")
-        if not Path(run).is_dir():
-            raise EngineError(f"torch backend: training run {run} does not exist on this machine (pass --run)")
-        from edgead.engines.torch_engine import TorchEngine  # imports torch: only on request
-
-        return TorchEngine.from_run(run, kw.pop("device", "cpu"), graph=graph, precision=precision, **kw)
-
     _, path = resolve_graph(bundle_or_path, precision, graph, verify)
     if backend == "onnxruntime":
         from edgead.engines.ort_engine import OrtEngine
@@ -76,7 +64,5 @@ def available_backends() -> list[str]:
     found = ["onnxruntime"] if importlib.util.find_spec("onnxruntime") else []
     if importlib.util.find_spec("tensorrt") and importlib.util.find_spec("cuda"):
         found.append("tensorrt")
-    if importlib.util.find_spec("torch"):
-        found.append("torch")
     return found
 

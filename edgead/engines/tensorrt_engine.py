@@ -21,8 +21,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgead.engines import cuda_rt
+from edgead.core.contract import IMAGE, OUTPUT_NAMES
 from edgead.core.engine import EngineError, TensorSpec
+from edgead.core.wiring import Node, WiringError, check_wiring, run_wiring
+from edgead.engines import cuda_rt
+from edgead.engines.cuda_slotted import CudaSlottedEngine
 
 log = logging.getLogger(__name__)
 
@@ -228,99 +231,111 @@ class _Component:
         self.contexts, self.engine, self.runtime = [], None, None  # contexts before engine before runtime
 
 
-class TensorRTEngine:
-    """The :class:`~edgead.core.engine.Engine` protocol on TensorRT: per slot, async H2D, then
-    ``execute_async_v3`` of each component, then async D2H, all on the slot's own stream."""
+class TensorRTEngine(CudaSlottedEngine):
+    """The :class:`~edgead.core.engine.Engine` protocol on one TensorRT plan: per slot, async
+    H2D, ``execute_async_v3``, async D2H, all on the slot's own stream."""
 
     backend = "tensorrt"
 
     def __init__(self, plan: bytes, precision: str = "fp32", num_slots: int = 2, input_shapes: Shapes | None = None) -> None:
-        self._wire([plan], [], precision, num_slots, input_shapes)
-
-    def _wire(self, plans: Sequence[bytes], links: Sequence[Mapping[str, str]], precision: str,
-              num_slots: int, input_shapes: Shapes | None) -> None:
-        self.precision, self.num_slots = precision, int(num_slots)
+        self.precision = precision
         self._parts: list[_Component] = []
-        self._scratch: list[cuda_rt.DeviceBuffer] = []  # intermediate tensors of a chain, per slot
-        self._slots: cuda_rt.CudaSlots | None = None
         try:
-            self._parts = [_Component(p, self.num_slots, input_shapes) for p in plans]
-            self.inputs, self.outputs = self._parts[0].inputs, self._parts[-1].outputs
-            self._slots = cuda_rt.CudaSlots(self.inputs, self.outputs, self.num_slots)
+            self._parts = [_Component(plan, int(num_slots), input_shapes)]
+            self._open_slots(self._parts[0].inputs, self._parts[0].outputs, num_slots)
             for slot in range(self.num_slots):
-                self._bind_slot(slot, links)
+                s = self.slots[slot]
+                self._parts[0].bind(slot, {**{n: b.ptr for n, b in s.dev_in.items()},
+                                           **{n: b.ptr for n, b in s.dev_out.items()}})
         except BaseException:
             self.close()
             raise
 
-    def _bind_slot(self, slot: int, links: Sequence[Mapping[str, str]]) -> None:
-        """Component 0 reads the uploaded inputs, the last writes the downloaded outputs, and
-        each other output goes to a device buffer the next component reads (links rename)."""
-        s = self._slots[slot]
-        upstream = {spec.name: (spec, s.dev_in[spec.name].ptr) for spec in self.inputs}
-        for k, part in enumerate(self._parts):
-            rename = {dst: src for src, dst in links[k - 1].items()} if k else {}
-            addresses: dict[str, int] = {}
-            for spec in part.inputs:
-                src = rename.get(spec.name, spec.name)
-                if src not in upstream or (upstream[src][0].shape, upstream[src][0].dtype) != (spec.shape, spec.dtype):
-                    raise EngineError(f"component {k} input {spec.name!r} has no matching output {src!r} upstream")
-                addresses[spec.name] = upstream[src][1]
-            last, upstream = k == len(self._parts) - 1, {}
-            for spec in part.outputs:
-                if not last:
-                    self._scratch.append(cuda_rt.DeviceBuffer(cuda_rt.spec_nbytes(spec)))
-                addresses[spec.name] = s.dev_out[spec.name].ptr if last else self._scratch[-1].ptr
-                upstream[spec.name] = (spec, addresses[spec.name])
-            part.bind(slot, addresses)
+    def _launch(self, slot: int, stream_handle: int) -> None:
+        for part in self._parts:  # back to back on one stream: no host round trip between them
+            part.launch(slot, stream_handle)
+        return None
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._slots.fill(0, feeds)
-        self.enqueue(0)
-        return self.synchronize(0)
-
-    def host_inputs(self, slot: int) -> dict[str, np.ndarray]:
-        return self._slots.host_inputs(slot)
-
-    def enqueue(self, slot: int) -> None:
-        self._slots.upload(slot)
-        try:
-            stream = self._slots[slot].stream.handle
-            for part in self._parts:  # back to back on one stream: no host round trip between them
-                part.launch(slot, stream)
-        except EngineError:
-            self._slots.wait(slot)  # drain the queued upload; the slot stays usable
-            raise
-        self._slots.download(slot)
-
-    def synchronize(self, slot: int) -> dict[str, np.ndarray]:
-        return self._slots.wait(slot)
-
-    def last_timings(self, slot: int = 0) -> dict[str, float]:
-        """h2d/compute/d2h ms of the slot's last synchronised frame, from CUDA events."""
-        return self._slots.timings(slot)
-
-    def close(self) -> None:
-        if self._slots is not None:
-            self._slots.close()  # waits for the streams before anything is freed
-        for buf in self._scratch:
-            buf.free()
+    def _release(self) -> None:
         for part in self._parts:
             part.close()
-        self._slots, self._scratch, self._parts = None, [], []
+        self._parts = []
 
 
 class TensorRTChain(TensorRTEngine):
-    """Several plans run back to back on the device: only the first component's inputs are
-    uploaded and only the last one's outputs downloaded. ``links[k]`` maps output names of
-    component k to input names of component k+1 (unlisted names link to the same name)."""
+    """A detector's component plans run back to back on the device, following its wiring.
 
-    def __init__(self, plans: Sequence[bytes], links: Sequence[Mapping[str, str]] | None = None,
-                 precision: str = "fp32", num_slots: int = 2, input_shapes: Shapes | None = None) -> None:
-        links = list(links) if links is not None else [{} for _ in plans[1:]]
-        if not plans or len(links) != len(plans) - 1:
-            raise EngineError(f"{len(plans)} components need {max(len(plans) - 1, 0)} links, got {len(links)}")
-        self._wire(plans, links, precision, num_slots, input_shapes)
+    ``wiring`` lists the components in order (name, inputs, outputs: the manifest's
+    ``components``). Each component's inputs are bound by name to the device buffer of any
+    earlier tensor (the image, or any earlier component's output: a head reads ``image`` as well
+    as ``reconstruction``), through the same interpreter that runs the wiring everywhere else
+    (:func:`edgead.core.wiring.run_wiring`). Only ``image`` is uploaded and only ``score`` and
+    ``anomaly_map`` are downloaded; every other tensor stays on the device.
+    """
+
+    def __init__(self, plans: Mapping[str, bytes], wiring: Sequence[Node], precision: str = "fp32",
+                 num_slots: int = 2) -> None:
+        self.precision = precision
+        self._parts, self._scratch = [], []
+        missing = [n.name for n in wiring if n.name not in plans]
+        if missing:
+            raise EngineError(f"no TensorRT plan for component(s) {missing}")
+        try:
+            self._parts = [_Component(plans[n.name], int(num_slots)) for n in wiring]
+            specs = self._check_wiring(wiring)
+            self._open_slots([specs[IMAGE]], [specs[o] for o in OUTPUT_NAMES], num_slots)
+            for slot in range(self.num_slots):
+                self._bind_slot(slot, wiring)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_wiring(self, wiring: Sequence[Node]) -> dict[str, TensorSpec]:
+        """Every tensor's spec, checking that each plan's I/O matches the wiring it is placed in."""
+        try:
+            check_wiring(wiring, [IMAGE], OUTPUT_NAMES)
+        except WiringError as exc:
+            raise EngineError(f"TensorRT chain: {exc}") from exc
+        specs: dict[str, TensorSpec] = {}
+        for node, part in zip(wiring, self._parts):
+            declared = (sorted(node.inputs), sorted(node.outputs))
+            actual = (sorted(s.name for s in part.inputs), sorted(s.name for s in part.outputs))
+            if declared != actual:
+                raise EngineError(f"component {node.name!r}: plan I/O {actual[0]} -> {actual[1]} does not match "
+                                  f"the wiring {declared[0]} -> {declared[1]}")
+            for spec in part.inputs:
+                if spec.name in specs and specs[spec.name] != spec:
+                    raise EngineError(f"component {node.name!r} input {spec.name!r} is {spec}, upstream wrote "
+                                      f"{specs[spec.name]}")
+                specs.setdefault(spec.name, spec)
+            specs.update({spec.name: spec for spec in part.outputs})
+        return specs
+
+    def _bind_slot(self, slot: int, wiring: Sequence[Node]) -> None:
+        s = self.slots[slot]
+        downloaded = {name: buf.ptr for name, buf in s.dev_out.items()}
+        parts = dict(zip((n.name for n in wiring), self._parts))
+
+        def bind(node: Node, input_ptrs: list[int]) -> tuple[int, ...]:
+            part = parts[node.name]
+            out_ptrs = []
+            for spec in part.outputs:
+                if spec.name in downloaded:
+                    out_ptrs.append(downloaded[spec.name])
+                else:
+                    self._scratch.append(cuda_rt.DeviceBuffer(cuda_rt.spec_nbytes(spec)))
+                    out_ptrs.append(self._scratch[-1].ptr)
+            part.bind(slot, {**dict(zip(node.inputs, input_ptrs)), **{sp.name: p for sp, p in zip(part.outputs, out_ptrs)}})
+            by_name = dict(zip((sp.name for sp in part.outputs), out_ptrs))
+            return tuple(by_name[name] for name in node.outputs)
+
+        run_wiring(wiring, {IMAGE: s.dev_in[IMAGE].ptr}, bind)
+
+    def _release(self) -> None:
+        for buf in self._scratch:
+            buf.free()
+        self._scratch = []
+        super()._release()
 
 
 # ---------------------------------------------------------------- cache + build

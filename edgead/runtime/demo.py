@@ -2,7 +2,7 @@
 
 The first run builds a small demo bundle with the project's own code (synthetic data -> train a
 small SSIM autoencoder -> export ONNX -> certify parity) in a *subprocess*
-(``python -m edgead.training.demo_build``), because training needs torch and this process must
+(``python -m edgead.demo_build``), because training needs torch and this process must
 never import it. The bundle is cached in ``$EDGEAD_CACHE/demo`` (default ``~/.cache/edgead/demo``)
 and reused. Then the ordinary station loop inspects the synthetic conveyor, whose ground truth
 gives the summary its accuracy.
@@ -60,7 +60,7 @@ def build_bundle(cache: Path, say: Callable[..., None], rebuild: bool = False) -
             return hit
         say(f"edgead-run --demo: building the demo bundle in {cache} (first run only, ~1-2 min of CPU)...")
         started = time.monotonic()
-        cmd = [sys.executable, "-m", "edgead.training.demo_build", "--out", str(cache)]
+        cmd = [sys.executable, "-m", "edgead.demo_build", "--out", str(cache)]
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # so a source checkout works without install
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

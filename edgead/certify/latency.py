@@ -1,10 +1,11 @@
-"""``edgead bench latency BUNDLE --backend onnxruntime tensorrt --precision fp32 fp16 int8``.
+"""Latency, trtexec-style (``edgead bench latency BUNDLE --backend ... --precision ...``).
 
 trtexec-style: warm up for ``--warmup-ms`` (200 ms), then ``--iterations N`` or ``--duration S``
 (default: at least 10 iterations over 3 s); min / mean / median / p90 / p95 / p99 / max latency
 and throughput, batch 1. H2D / compute / D2H come from engines that report them (TensorRT's
 ``last_timings``). Every run also times the PyTorch-eager FP32 model of the same detector, and
-every engine is reported as a speed-up over it. Each component graph is timed on its own, which
+every engine is reported as a speed-up over it; that baseline comes in as an engine factory, so
+this module runs without torch (then there is no baseline column). Each component graph is timed on its own, which
 gives its share of the frame (how the VGG scorer's cost is reported).
 
 Inputs are uniform random in [0, 1] (seeded), never zeros: zeros would hit shortcuts and, on
@@ -13,19 +14,19 @@ CPUs, denormal-free fast paths that real images don't.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from edgead.core import machine
 from edgead.core.bundle import FUSED, Bundle, load_bundle
+from edgead.core.engine import Engine
 from edgead.engines import EngineError, open_engine
+
+EngineFactory = Callable[[str], Engine]  # graph name ("detector" or a component) -> engine
 
 
 def random_feeds(engine: Any, seed: int = 0) -> dict[str, np.ndarray]:
@@ -73,18 +74,16 @@ def measure(engine: Any, warmup_ms: float = 200.0, iterations: int | None = None
     return result
 
 
-def _open(bundle: Bundle, backend: str, precision: str, graph: str, threads: int | None, run: str | None) -> Any:
-    kw: dict[str, Any] = {}
-    if backend == "onnxruntime" and threads:
-        kw["intra_op_num_threads"] = threads
-    if backend == "torch":
-        kw.update(run=run, threads=threads)
-    return open_engine(bundle, backend, precision, graph, **kw)
+def engine_factory(bundle: Bundle, backend: str, precision: str, threads: int | None) -> EngineFactory:
+    """Opens each graph of ``bundle`` on ``backend`` at ``precision``."""
+    kw: dict[str, Any] = {"intra_op_num_threads": threads} if backend == "onnxruntime" and threads else {}
+    return lambda graph: open_engine(bundle, backend, precision, graph, **kw)
 
 
-def bench_engine(bundle: Bundle, backend: str, precision: str, settings: dict[str, Any], threads: int | None,
-                 run: str | None, components: bool = True) -> dict[str, Any]:
-    engine = _open(bundle, backend, precision, FUSED, threads, run)
+def bench_engine(bundle: Bundle, open_graph: EngineFactory, settings: dict[str, Any],
+                 components: bool = True) -> dict[str, Any]:
+    """Latency of the fused graph, and of each component graph on its own (its share)."""
+    engine = open_graph(FUSED)
     try:
         result = measure(engine, **settings)
     finally:
@@ -93,10 +92,9 @@ def bench_engine(bundle: Bundle, backend: str, precision: str, settings: dict[st
         comps: dict[str, Any] = {}
         for comp in bundle.manifest["components"]:
             name = comp["name"]
-            graph_file = None if backend == "torch" else bundle.graph_path(name, precision).name
-            part = _open(bundle, backend, precision, name, threads, run)
+            part = open_graph(name)
             try:
-                comps[name] = {"graph": graph_file, **measure(part, **settings)}
+                comps[name] = {"graph": str(getattr(part, "path", "") or "") or None, **measure(part, **settings)}
             finally:
                 part.close()
         total = sum(c["latency_ms"]["median"] for c in comps.values())
@@ -107,53 +105,45 @@ def bench_engine(bundle: Bundle, backend: str, precision: str, settings: dict[st
     return result
 
 
-def _host() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
-
-
 def benchmark(bundle_dir: str | Path, backends: Sequence[str] = ("onnxruntime",), precisions: Sequence[str] | None = None,
               warmup_ms: float = 200.0, iterations: int | None = None, duration_s: float = 3.0,
-              threads: int | None = None, run: str | None = None, components: bool = True) -> dict[str, Any]:
-    """Latency of every backend × precision, with the PyTorch-eager FP32 baseline and ratios."""
+              threads: int | None = None, baseline: EngineFactory | None = None,
+              components: bool = True) -> dict[str, Any]:
+    """Latency of every backend x precision, beside the PyTorch-eager FP32 ``baseline`` (if given)
+    with speed-ups over it."""
     bundle = load_bundle(bundle_dir)
-    run = run or bundle.manifest.get("source_run")
     settings = {"warmup_ms": warmup_ms, "iterations": iterations, "duration_s": duration_s}
-    baseline = bench_engine(bundle, "torch", "fp32", settings, threads, run, components)
-    base_median, base_p99 = baseline["latency_ms"]["median"], baseline["latency_ms"]["p99"]
+    base = bench_engine(bundle, baseline, settings, components) if baseline is not None else None
     results: dict[str, Any] = {}
     for backend in backends:
         for precision in precisions or bundle.precisions(FUSED):
             key = f"{backend}/{precision}"
             try:
-                r = bench_engine(bundle, backend, precision, settings, threads, run, components)
+                r = bench_engine(bundle, engine_factory(bundle, backend, precision, threads), settings, components)
             except EngineError as exc:
                 results[key] = {"skipped": str(exc)}
                 continue
-            r["speedup_vs_torch"] = {"median": base_median / r["latency_ms"]["median"],
-                                     "p99": base_p99 / r["latency_ms"]["p99"]}
+            if base is not None:
+                r["speedup_vs_torch"] = {"median": base["latency_ms"]["median"] / r["latency_ms"]["median"],
+                                         "p99": base["latency_ms"]["p99"] / r["latency_ms"]["p99"]}
             fallbacks = bundle.manifest.get("precision_fallbacks", {}).get(precision)
             if fallbacks:
                 r["precision_fallbacks"] = fallbacks
             results[key] = r
-    return {"bundle": str(Path(bundle_dir).resolve()), "detector": bundle.detector,
-            "input_shape": list(bundle.input_shape), "batch": 1, "host": _host(),
-            "settings": {**settings, "threads": threads, "input": "uniform random [0, 1], seed 0"},
-            "baseline": {"backend": "torch", "precision": "fp32", "mode": "eager", **baseline}, "results": results}
+    report = {"bundle": str(Path(bundle_dir).resolve()), "detector": bundle.detector,
+              "input_shape": list(bundle.input_shape), "batch": 1, "host": machine.describe(),
+              "settings": {**settings, "threads": threads, "input": "uniform random [0, 1], seed 0"},
+              "results": results}
+    if base is not None:
+        report["baseline"] = {"backend": "torch", "precision": "fp32", "mode": "eager", **base}
+    return report
 
 
 def print_table(report: dict[str, Any], file: Any = sys.stdout) -> None:
     print(f"{report['detector']} {report['input_shape']} batch 1 on {report['host']['cpu']} "
           f"({report['host']['cores']} cores)", file=file)
     print(f"{'engine':<22}{'median ms':>10}{'p99 ms':>9}{'min ms':>9}{'fps':>8}{'× torch':>9}  components (share)", file=file)
-    rows = [("torch/fp32 (eager)", report["baseline"])] + list(report["results"].items())
+    rows = ([("torch/fp32 (eager)", report["baseline"])] if "baseline" in report else []) + list(report["results"].items())
     for key, r in rows:
         if "skipped" in r:
             print(f"{key:<22}  skipped: {r['skipped']}", file=file)
@@ -166,31 +156,3 @@ def print_table(report: dict[str, Any], file: Any = sys.stdout) -> None:
         if "timings_ms" in r:
             t = r["timings_ms"]
             print("    " + "  ".join(f"{k} {v['median']:.3f} ms" for k, v in t.items()), file=file)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgead bench latency", description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle")
-    parser.add_argument("--backend", nargs="+", default=["onnxruntime"], choices=["onnxruntime", "tensorrt", "torch"])
-    parser.add_argument("--precision", nargs="+", help="default: every precision in the bundle")
-    parser.add_argument("--warmup-ms", type=float, default=200.0)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--iterations", type=int)
-    group.add_argument("--duration", type=float, default=3.0, help="seconds (default 3, at least 10 iterations)")
-    parser.add_argument("--threads", type=int, help="CPU threads (onnxruntime intra-op, torch)")
-    parser.add_argument("--run", help="training run for the PyTorch baseline (default: recorded at export)")
-    parser.add_argument("--no-components", action="store_true", help="skip the per-component timing")
-    parser.add_argument("--out", help="write the report as JSON")
-    args = parser.parse_args(argv)
-    backends = [b for b in args.backend if b != "torch"]  # torch is always the baseline
-    try:
-        report = benchmark(args.bundle, backends, args.precision, args.warmup_ms, args.iterations, args.duration,
-                           args.threads, args.run, not args.no_components)
-    except (ValueError, OSError, EngineError, RuntimeError) as exc:
-        print(f"edgead bench latency: error: {exc}", file=sys.stderr)
-        return 2
-    print_table(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    return 0

@@ -1,7 +1,9 @@
-"""Build the demo bundle: ``python -m edgead.training.demo_build --out CACHE_DIR``.
+"""Build the demo bundle: ``python -m edgead.demo_build --out CACHE_DIR``.
 
-Training code: it needs torch. ``edgead-run --demo`` runs
-it as a *subprocess*, so the station process itself never imports torch.
+It trains, exports and certifies, so it needs torch; ``edgead-run --demo`` runs it as a
+*subprocess*, so the station process itself never imports torch. It sits at the top of the layer
+stack beside the CLI, since it composes training (:mod:`edgead.training.demo`), export and
+certification.
 
 Steps, all with the project's own code: render a small synthetic data set (one category, 64²),
 train an SSIM autoencoder within a time budget, calibrate on held-out normal images, export the
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -25,26 +26,11 @@ import numpy as np
 
 CATEGORY = "metal"  # SSIM-AE detects best here at 64² (sweep: image AUROC ~0.8 after a few epochs)
 SIZE = 64
-N_TRAIN, N_VAL, N_CHECK, N_CERTIFY = 160, 40, 120, 40
+N_CHECK, N_CERTIFY = 120, 40
 EPOCHS = 20
 TRAIN_BUDGET_S = 60.0  # wall-clock cap on training: ~20 epochs take ~30 s on an idle 2-core CPU
 DETECTOR = "ssim_ae"
 CONFIG = {"width": 32, "latent_dim": 100, "scorer": "ssim"}
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))  # honours taskset/cgroup pinning
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-def _images(category: str, size: int, stream: str, count: int, seed: int = 0) -> np.ndarray:
-    from edgead.data.images import to_model_input
-    from edgead.data.synth import sample
-
-    return np.stack([to_model_input(sample(category, i, size=size, seed=seed, stream=stream)[0], size, 3)
-                     for i in range(count)])
 
 
 def _check_accuracy(bundle_dir: Path, category: str, size: int) -> dict[str, Any]:
@@ -76,7 +62,7 @@ def _check_accuracy(bundle_dir: Path, category: str, size: int) -> dict[str, Any
 def _certify(bundle_dir: Path, run_dir: Path, val: np.ndarray, category: str, size: int) -> dict[str, Any]:
     """ONNX Runtime FP32 vs the PyTorch run on validation + fresh conveyor parts; the result goes
     into the manifest's parity section (the runtime refuses a bundle without it)."""
-    from benchmarks.parity import certify
+    from edgead.bench import certify_against_run
     from edgead.data.images import to_model_input
     from edgead.data.synth import Conveyor
 
@@ -86,20 +72,16 @@ def _certify(bundle_dir: Path, run_dir: Path, val: np.ndarray, category: str, si
     masks = np.concatenate([np.zeros((len(val), size, size), np.float32),
                             np.stack([(m > 0).astype(np.float32) for _, m, _ in parts])])
     labels = np.r_[np.zeros(len(val), int), [int(d is not None) for _, _, d in parts]]
-    report = certify(bundle_dir, images, masks, labels, run_dir=run_dir, backends=("onnxruntime",),
-                     precisions=("fp32",), data=f"demo: {len(val)} validation + {len(parts)} synthetic parts")
+    report = certify_against_run(bundle_dir, images, masks, labels, run_dir, backends=("onnxruntime",),
+                                 precisions=("fp32",), data=f"demo: {len(val)} validation + {len(parts)} synthetic parts")
     return report["results"]["onnxruntime/fp32"]
 
 
 def build(out: Path, category: str = CATEGORY, size: int = SIZE, epochs: int = EPOCHS,
           budget_s: float = TRAIN_BUDGET_S, seed: int = 0) -> dict[str, Any]:
-    import torch
-
-    from edgead.models.base import TrainConfig
-    from edgead.training.trainer import train_from_arrays
     from edgead.export.bundle_writer import export_run
+    from edgead.training.demo import train_demo_run
 
-    torch.set_num_threads(_cores())
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").unlink(missing_ok=True)  # its presence marks a complete build
@@ -107,17 +89,9 @@ def build(out: Path, category: str = CATEGORY, size: int = SIZE, epochs: int = E
         shutil.rmtree(out / stale, ignore_errors=True)
     say = lambda msg: print(f"[{time.monotonic() - started:5.1f}s] {msg}", flush=True)  # noqa: E731
 
-    train = _images(category, size, "train", N_TRAIN, seed)
-    val = _images(category, size, "val", N_VAL, seed)
-    say(f"synthetic {category}: {len(train)} training + {len(val)} validation normal images at {size}px")
-    run_dir = train_from_arrays(
-        DETECTOR, train, val, out / "run", config={**CONFIG, "image_size": size, "channels": 3},
-        train=TrainConfig(epochs=epochs, batch_size=16, device="cpu", seed=seed, time_budget_s=budget_s),
-        meta={"data": {"layout": "synthetic", "category": category, "image_size": size,
-                       "n_train": len(train), "n_val": len(val), "seed": seed}},
-        progress=False)
-    history = json.loads((Path(run_dir) / "history.json").read_text())
-    say(f"trained {DETECTOR}: {len(history)} epochs")
+    run_dir, val, epochs_trained = train_demo_run(out / "run", DETECTOR, CONFIG, category, size, epochs, budget_s,
+                                                  seed, say)
+    say(f"trained {DETECTOR}: {epochs_trained} epochs")
     bundle_tmp = export_run(run_dir, out / "bundle.tmp", precisions=["fp32"])
     cert = _certify(Path(bundle_tmp), Path(run_dir), val, category, size)
     say(f"exported and certified onnxruntime/fp32: {'pass' if cert.get('pass') else 'FAIL'}")
@@ -130,7 +104,7 @@ def build(out: Path, category: str = CATEGORY, size: int = SIZE, epochs: int = E
     shutil.rmtree(final, ignore_errors=True)
     shutil.move(str(bundle_tmp), str(final))
     info = {"bundle": "bundle", "run": "run", "detector": DETECTOR, "category": category, "size": size,
-            "config": CONFIG, "epochs_trained": len(history), "train_budget_s": budget_s,
+            "config": CONFIG, "epochs_trained": epochs_trained, "train_budget_s": budget_s,
             "build_seconds": round(time.monotonic() - started, 1), "check": check}
     (out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
     say(f"demo bundle ready: {final}")
@@ -138,7 +112,7 @@ def build(out: Path, category: str = CATEGORY, size: int = SIZE, epochs: int = E
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgead.training.demo_build", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m edgead.demo_build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="cache folder (gets bundle/, run/ and demo.json)")
     p.add_argument("--category", default=CATEGORY)

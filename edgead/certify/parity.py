@@ -1,5 +1,7 @@
-"""``edgead bench parity BUNDLE --data ROOT --category C``: certify every engine of a bundle
-against the PyTorch FP32 model of the run it came from.
+"""Parity: certify every engine of a bundle against reference outputs (``edgead bench parity``).
+
+The reference is the PyTorch FP32 model's score and map on the same images, passed in as arrays
+(this module never imports torch).
 
 Per output (score, anomaly_map), Polygraphy-style: max / mean / median / p99 absolute error,
 max / mean relative error, and Polygraphy's element-wise rule (an element fails only where
@@ -13,20 +15,25 @@ manifest is re-written with fresh checksums).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from edgead.core.bundle import FUSED, load_bundle, write_manifest
 from edgead.core.calibration import Calibration
-from edgead.engines import EngineError, open_engine
+from edgead.core.contract import ANOMALY_MAP, IMAGE, SCORE
+from edgead.core.engine import Engine
 from edgead.core.postprocess import smooth
+from edgead.core.statistics import auroc, pearson, spearman
+from edgead.engines import EngineError, open_engine
+
+OUTPUTS = (SCORE, ANOMALY_MAP)
+Outputs = dict[str, np.ndarray]
 
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"map_max_abs": 1e-4, "score_max_rel": 1e-4, "noise_floor_factor": 2.0, "atol": 1e-4, "rtol": 1e-4},
@@ -51,23 +58,6 @@ default tolerances suit FP32, not reduced precision).
 """
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    # average ranks over ties
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    return (sums / counts)[inv]
-
-
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if a.std() == 0 or b.std() == 0:
-        return 1.0 if np.array_equal(a, b) else math.nan
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def error_stats(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> dict[str, float]:
     """Polygraphy's statistics of ``got`` against ``ref`` (both float arrays, same shape)."""
     ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
@@ -83,26 +73,8 @@ def error_stats(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> d
             "finite": finite}
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    try:
-        from edgead.evaluation.metrics import image_auroc
-    except ImportError:
-        from sklearn.metrics import roc_auc_score
-
-        return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < labels.size else math.nan
-    return image_auroc(labels, scores)
-
-
 def _pixel_auroc(masks: np.ndarray | None, maps: np.ndarray) -> float:
-    if masks is None or not (0 < masks.sum() < masks.size):
-        return math.nan
-    try:
-        from edgead.evaluation.metrics import pixel_auroc
-    except ImportError:
-        from sklearn.metrics import roc_auc_score
-
-        return float(roc_auc_score(masks.ravel() > 0.5, maps.ravel()))
-    return pixel_auroc(masks, maps)
+    return math.nan if masks is None else auroc(np.asarray(masks) > 0.5, maps)
 
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: np.ndarray, masks: np.ndarray | None,
@@ -110,21 +82,20 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: np.n
             ref64: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """All statistics of one engine's outputs against the reference, and its verdict."""
     tol = TOLERANCES[precision]
-    out: dict[str, Any] = {name: error_stats(ref[name], got[name], tol["atol"], tol["rtol"])
-                           for name in ("score", "anomaly_map")}
-    ref_smooth, got_smooth = smooth(ref["anomaly_map"], sigma), smooth(got["anomaly_map"], sigma)
-    ref_verdicts = [calibration.verdict(float(s)) for s in ref["score"]]
-    got_verdicts = [calibration.verdict(float(s)) for s in got["score"]]
+    out: dict[str, Any] = {name: error_stats(ref[name], got[name], tol["atol"], tol["rtol"]) for name in OUTPUTS}
+    ref_smooth, got_smooth = smooth(ref[ANOMALY_MAP], sigma), smooth(got[ANOMALY_MAP], sigma)
+    ref_verdicts = [calibration.verdict(float(s)) for s in ref[SCORE]]
+    got_verdicts = [calibration.verdict(float(s)) for s in got[SCORE]]
     end = {
-        "map_pearson": _corr(ref["anomaly_map"], got["anomaly_map"]),
-        "score_spearman": _corr(_ranks(ref["score"]), _ranks(got["score"])),
-        "image_auroc_ref": _auroc(labels, ref["score"]), "image_auroc": _auroc(labels, got["score"]),
+        "map_pearson": pearson(ref[ANOMALY_MAP], got[ANOMALY_MAP]),
+        "score_spearman": spearman(ref[SCORE], got[SCORE]),
+        "image_auroc_ref": auroc(labels, ref[SCORE]), "image_auroc": auroc(labels, got[SCORE]),
         "pixel_auroc_ref": _pixel_auroc(masks, ref_smooth), "pixel_auroc": _pixel_auroc(masks, got_smooth),
         "verdict_agreement": float(np.mean([a == b for a, b in zip(ref_verdicts, got_verdicts)])),
     }
     # Which images flipped, and how close to the threshold they were: a flip of an image that
     # sits within the engine's score error of the threshold is rounding, a shift of many is not.
-    end["verdict_flips"] = [{"index": i, "reference": float(ref["score"][i]), "engine": float(got["score"][i]),
+    end["verdict_flips"] = [{"index": i, "reference": float(ref[SCORE][i]), "engine": float(got[SCORE][i]),
                              "threshold": calibration.image_threshold}
                             for i, (a, b) in enumerate(zip(ref_verdicts, got_verdicts)) if a != b][:20]
     end["delta_image_auroc"] = end["image_auroc"] - end["image_auroc_ref"]
@@ -141,30 +112,13 @@ def noise_floor(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], ref64: d
                 factor: float) -> dict[str, Any]:
     """Per output: is the engine within ``factor`` × PyTorch FP32's own error against float64?"""
     out: dict[str, Any] = {}
-    for name in ("score", "anomaly_map"):
+    for name in OUTPUTS:
         torch_err = float(np.abs(ref[name] - ref64[name]).max())
         engine_err = float(np.abs(got[name] - ref64[name]).max())
         out[f"{name}_torch_fp32_vs_fp64"] = torch_err
         out[f"{name}_engine_vs_fp64"] = engine_err
         out[name] = bool(engine_err <= factor * torch_err)
     return out
-
-
-def reference_fp64(run_dir: str | Path, images: np.ndarray) -> dict[str, np.ndarray]:
-    """The run's detector evaluated in float64 on CPU: the yardstick of FP32 rounding."""
-    import torch
-
-    from edgead.training.checkpoint import load_run
-
-    detector, _, _ = load_run(run_dir, device="cpu")
-    detector = detector.double().eval()
-    scores, maps = [], []
-    with torch.inference_mode():
-        for image in images:
-            score, amap = detector(torch.from_numpy(image[None].astype(np.float64)))
-            scores.append(float(score.reshape(-1)[0]))
-            maps.append(amap.reshape(images.shape[-2:]).numpy())
-    return {"score": np.array(scores), "anomaly_map": np.stack(maps)}
 
 
 def _checks(stats: dict[str, Any], precision: str) -> dict[str, bool | None]:
@@ -184,40 +138,40 @@ def _checks(stats: dict[str, Any], precision: str) -> dict[str, bool | None]:
             "verdict_agreement": end["verdict_agreement"] >= tol["min_verdict_agreement"]}
 
 
-def run_engine(engine: Any, images: np.ndarray) -> dict[str, np.ndarray]:
+def run_engine(engine: Engine, images: np.ndarray) -> Outputs:
+    """Score (N,) and raw map (N, H, W) of ``engine`` on images (N, C, H, W), one at a time."""
     scores, maps = [], []
     for image in images:
-        out = engine.run({"image": image[None].astype(np.float32, copy=False)})
-        scores.append(float(np.asarray(out["score"]).reshape(-1)[0]))
-        maps.append(np.asarray(out["anomaly_map"], np.float32).reshape(images.shape[-2:]))
-    return {"score": np.array(scores, np.float64), "anomaly_map": np.stack(maps)}
+        out = engine.run({IMAGE: image[None].astype(np.float32, copy=False)})
+        scores.append(float(np.asarray(out[SCORE]).reshape(-1)[0]))
+        maps.append(np.asarray(out[ANOMALY_MAP], np.float32).reshape(images.shape[-2:]))
+    return {SCORE: np.array(scores, np.float64), ANOMALY_MAP: np.stack(maps)}
 
 
 def _beyond_fp32_bound(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> bool:
     tol = TOLERANCES["fp32"]
-    return bool(error_stats(ref["anomaly_map"], got["anomaly_map"], 0, 0)["max_abs"] > tol["map_max_abs"]
-                or error_stats(ref["score"], got["score"], 0, 0)["max_rel"] > tol["score_max_rel"])
+    return bool(error_stats(ref[ANOMALY_MAP], got[ANOMALY_MAP], 0, 0)["max_abs"] > tol["map_max_abs"]
+                or error_stats(ref[SCORE], got[SCORE], 0, 0)["max_rel"] > tol["score_max_rel"])
 
 
 def certify(bundle_dir: str | Path, images: np.ndarray, masks: np.ndarray | None, labels: np.ndarray,
-            run_dir: str | Path | None = None, backends: Sequence[str] = ("onnxruntime",),
-            precisions: Sequence[str] | None = None, data: str = "arrays", write: bool = True,
+            reference: Outputs, reference64: Callable[[], Outputs] | None = None,
+            backends: Sequence[str] = ("onnxruntime",), precisions: Sequence[str] | None = None,
+            data: str = "arrays", reference_name: str = "torch fp32", write: bool = True,
             engine_kw: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Certify the bundle's fused graphs on ``backends`` × ``precisions`` against PyTorch FP32.
+    """Certify the bundle's fused graphs on ``backends`` x ``precisions`` against ``reference``.
 
-    ``images`` (N, C, H, W) float32 in [0, 1], ``labels`` (N,) 0/1, ``masks`` (N, H, W) or None.
-    Returns ``{"reference": ..., "results": {"backend/precision": stats}}``; with ``write`` the
-    summaries go into the manifest.
+    ``images`` (N, C, H, W) float32 in [0, 1], ``labels`` (N,) 0/1, ``masks`` (N, H, W) or None;
+    ``reference`` the reference's outputs on them; ``reference64()`` its float64 outputs, asked
+    for only when an FP32 engine misses the plain bound (the noise-floor rule). Returns
+    ``{"reference": ..., "results": {"backend/precision": stats}}``; with ``write`` the summaries
+    go into the manifest.
     """
     bundle = load_bundle(bundle_dir)
-    run = run_dir or bundle.manifest.get("source_run")
-    reference = open_engine(bundle, "torch", run=run)
-    ref = run_engine(reference, images)
     calibration = bundle.calibration
-    sigma = calibration.sigma
     labels = np.asarray(labels).astype(int)
     results: dict[str, Any] = {}
-    ref64: dict[str, np.ndarray] | None = None
+    ref64: Outputs | None = None
     for backend in backends:
         for precision in precisions or bundle.precisions(FUSED):
             key = f"{backend}/{precision}"
@@ -230,10 +184,10 @@ def certify(bundle_dir: str | Path, images: np.ndarray, masks: np.ndarray | None
                 got = run_engine(engine, images)
             finally:
                 engine.close()
-            if precision == "fp32" and ref64 is None and _beyond_fp32_bound(ref, got):
-                ref64 = reference_fp64(run, images)  # only when the plain bound is missed
-            results[key] = compare(ref, got, labels, masks, calibration, precision, sigma, ref64)
-    report = {"bundle": str(Path(bundle_dir).resolve()), "reference": f"torch fp32 of {run}",
+            if precision == "fp32" and ref64 is None and reference64 is not None and _beyond_fp32_bound(reference, got):
+                ref64 = reference64()  # only when the plain bound is missed
+            results[key] = compare(reference, got, labels, masks, calibration, precision, calibration.sigma, ref64)
+    report = {"bundle": str(Path(bundle_dir).resolve()), "reference": reference_name,
               "data": data, "n_images": int(len(images)), "n_anomalous": int(labels.sum()),
               "tolerances": TOLERANCES, "results": results}
     if write:
@@ -260,7 +214,7 @@ def record(bundle_dir: str | Path, report: dict[str, Any]) -> None:
     parity = dict(bundle.manifest.get("parity", {}))
     for key, stats in report["results"].items():
         if "skipped" not in stats:
-            parity[key] = _json_safe(summary(stats, report, date))
+            parity[key] = json_safe(summary(stats, report, date))
     path = write_manifest(bundle.root, {**bundle.manifest, "parity": parity})
     # write_manifest hashes every file in the folder, but TensorRT keeps its engine and timing
     # caches beside the graphs; they are per-device build products, rebuilt whenever stale, and
@@ -271,11 +225,11 @@ def record(bundle_dir: str | Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(written, indent=2) + "\n")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return None if not math.isfinite(float(value)) else float(value)
     if isinstance(value, np.integer):
@@ -319,33 +273,3 @@ def print_table(report: dict[str, Any], file: Any = sys.stdout) -> None:
               f"{e['score_spearman']:>9.5f}{e['delta_image_auroc']:>+12.4f}{e['delta_pixel_auroc']:>+11.4f}"
               f"{e['verdict_agreement']:>8.1%}  {'PASS' if s['pass'] else 'FAIL'}"
               + (f"  ({len(e['verdict_flips'])} verdict flip(s))" if e["verdict_flips"] else ""), file=file)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgead bench parity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle")
-    parser.add_argument("--data", required=True, help="MVTec-layout root")
-    parser.add_argument("--category", required=True)
-    parser.add_argument("--run", help="training run of the reference (default: the one recorded at export)")
-    parser.add_argument("--backends", nargs="+", default=["onnxruntime"], choices=["onnxruntime", "tensorrt"])
-    parser.add_argument("--precisions", nargs="+", help="default: every precision in the bundle")
-    parser.add_argument("--max-images", type=int, help="evenly spaced subset of validation + test images")
-    parser.add_argument("--out", help="write the full report as JSON")
-    parser.add_argument("--no-write", action="store_true", help="don't record the result in the manifest")
-    args = parser.parse_args(argv)
-    try:
-        bundle = load_bundle(args.bundle)
-        run = args.run or bundle.manifest.get("source_run")
-        meta = json.loads((Path(run) / "config.json").read_text()) if run and (Path(run) / "config.json").is_file() else None
-        images, masks, labels, desc = load_data(args.bundle, args.data, args.category, meta, args.max_images)
-        report = certify(args.bundle, images, masks, labels, run_dir=run, backends=args.backends,
-                         precisions=args.precisions, data=desc, write=not args.no_write)
-    except (ValueError, OSError, EngineError, RuntimeError) as exc:
-        print(f"edgead bench parity: error: {exc}", file=sys.stderr)
-        return 2
-    print_table(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(_json_safe(report), indent=2) + "\n")
-    ran = [s for s in report["results"].values() if "skipped" not in s]
-    return 0 if ran and all(s["pass"] for s in ran) else 1
