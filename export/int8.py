@@ -27,6 +27,8 @@ from onnx import numpy_helper
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quant_pre_process, quantize_static)
 
+from edgead.core.contract import ANOMALY_MAP, IMAGE, SCORE
+from edgead.core.wiring import Node, run_wiring
 from edgead.export.fp16 import drop_dead_nodes, fp32_node_names
 
 CALIB_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -184,21 +186,19 @@ def open_sessions(paths: dict[str, Path]) -> dict[str, object]:
 
 
 def run_chain(components: Sequence[dict], sessions: dict[str, object], image: np.ndarray) -> dict[str, np.ndarray]:
-    """Run component graphs one after another (``components``: manifest entries with the wiring)."""
-    values: dict[str, np.ndarray] = {"image": image}
-    for comp in components:
-        sess = sessions[comp["name"]]
-        outs = sess.run(list(comp["outputs"]), {n: values[n] for n in comp["inputs"]})  # type: ignore[attr-defined]
-        values.update(zip(comp["outputs"], outs))
-    return values
+    """Run component graphs one after another (``components``: manifest entries with the wiring),
+    through the one wiring interpreter; returns every named tensor."""
+    nodes = [Node.from_dict(c) for c in components]
+    return run_wiring(nodes, {IMAGE: image},
+                      lambda node, args: sessions[node.name].run(list(node.outputs), dict(zip(node.inputs, args))))  # type: ignore[attr-defined]
 
 
 def output_errors(ref: Sequence[dict[str, np.ndarray]], got: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     """The component criterion's numbers (see :data:`COMPONENT_TOLERANCE`)."""
-    s_ref = np.array([r["score"].reshape(-1)[0] for r in ref], dtype=np.float64)
-    s_got = np.array([g["score"].reshape(-1)[0] for g in got], dtype=np.float64)
-    m_ref = np.stack([r["anomaly_map"] for r in ref]).astype(np.float64).ravel()
-    m_got = np.stack([g["anomaly_map"] for g in got]).astype(np.float64).ravel()
+    s_ref = np.array([r[SCORE].reshape(-1)[0] for r in ref], dtype=np.float64)
+    s_got = np.array([g[SCORE].reshape(-1)[0] for g in got], dtype=np.float64)
+    m_ref = np.stack([r[ANOMALY_MAP] for r in ref]).astype(np.float64).ravel()
+    m_got = np.stack([g[ANOMALY_MAP] for g in got]).astype(np.float64).ravel()
     s_spread = max(float(s_ref.std()), 1e-12)
     m_spread = max(float(m_ref.std()), 1e-12)
     finite = bool(np.isfinite(s_got).all() and np.isfinite(m_got).all())

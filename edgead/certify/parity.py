@@ -124,12 +124,12 @@ def noise_floor(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], ref64: d
 def _checks(stats: dict[str, Any], precision: str) -> dict[str, bool | None]:
     """Criterion -> passed (None: not applicable to this data, e.g. no anomalous image)."""
     tol, end = TOLERANCES[precision], stats["end"]
-    finite = stats["score"]["finite"] and stats["anomaly_map"]["finite"]
+    finite = stats[SCORE]["finite"] and stats[ANOMALY_MAP]["finite"]
     if precision == "fp32":
         floor = stats.get("fp64", {})
         return {"finite": finite,
-                "map_max_abs": stats["anomaly_map"]["max_abs"] <= tol["map_max_abs"] or floor.get("anomaly_map", False),
-                "score_max_rel": stats["score"]["max_rel"] <= tol["score_max_rel"] or floor.get("score", False)}
+                "map_max_abs": stats[ANOMALY_MAP]["max_abs"] <= tol["map_max_abs"] or floor.get(ANOMALY_MAP, False),
+                "score_max_rel": stats[SCORE]["max_rel"] <= tol["score_max_rel"] or floor.get(SCORE, False)}
     lim = tol["max_abs_delta_auroc"]
     d_img, d_pix = end["delta_image_auroc"], end["delta_pixel_auroc"]
     return {"finite": finite,
@@ -199,8 +199,8 @@ def summary(stats: dict[str, Any], report: dict[str, Any], date: str) -> dict[st
     end = stats["end"]
     return {"pass": stats["pass"], "date": date, "data": report["data"], "n_images": report["n_images"],
             "reference": report["reference"], "checks": stats["checks"],
-            "score_max_abs": stats["score"]["max_abs"], "score_max_rel": stats["score"]["max_rel"],
-            "map_max_abs": stats["anomaly_map"]["max_abs"], "map_p99_abs": stats["anomaly_map"]["p99_abs"],
+            "score_max_abs": stats[SCORE]["max_abs"], "score_max_rel": stats[SCORE]["max_rel"],
+            "map_max_abs": stats[ANOMALY_MAP]["max_abs"], "map_p99_abs": stats[ANOMALY_MAP]["p99_abs"],
             "map_pearson": end["map_pearson"], "score_spearman": end["score_spearman"],
             "delta_image_auroc": end["delta_image_auroc"], "delta_pixel_auroc": end["delta_pixel_auroc"],
             "verdict_agreement": end["verdict_agreement"], "verdict_flips": len(end["verdict_flips"])}

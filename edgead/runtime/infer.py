@@ -12,9 +12,10 @@ from typing import Any, Callable
 import numpy as np
 
 from edgead.core.bundle import Bundle, BundleError, load_bundle
+from edgead.core.contract import ANOMALY_MAP as MAP
+from edgead.core.contract import SCORE
 from edgead.core.engine import Engine, EngineError
 
-SCORE, MAP = "score", "anomaly_map"
 
 
 class BundleRefused(RuntimeError):

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from edgead.core.contract import ERROR, NG
+
 STAGES = ("preprocess", "infer", "postprocess", "sink")
 WINDOW = 10_000  # percentiles cover the most recent frames, so a station running for days stays bounded
 
@@ -112,14 +114,14 @@ class RunStats:
         """One frame that reached the end of the pipeline (OK, NG or ERROR)."""
         with self._lock:
             self.last_result = time.monotonic()
-            if verdict == "ERROR":
+            if verdict == ERROR:
                 self.errored += 1
             else:
                 self.inspected += 1
-                self.ng += int(verdict == "NG")
+                self.ng += int(verdict == NG)
                 if defective is not None:
                     self.truth = self.truth or GroundTruth()
-                    self.truth.add(defective, verdict == "NG", localized)
+                    self.truth.add(defective, verdict == NG, localized)
             for stage, ms in latency_ms.items():
                 if stage in self.stages:
                     self.stages[stage].add(ms)
