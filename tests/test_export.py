@@ -127,13 +127,14 @@ def test_int8_graph_is_symmetric_qdq(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     from edgead.data.synth import SynthSpec, generate
+    from edgead.data.source import DataSource
     from edgead.training.trainer import train_run
     from edgead.export.bundle_writer import export_run
 
     tmp = tmp_path_factory.mktemp("export")
     data = generate(tmp / "data", ["washer"], SynthSpec(image_size=SIZE, n_train=20, n_test_good=6,
                                                           n_test_per_defect=1, seed=0))
-    run = train_run("ssim_ae", data, "washer", tmp / "run", image_size=SIZE, config={"width": 8, "latent_dim": 16},
+    run = train_run("ssim_ae", DataSource.mvtec(data, "washer"), tmp / "run", image_size=SIZE, config={"width": 8, "latent_dim": 16},
                     train=TrainConfig(epochs=2, batch_size=8, device="cpu"), progress=False)
     bundle = export_run(run, tmp / "bundle", precisions=("fp32", "fp16", "int8"), calib_count=12)
     return {"data": data, "run": run, "bundle": bundle, "tmp": tmp}

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from edgead.data.datasets import load_arrays, mvtec_samples
+from edgead.data.datasets import load_arrays
+from edgead.data.source import DataSource
 from edgead.evaluation import figures, metrics
 from edgead.core.postprocess import DEFAULT_SIGMA
 from edgead.training.checkpoint import load_run
@@ -32,27 +33,28 @@ def evaluate_arrays(detector, calibration, images: np.ndarray, masks: np.ndarray
     return report, scores, maps
 
 
-def evaluate_run(run_dir: str | Path, data_root: str | Path, category: str, out_dir: str | Path | None = None,
+def evaluate_run(run_dir: str | Path, source: DataSource, out_dir: str | Path | None = None,
                  skip_bad: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Metrics and figures of a run on the test images of ``source``."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     detector, calibration, meta = load_run(run_dir, select_device(device))
     cfg = meta["config"]
-    samples = mvtec_samples(data_root, category, "test")
+    samples = source.test()
     images, masks, samples = load_arrays(samples, cfg["image_size"], cfg["channels"], skip_bad=skip_bad,
                                          with_masks=True)
     labels = np.array([s.label for s in samples])
     defects = [s.defect for s in samples]
     report, scores, maps = evaluate_arrays(detector, calibration, images, masks, labels, defects)
-    report.update(detector=meta["detector"], category=category, run=str(run_dir),
+    report.update(detector=meta["detector"], category=source.name, data=source.describe(), run=str(run_dir),
                   threshold_source=calibration.source if calibration else "none")
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
 
     fpr, tpr, _ = roc_curve(labels, scores)
     pfpr, ptpr, _ = roc_curve(masks.ravel().astype(int), maps.ravel())
     figures.roc_figure({"image": (fpr, tpr, report["image_auroc"]), "pixel": (pfpr, ptpr, report["pixel_auroc"])},
-                       out / "roc.png", f"{meta['detector']} / {category}")
+                       out / "roc.png", f"{meta['detector']} / {source.name}")
     preds = (maps > calibration.pixel_threshold).astype(np.uint8) if calibration else None
     pick = _grid_rows(labels, defects)
     captions = [f"{defects[i]} {scores[i]:.4g} {calibration.verdict(scores[i]) if calibration else ''}" for i in pick]
