@@ -147,14 +147,14 @@ def test_bundle_manifest(trained) -> None:
     assert m["input"]["resize"] and len(m["input"]["mean"]) == 3 and m["input"]["normalization"]
     assert [o["name"] for o in m["outputs"]] == list(OUTPUT_NAMES)
     assert m["calibration"]["image_threshold"] == b.calibration.image_threshold
-    assert [c["name"] for c in m["components"]] == ["autoencoder", "scorer"]
-    for graph in ("detector", "autoencoder", "scorer"):
+    assert [c["name"] for c in m["components"]] == ["autoencoder", "head"]
+    for graph in ("detector", "autoencoder", "head"):
         assert set(b.precisions(graph)) == {"fp32", "fp16", "int8"}
     for comp, used in m["precision_fallbacks"].get("int8", {}).items():
         assert m["graphs"][comp]["int8"] == f"{comp}.{used}.onnx"
     report = m["quantization"]["int8"]
     assert report["method"] == "minmax" and report["images"] == 12
-    assert report["components"]["scorer"]["precision"] == "fp32"  # SSIM is an FP32 island: nothing to quantise
+    assert report["components"]["head"]["precision"] == "fp32"  # the SSIM head is an FP32 island: nothing to quantise
 
 
 def test_reduced_precision_engines_meet_tolerances(trained) -> None:
@@ -205,11 +205,11 @@ def test_tampered_bundle_is_refused(trained, tmp_path: Path) -> None:
 
     bundle = tmp_path / "bundle"
     shutil.copytree(trained["bundle"], bundle)
-    graph = bundle / "scorer.fp16.onnx"
+    graph = bundle / "head.fp16.onnx"
     graph.write_bytes(graph.read_bytes() + b"\0")
-    with pytest.raises(BundleError, match="scorer.fp16.onnx: checksum mismatch"):
+    with pytest.raises(BundleError, match="head.fp16.onnx: checksum mismatch"):
         load_bundle(bundle)
-    with pytest.raises(BundleError, match="scorer.fp16.onnx"):
+    with pytest.raises(BundleError, match="head.fp16.onnx"):
         open_engine(bundle)
 
 
@@ -267,7 +267,7 @@ def test_int8_component_that_fails_falls_back(trained, tmp_path: Path, monkeypat
     images, _, _ = load_arrays(mvtec_samples(trained["data"], "washer", "train")[:6], SIZE, 3)
     monkeypatch.setitem(int8.COMPONENT_TOLERANCE["int8"], "score_max_rel_spread", -1.0)  # INT8 can't pass
     selected = int8.select_precisions(out, manifest["components"], images, "int8", make_fp16=export_fp16)
-    assert selected["choice"] == {"autoencoder": "fp16", "scorer": "fp32"}
+    assert selected["choice"] == {"autoencoder": "fp16", "head": "fp32"}
     trials = selected["components"]["autoencoder"]["trials"]
     assert not trials["int8"]["pass"] and trials["int8"]["quantized_layers"] > 0
     assert not (out / "autoencoder.int8.onnx").exists()  # the rejected graph is not left behind
