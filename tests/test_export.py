@@ -88,7 +88,7 @@ def test_fp16_keeps_fp32_islands_and_io(tmp_path: Path) -> None:
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input,
                                                                *model.graph.output)}
     islands = [n for n in model.graph.node if FP32_MARKER in n.name and n.op_type != "Cast"]
-    assert islands
+    assert any("/head/fp32_map/" in n.name for n in islands) and any("/head/fp32_score/" in n.name for n in islands)
     for node in islands:
         for tensor in (*node.input, *node.output):
             if tensor in types:
@@ -98,6 +98,39 @@ def test_fp16_keeps_fp32_islands_and_io(tmp_path: Path) -> None:
     x = np.random.default_rng(1).random((1, 3, SIZE, SIZE), dtype=np.float32)
     out = _ort(tmp_path / "d16.onnx", {IMAGE: x})  # ORT CPU loads and runs it
     assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in out.values())
+
+
+@pytest.mark.parametrize("scorer", ["l1", "ssim", "vgg"])
+def test_fp16_keeps_the_score_head_fp32(scorer: str, tmp_path: Path) -> None:
+    """In the FP16 head graph nothing of the map or score function runs FP16, except the VGG
+    map's own convolutions (and the pooling and concatenation between them)."""
+    import warnings
+
+    from edgead.export.fp16 import FP32_MARKER, export_fp16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random VGG features
+        detector = registry.create("ganomaly", image_size=SIZE, width=8, scorer=scorer).eval()
+    export_detector(detector, tmp_path, fused=False, components=["head"])
+    model = onnx.shape_inference.infer_shapes(export_fp16(tmp_path / "head.fp32.onnx", tmp_path / "head.fp16.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input,
+                                                               *model.graph.output)}
+    half = [n for n in model.graph.node if n.op_type != "Cast"
+            and any(types.get(t) == onnx.TensorProto.FLOAT16 for t in (*n.input, *n.output))]
+    if scorer == "vgg":
+        assert {n.op_type for n in half} <= {"Conv", "Relu", "MaxPool", "Concat", "Pad"}
+        assert any(n.op_type == "Conv" for n in half) and all(FP32_MARKER not in n.name for n in half)
+    else:
+        assert not half, [n.name for n in half]
+    reductions = [n for n in model.graph.node if n.op_type in ("ReduceMean", "ReduceSum", "TopK", "Pow", "Sqrt",
+                                                                 "Div", "Abs", "Resize")]
+    assert reductions and all(FP32_MARKER in n.name for n in reductions)
+    rng, shapes = np.random.default_rng(2), detector.component_shapes()
+    feeds = {i.name: rng.random(shapes[i.name], dtype=np.float32) for i in model.graph.input}
+    want, got = _ort(tmp_path / "head.fp32.onnx", feeds), _ort(tmp_path / "head.fp16.onnx", feeds)
+    tol = 1e-2 if scorer == "vgg" else 1e-6  # all-FP32 heads agree to rounding
+    for name in OUTPUT_NAMES:
+        assert np.abs(want[name] - got[name]).max() <= tol * max(1.0, np.abs(want[name]).max())
 
 
 def test_int8_graph_is_symmetric_qdq(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from edgead.core.contract import ANOMALY_MAP, IMAGE, OUTPUT_NAMES, SCORE
+from edgead.core.contract import ANOMALY_MAP, IMAGE, SCORE
 from edgead.core.wiring import run_wiring
 
 

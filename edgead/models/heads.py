@@ -63,6 +63,12 @@ class ScoreHead(nn.Module):
         return Component(name, self, self.inputs, OUTPUT_NAMES)
 
 
+# State-dict prefix of the map function in a run saved before the one score head, when the map
+# held weights (the VGG scorer): ``head.scorer.*`` is now ``head.map.*``. See
+# :attr:`edgead.models.base.Detector.renamed_state_keys`.
+RENAMED_SCORER_KEYS = {"head.scorer.": "head.map."}
+
+
 # -- score functions shared by several detectors ---------------------------------------------------
 
 class TopKMean(nn.Module):
@@ -104,12 +110,6 @@ class WeightedImageFeatureDistance(nn.Module):
         img = (2.0 * (image - recon)).pow(2).flatten(1).mean(dim=1)  # x·2-1 minus x̂·2-1
         lat = (feat - feat_hat).pow(2).flatten(1).mean(dim=1)
         return self.w_img * img + self.w_feat * lat
-
-
-# State-dict prefix of the map function in a run saved before the one score head, when the map
-# held weights (the VGG scorer): ``head.scorer.*`` is now ``head.map.*``. See
-# :attr:`edgead.models.base.Detector.renamed_state_keys`.
-RENAMED_SCORER_KEYS = {"head.scorer.": "head.map."}
 
 
 class MeanSquaredDistance(nn.Module):

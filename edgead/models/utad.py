@@ -146,7 +146,7 @@ class UTADConfig(DetectorConfig):
 class PairMaps(nn.Module):
     """(tensors named by the head's inputs) -> the sum of ``scorer(a, b)`` over ``pairs``: Eq. 8
     with equal weights. The VGG scorer runs once per image (``pair_map``) and keeps its own FP32
-    islands (``mixed_precision``); another distance is summed pair by pair inside the head's."""
+    islands (``mixed_precision``); L1 or SSIM is summed pair by pair in the head's FP32 island."""
 
     def __init__(self, scorer: nn.Module, pairs: tuple[tuple[int, int], ...]) -> None:
         super().__init__()
