@@ -18,7 +18,7 @@ Manifest (schema 1)::
                      "shapes": {"image": [...], "z": [...]}}, ...],
      "graphs": {"detector": {"fp32": "detector.fp32.onnx", "fp16": "...", "int8": "..."},
                 "encoder": {"fp32": "encoder.fp32.onnx", ...}, ...},
-     "precision_fallbacks": {"int8": {"scorer": "fp16"}},
+     "precision_fallbacks": {"int8": {"head": "fp32"}},
      "scorer_weights": {"source": "...", "sha256": "..."},
      "parity": {"onnxruntime/fp32": {"pass": true, ...}, ...},
      "files": {"detector.fp32.onnx": "<sha256>", ...}}
