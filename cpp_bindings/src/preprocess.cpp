@@ -1,0 +1,87 @@
+#include "preprocess.hpp"
+
+#include <cstring>
+#include <vector>
+
+#include "resize_u8.hpp"
+
+namespace edgead {
+namespace {
+
+// Rows of a strided frame; contiguous rows are handed out in place, others gathered.
+class FrameRows final : public RowSource {
+public:
+    explicit FrameRows(const FrameView& f) : RowSource(f.width, f.height, f.channels), f_(f) {}
+
+    const uint8_t* row(int y, uint8_t* scratch) const override {
+        const uint8_t* base = f_.data + y * f_.stride_y;
+        if (f_.stride_x == channels && (channels == 1 || f_.stride_c == 1)) return base;
+        for (int x = 0; x < width; ++x)
+            for (int c = 0; c < channels; ++c) scratch[x * channels + c] = base[x * f_.stride_x + c * f_.stride_c];
+        return scratch;
+    }
+
+private:
+    FrameView f_;
+};
+
+// BGR rows converted to grey as OpenCV 5's cvtColor(COLOR_BGR2GRAY) does for 8-bit: 15-bit fixed
+// point weights (0.114, 0.587, 0.299 scaled to sum 32768), rounded half up.
+class GreyRows final : public RowSource {
+public:
+    explicit GreyRows(const FrameRows& bgr) : RowSource(bgr.width, bgr.height, 1), bgr_(bgr), colour_(bgr.width * 3) {}
+
+    const uint8_t* row(int y, uint8_t* scratch) const override {
+        const uint8_t* s = bgr_.row(y, colour_.data());
+        for (int x = 0; x < width; ++x) {
+            const int b = s[3 * x], g = s[3 * x + 1], r = s[3 * x + 2];
+            scratch[x] = static_cast<uint8_t>((b * 3735 + g * 19235 + r * 9798 + (1 << 14)) >> 15);
+        }
+        return scratch;
+    }
+
+private:
+    const FrameRows& bgr_;
+    mutable std::vector<uint8_t> colour_;
+};
+
+// Destination rows -> planes of out: value / 255 in float32 (numpy's own division, so exact).
+struct PlaneWriter {
+    float* out;
+    int size, out_channels, in_channels;
+
+    void operator()(int dy, const uint8_t* row) const {
+        const size_t plane = static_cast<size_t>(size) * size;
+        float* dst = out + static_cast<size_t>(dy) * size;
+        if (in_channels == 1) {
+            for (int x = 0; x < size; ++x) dst[x] = static_cast<float>(row[x]) / 255.0f;
+            for (int c = 1; c < out_channels; ++c) std::memcpy(dst + c * plane, dst, size * sizeof(float));
+            return;
+        }
+        for (int c = 0; c < 3; ++c) {  // BGR in, RGB out: plane c takes source channel 2 - c
+            float* p = dst + c * plane;
+            const uint8_t* s = row + (2 - c);
+            for (int x = 0; x < size; ++x) p[x] = static_cast<float>(s[3 * x]) / 255.0f;
+        }
+    }
+};
+
+}  // namespace
+
+void preprocess_into(const FrameView& frame, int size, int out_channels, float* out) {
+    const FrameRows rows(frame);
+    if (out_channels == 1 && frame.channels == 3) {  // reduce to grey first: one plane to resample
+        const GreyRows grey(rows);
+        resize_u8(grey, size, size, PlaneWriter{out, size, 1, 1});
+        return;
+    }
+    resize_u8(rows, size, size, PlaneWriter{out, size, out_channels, frame.channels});
+}
+
+void resize_frame(const FrameView& frame, int dst_w, int dst_h, uint8_t* out) {
+    const FrameRows rows(frame);
+    const size_t row_bytes = static_cast<size_t>(dst_w) * frame.channels;
+    resize_u8(rows, dst_w, dst_h, [&](int dy, const uint8_t* row) { std::memcpy(out + dy * row_bytes, row, row_bytes); });
+}
+
+}  // namespace edgead
