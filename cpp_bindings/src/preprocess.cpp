@@ -45,23 +45,33 @@ private:
     mutable std::vector<uint8_t> colour_;
 };
 
-// Destination rows -> planes of out: value / 255 in float32 (numpy's own division, so exact).
+// v / 255 in float32 for every byte: numpy's own correctly rounded division, looked up.
+struct Unit {
+    float value[256];
+    Unit() {
+        for (int v = 0; v < 256; ++v) value[v] = static_cast<float>(v) / 255.0f;
+    }
+};
+const Unit kUnit;
+
+// Destination rows -> planes of out.
 struct PlaneWriter {
     float* out;
     int size, out_channels, in_channels;
 
     void operator()(int dy, const uint8_t* row) const {
+        const float* unit = kUnit.value;
         const size_t plane = static_cast<size_t>(size) * size;
         float* dst = out + static_cast<size_t>(dy) * size;
         if (in_channels == 1) {
-            for (int x = 0; x < size; ++x) dst[x] = static_cast<float>(row[x]) / 255.0f;
+            for (int x = 0; x < size; ++x) dst[x] = unit[row[x]];
             for (int c = 1; c < out_channels; ++c) std::memcpy(dst + c * plane, dst, size * sizeof(float));
             return;
         }
         for (int c = 0; c < 3; ++c) {  // BGR in, RGB out: plane c takes source channel 2 - c
             float* p = dst + c * plane;
             const uint8_t* s = row + (2 - c);
-            for (int x = 0; x < size; ++x) p[x] = static_cast<float>(s[3 * x]) / 255.0f;
+            for (int x = 0; x < size; ++x) p[x] = unit[s[3 * x]];
         }
     }
 };

@@ -91,19 +91,25 @@ PaddedTerms padded(const AreaTable& t, int dsize) {
 
 // Source rows resampled horizontally 16 at a time: the rows are transposed into columns of 16
 // lanes, so each destination cell's weighted sum runs down the vector lanes in exactly OpenCV's
-// order (increasing source column, one rounding per multiply and per add).
+// order (increasing source column, one rounding per multiply and per add). Cells are summed as
+// soon as their columns are transposed, while those are still in L1.
 class AreaRows {
 public:
     AreaRows(const RowSource& src, const AreaTable& xt, int dst_w)
-        : src_(src), xt_(padded(xt, dst_w)), dst_w_(dst_w), row_len_(src.width * src.channels),
-          padded_len_((row_len_ + 63) / 64 * 64), columns_(padded_len_),
-          scratch_(static_cast<size_t>(kBlockRows) * padded_len_),
-          out_(static_cast<size_t>(kBlockRows) * dst_w * src.channels), zeros_(padded_len_, 0) {}
+        : src_(src), xt_(padded(xt, dst_w)), dst_w_(dst_w), cn_(src.channels), row_len_(src.width * cn_),
+          width_(dst_w * cn_), columns_(row_len_), scratch_(static_cast<size_t>(kBlockRows) * row_len_),
+          out_(static_cast<size_t>(kBlockRows) * width_), zeros_(row_len_, 0), ready_(dst_w) {
+        for (int d = 0; d < dst_w; ++d) {  // columns cell d needs: up to its last source pixel
+            const int last = *std::max_element(&xt_.src[static_cast<size_t>(d) * xt_.terms],
+                                               &xt_.src[static_cast<size_t>(d + 1) * xt_.terms]);
+            ready_[d] = (last + 1) * cn_;
+        }
+    }
 
     // Horizontal sums of source row y (dst_w * channels floats).
     const float* row(int y) {
         if (y < y0_ || y >= y0_ + rows_) load_block(y);
-        return &out_[static_cast<size_t>(y - y0_) * dst_w_ * src_.channels];
+        return &out_[static_cast<size_t>(y - y0_) * width_];
     }
 
 private:
@@ -111,73 +117,78 @@ private:
         y0_ = y0;
         rows_ = std::min(kBlockRows, src_.height - y0);
         const uint8_t* rows[kBlockRows];
-        for (int r = 0; r < kBlockRows; ++r) {
-            uint8_t* scratch = &scratch_[static_cast<size_t>(r) * padded_len_];
-            rows[r] = r < rows_ ? src_.row(y0 + r, scratch) : zeros_.data();
-        }
-        transpose_rows(rows);
-        if (src_.channels == 3) horizontal<3>(); else horizontal<1>();
-    }
-
-    void transpose_rows(const uint8_t* const rows[kBlockRows]) {
+        for (int r = 0; r < kBlockRows; ++r)
+            rows[r] = r < rows_ ? src_.row(y0 + r, &scratch_[static_cast<size_t>(r) * row_len_]) : zeros_.data();
+        int d = 0;
+        filled_ = 0;
         for (int j = 0; j < row_len_; j += 64) {
             const int n = std::min(64, row_len_ - j);
-            v64u8 tile[16];
-            for (int r = 0; r < 16; ++r) {
-                if (n == 64) {
-                    tile[r] = load<v64u8>(rows[r] + j);
-                } else {  // the row's last bytes: never read past its end
-                    uint8_t tail[64] = {};
-                    std::memcpy(tail, rows[r] + j, n);
-                    tile[r] = load<v64u8>(tail);
-                }
+            transpose_chunk(rows, j, n);
+            for (; d < dst_w_ && ready_[d] <= j + n; ++d) {
+                if (cn_ == 3) cell<3>(d); else cell<1>(d);
             }
-            transpose16x64(tile);
-            for (int i = 0; i < 16; ++i)
-                for (int lane = 0; lane < 4; ++lane)
-                    std::memcpy(&columns_[j + 16 * lane + i], reinterpret_cast<const uint8_t*>(&tile[i]) + 16 * lane, 16);
         }
+        if (filled_) {
+            for (int i = filled_; i < 16; ++i) tile_[i] = v16f{};
+            flush(width_ - filled_);
+        }
+    }
+
+    void transpose_chunk(const uint8_t* const rows[kBlockRows], int j, int n) {
+        v64u8 t[16];
+        for (int r = 0; r < 16; ++r) {
+            if (n == 64) {
+                t[r] = load<v64u8>(rows[r] + j);
+            } else {  // the row's last bytes: never read past its end
+                uint8_t tail[64] = {};
+                std::memcpy(tail, rows[r] + j, n);
+                t[r] = load<v64u8>(tail);
+            }
+        }
+        transpose16x64(t);
+        for (int lane = 0; lane < 4; ++lane)
+            for (int i = 0; i < 16; ++i)
+                if (16 * lane + i < n) columns_[j + 16 * lane + i] = load<v16u8>(reinterpret_cast<const uint8_t*>(&t[i]) + 16 * lane);
     }
 
     template <int CN>
-    void horizontal() {
-        const int width = dst_w_ * CN, terms = xt_.terms;
-        v16f tile[16];  // 16 consecutive outputs (d * CN + c) of the 16 rows, transposed back at once
-        int filled = 0;
-        auto flush = [&](int x0) {
-            transpose16(tile);
-            for (int r = 0; r < rows_; ++r)
-                std::memcpy(&out_[static_cast<size_t>(r) * width + x0], &tile[r], filled * sizeof(float));
-            filled = 0;
-        };
-        for (int d = 0; d < dst_w_; ++d) {
-            v16f acc[CN] = {};
-            const int* src = &xt_.src[static_cast<size_t>(d) * terms];
-            const float* weight = &xt_.weight[static_cast<size_t>(d) * terms];
-            for (int k = 0; k < terms; ++k) {
-                const v16u8* col = &columns_[static_cast<size_t>(src[k]) * CN];
-                const v16f w = splat(weight[k]);
-                for (int c = 0; c < CN; ++c) acc[c] = acc[c] + to_float(col[c]) * w;
-            }
-            for (int c = 0; c < CN; ++c) {
-                tile[filled++] = acc[c];
-                if (filled == 16) flush(d * CN + c - 15);
-            }
+    void cell(int d) {
+        const int terms = xt_.terms;
+        const int* src = &xt_.src[static_cast<size_t>(d) * terms];
+        const float* weight = &xt_.weight[static_cast<size_t>(d) * terms];
+        v16f acc[CN] = {};
+        for (int k = 0; k < terms; ++k) {
+            const v16u8* col = &columns_[static_cast<size_t>(src[k]) * CN];
+            const v16f w = splat(weight[k]);
+            for (int c = 0; c < CN; ++c) acc[c] = acc[c] + to_float(col[c]) * w;
         }
-        if (filled) {
-            for (int i = filled; i < 16; ++i) tile[i] = v16f{};
-            flush(width - filled);
+        for (int c = 0; c < CN; ++c) {
+            tile_[filled_++] = acc[c];
+            if (filled_ == 16) flush(d * CN + c - 15);
         }
+    }
+
+    // 16 consecutive outputs of the 16 rows, transposed back into the rows.
+    void flush(int x0) {
+        transpose16(tile_);
+        for (int r = 0; r < rows_; ++r) {
+            float* dst = &out_[static_cast<size_t>(r) * width_ + x0];
+            if (filled_ == 16) std::memcpy(dst, &tile_[r], sizeof(v16f));  // fixed size: inlined
+            else std::memcpy(dst, &tile_[r], filled_ * sizeof(float));
+        }
+        filled_ = 0;
     }
 
     const RowSource& src_;
     const PaddedTerms xt_;
-    const int dst_w_, row_len_, padded_len_;
+    const int dst_w_, cn_, row_len_, width_;
     std::vector<v16u8> columns_;  // column j of the block: its 16 rows' bytes
     std::vector<uint8_t> scratch_;
     std::vector<float> out_;
     std::vector<uint8_t> zeros_;
-    int y0_ = 0, rows_ = 0;
+    std::vector<int> ready_;
+    v16f tile_[16];
+    int filled_ = 0, y0_ = 0, rows_ = 0;
 };
 
 void resize_area(const RowSource& src, int dst_w, int dst_h, const RowSink& sink) {
