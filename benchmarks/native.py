@@ -6,8 +6,8 @@ For camera frames of 640x480, 1280x720 and 1920x1080 (BGR uint8) into model inpu
 and 256², both paths run side by side in one process, interleaved call by call, so a busy machine
 slows both alike; the table reports medians and their ratio (Python / native). OpenCV keeps its
 default thread count, as the runtime runs it; the native core is single-threaded. CPU time per call
-(thread time of the calling thread) is reported beside wall time: OpenCV's helper threads are not in
-it, so the CPU-time ratio is the cost per core, the wall ratio the latency as the runtime sees it.
+(process time: OpenCV's helper threads included) is reported beside wall time: the CPU-time ratio is
+the cost in core time, the wall ratio the latency as the runtime sees it.
 
 Postprocess rows time what the pipeline's stage 4 does per frame: smoothing with the calibration's
 sigma, resize to the frame, threshold, regions. The native core does not write the frame-sized map
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,35 +28,22 @@ import cv2
 import numpy as np
 
 from edgead.core.calibration import Calibration
+from edgead.core.machine import describe
 from edgead.runtime import native
 from edgead.runtime.postprocess_stage import Postprocessor
 from edgead.runtime.preprocess import Preprocessor
 
 FRAMES = ((480, 640), (720, 1280), (1080, 1920))
 SIZES = (128, 256)
-ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
-       "amx_bf16", "asimd", "sve")
-
-
 def machine() -> dict[str, Any]:
-    """CPU model, ISA flags, cores and load: what a latency number depends on."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-    except OSError:
-        pass
+    """edgead.core.machine.describe() (CPU model, ISA flags, cores) plus what else a per-frame time
+    depends on here: the load, numpy, OpenCV and its threads, the native build."""
     try:
         load = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     except OSError:
         load = None
-    return {"cpu": model, "isa": {f: f in flags for f in ISA}, "cores": os.cpu_count(), "arch": platform.machine(),
-            "loadavg_1_5_15": load, "python": platform.python_version(), "numpy": np.__version__,
-            "opencv": cv2.__version__, "opencv_threads": cv2.getNumThreads(),
+    return {**describe(), "loadavg_1_5_15": load, "numpy": np.__version__, "opencv": cv2.__version__,
+            "opencv_threads": cv2.getNumThreads(),
             "native": (native.module().build_info() if native.module() else native.reason())}
 
 
@@ -70,10 +55,10 @@ def _time_pair(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, d
         fn()
     for _ in range(repeats):
         for name, fn in calls.items():
-            c0, t0 = time.thread_time(), time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             wall[name].append(1e3 * (time.perf_counter() - t0))
-            cpu[name].append(1e3 * (time.thread_time() - c0))
+            cpu[name].append(1e3 * (time.process_time() - c0))
     return {k: {"wall_ms": float(np.median(wall[k])), "cpu_ms": float(np.median(cpu[k]))} for k in calls}
 
 
@@ -136,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     before = machine()
     print(f"{before['cpu']}, {before['cores']} cores, load {before['loadavg_1_5_15']}, OpenCV {cv2.__version__} "
           f"({cv2.getNumThreads()} threads), native {before['native']}")
-    print("wall-clock medians in ms, ratio = Python / native (target >= 5x); cpu = calling thread's CPU time")
+    print("wall-clock medians in ms, ratio = Python / native (target >= 5x); cpu = process CPU time ratio")
     rows = run(args.repeats)
     result = {"machine": before, "loadavg_after": machine()["loadavg_1_5_15"], "repeats": args.repeats,
               "target_ratio": 5.0, "rows": rows,

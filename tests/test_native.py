@@ -76,6 +76,17 @@ def test_preprocess_is_bit_exact(size, channels):
 
 
 @needs_native
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_byte_value_scales_exactly(channels):
+    """v / 255 for all 256 values (the native core computes it without a division)."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for frame in (values, np.stack([values, values[::-1], values.T], axis=2)):
+        out = np.empty((channels, 16, 16), np.float32)
+        edgead_native.preprocess_into(frame, out)
+        assert np.array_equal(out, to_model_input(frame, 16, channels, bgr=True))
+
+
+@needs_native
 def test_resize_matches_cv2_for_each_kernel():
     rng = np.random.default_rng(7)
     for (h, w, size) in [(480, 640, 128), (1080, 1920, 256), (512, 512, 256), (90, 60, 64), (300, 40, 64)]:
