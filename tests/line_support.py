@@ -97,8 +97,9 @@ def mosquitto_binary() -> str:
 
 
 class Mosquitto:
-    """A broker on 127.0.0.1:port with its own config, killed and restarted at will. Persistence
-    is saved on every change, so a persistent subscriber's session survives a SIGKILL."""
+    """A broker on 127.0.0.1:port with its own config, killed and restarted at will. With
+    ``save_first`` a kill first has the broker write its persistence file (SIGUSR1), so that a
+    persistent subscriber's session survives the SIGKILL."""
 
     def __init__(self, folder: Path, port: int | None = None, extra: str = "", anonymous: bool = True) -> None:
         self.folder, self.port = folder, port or free_port()
@@ -107,8 +108,7 @@ class Mosquitto:
         self.config = folder / "mosquitto.conf"
         self.config.write_text(
             f"listener {self.port} {LOOPBACK}\nallow_anonymous {'true' if anonymous else 'false'}\n"
-            f"persistence true\npersistence_location {folder / 'db'}/\nautosave_on_changes true\n"
-            f"autosave_interval 1\nuser {getpass.getuser()}\n{extra}")
+            f"persistence true\npersistence_location {folder / 'db'}/\nuser {getpass.getuser()}\n{extra}")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Mosquitto":
@@ -119,8 +119,13 @@ class Mosquitto:
             raise AssertionError(f"mosquitto exited: {(self.folder / 'broker.log').read_text()[-2000:]}")
         return self
 
-    def kill(self) -> None:
+    def kill(self, save_first: bool = False) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            if save_first:
+                saved = self.folder / "db" / "mosquitto.db"
+                saved.unlink(missing_ok=True)
+                self.proc.send_signal(signal.SIGUSR1)
+                wait_until(saved.exists, "the broker to save its sessions")
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
         self.proc = None

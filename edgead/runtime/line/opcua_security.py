@@ -49,7 +49,7 @@ def ensure_certificate(pki: Path, name: str, app_uri: str, host: str, say: Calla
     except ValueError:
         names.append(x509.DNSName(host))
     use = [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-    cert = cert_gen.generate_self_signed_app_certificate(key, name, {"O": "edgead"}, names, extended=use,
+    cert = cert_gen.generate_self_signed_app_certificate(key, name, {"organizationName": "edgead"}, names, extended=use,
                                                          days=CERT_DAYS)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
