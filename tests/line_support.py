@@ -87,6 +87,12 @@ def read_log(path: Path) -> list[dict]:
     return [r for r in rows if "event" not in r]
 
 
+def link_events(path: Path) -> list[tuple[int, list[str]]]:
+    """(frame, outputs down) of each change of the outputs' links, as the log records them."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["frame"], r["down"]) for r in rows if r.get("event") == "output_links"]
+
+
 # -- mosquitto -----------------------------------------------------------------------------------
 
 def mosquitto_binary() -> str:

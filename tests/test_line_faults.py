@@ -14,7 +14,7 @@ pytest.importorskip("paho.mqtt")
 pytest.importorskip("pymodbus")
 
 from line_support import (LOOPBACK, SIZE, HeldSource, ModbusServer, Mosquitto, Subscriber, free_port,  # noqa: E402
-                          pipeline_for, read_log, run_context, tiny_bundle, wait_until)
+                          link_events, pipeline_for, read_log, run_context, tiny_bundle, wait_until)
 
 from edgead.runtime.cli import main  # noqa: E402
 from edgead.runtime.sinks import open_sink  # noqa: E402
@@ -76,6 +76,7 @@ def test_broker_killed_mid_run_then_restarted(bundle, tmp_path):
     assert [m["frame"] for m in got] == expected  # in order, nothing extra, nothing silently lost
     assert all(m["verdict"] == rows[m["frame"]]["verdict"] and m["score"] == rows[m["frame"]]["score"] for m in got)
     assert any("link lost" in n for n in notes)
+    assert link_events(tmp_path / "log.jsonl") == [(60, [sink.uri]), (120, [])]
 
 
 def test_fail_safe_output_turns_frames_ng_while_the_plc_link_is_down(bundle, tmp_path):
@@ -126,6 +127,7 @@ def test_fail_safe_output_turns_frames_ng_while_the_plc_link_is_down(bundle, tmp
     assert s["offered"] == f["ng"] + f["errored"] and s["sent"] + s["unsent"] == s["offered"]
     assert s["unsent_reasons"] == {"stale": 40} and s["reconnects"] == 1
     assert plc.pulses("coil", 0)[-1] == 0
+    assert link_events(tmp_path / "log.jsonl") == [(40, [sink.uri]), (80, [])]
 
 
 def test_cli_fail_safe_output_with_a_dead_link(bundle, tmp_path):

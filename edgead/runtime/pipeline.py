@@ -83,8 +83,9 @@ class Pipeline:
         self.fatal: str | None = None
         self._fps = 0.0
         self._last_out: float | None = None
-        self.guards = [s for s in sinks if hasattr(s, "link_up") and
-                       (self.config.fail_safe_output if getattr(s, "fail_safe", None) is None else s.fail_safe)]
+        self.linked = [s for s in sinks if hasattr(s, "link_up")]  # network outputs (line sinks)
+        self.guards = [s for s in self.linked
+                       if (self.config.fail_safe_output if getattr(s, "fail_safe", None) is None else s.fail_safe)]
         self.forced_ng = 0
         self._links_down: list[str] = []
 
@@ -299,8 +300,8 @@ class Pipeline:
         broken: set[int] = set()
         while (job := self.q_sink.get()) is not CLOSED:
             job.mark("sink_start")
-            if self.guards:
-                job.inspection = self._fail_safe(job.frame.id, job.inspection)
+            if self.linked:
+                job.inspection = self._watch_links(job.frame.id, job.inspection)
             record = self._record(job)
             for i, sink in enumerate(self.sinks):
                 if i in broken:
@@ -313,18 +314,20 @@ class Pipeline:
             job.mark("sink_end")
             self._account(job, record)
 
-    def _fail_safe(self, frame_id: int, insp: Any) -> Any:
-        """While a guarding output's link is down, OK becomes NG (never the other way)."""
-        down = [getattr(s, "uri", type(s).__name__) for s in self.guards if not s.link_up]
-        if down != self._links_down:
-            self.log.event("fail_safe", frame=frame_id, state="line stopped: every frame NG" if down else "resumed",
-                           outputs_down=down)
-            self._links_down = down
-        if not down or insp.verdict != OK:
+    def _watch_links(self, frame_id: int, insp: Any) -> Any:
+        """Log each change of the network outputs' links; while a guarding output's link is down,
+        OK becomes NG (never the other way)."""
+        down = [s for s in self.linked if not s.link_up]
+        names = [getattr(s, "uri", type(s).__name__) for s in down]
+        if names != self._links_down:
+            self.log.event("output_links", frame=frame_id, down=names)
+            self._links_down = names
+        guards_down = [name for s, name in zip(down, names) if s in self.guards]
+        if not guards_down or insp.verdict != OK:
             return insp
         self.forced_ng += 1
-        return dataclasses.replace(insp, verdict=NG, error=f"fail-safe: output link down ({', '.join(down)}); "
-                                                           "the model said OK")
+        return dataclasses.replace(insp, verdict=NG, error=f"fail-safe: output link down "
+                                                           f"({', '.join(guards_down)}); the model said OK")
 
     def _record(self, job: Job) -> dict[str, Any]:
         """The frame's JSONL record, as the sinks see it (the sink stage's own time is added after)."""

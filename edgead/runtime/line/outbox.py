@@ -276,11 +276,13 @@ class Outbox:
         with self._cond:
             down = self.downtime_s + (time.monotonic() - self._down_since
                                       if self._down_since is not None and self._ever_up else 0.0)
-            return {"offered": self.offered, "sent": self.sent, "queued": len(self._queue) + len(self._pending),
-                    "unsent": sum(self.unsent.values()), "unsent_reasons": dict(self.unsent),
-                    "reconnects": self.reconnects, "link_up": self.link_up, "ever_connected": self._ever_up,
-                    "downtime_s": round(down, 3), "last_error": self.last_error,
-                    "latency_ms": self.latency.summary()}
+            out = {"offered": self.offered, "sent": self.sent, "queued": len(self._queue) + len(self._pending),
+                   "unsent": sum(self.unsent.values()), "unsent_reasons": dict(self.unsent),
+                   "reconnects": self.reconnects, "link_up": self.link_up, "ever_connected": self._ever_up,
+                   "downtime_s": round(down, 3), "last_error": self.last_error}
+            latency = LatencyWindow()
+            latency.values.extend(self.latency.values)  # percentiles outside the lock
+        return {**out, "latency_ms": latency.summary()}
 
 
 _WAKE = object()
