@@ -166,3 +166,15 @@ def test_credentials_never_in_the_uri_and_options_are_checked(bundle):
         open_sink(f"mqtt://{LOOPBACK}:1/a/+/b", context)
     with pytest.raises(SinkError, match="topic"):
         open_sink(f"mqtt://{LOOPBACK}:1", context)
+
+
+def test_the_runtime_imports_no_line_package_unless_a_line_output_is_used():
+    code = ("import sys, edgead.runtime.cli, edgead.runtime.pipeline, edgead.runtime.sinks\n"
+            "from edgead.runtime.sinks import open_sink, SinkContext\n"
+            "open_sink('out.avi', SinkContext())\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('paho', 'asyncua', 'pymodbus')\n"
+            "             or m.startswith('edgead.runtime.line')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
