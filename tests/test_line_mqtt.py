@@ -114,7 +114,7 @@ def test_last_will_says_offline_when_the_station_dies(bundle, broker, tmp_path):
         sub.close()
 
 
-def test_tls_and_a_password_from_a_file(bundle, tmp_path):
+def test_tls_and_a_password_from_a_file_or_the_environment(bundle, tmp_path, monkeypatch):
     ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
     passwd = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "station", "s3cret"], check=True,
@@ -133,6 +133,11 @@ def test_tls_and_a_password_from_a_file(bundle, tmp_path):
         sinks = [open_sink(base + f"&credentials={good}", context),
                  open_sink(base + f"&credentials={bad}&wait_s=1", context)]
         assert sinks[0].link_up and not sinks[1].link_up
+        monkeypatch.setenv("EDGEAD_MQTT_USERNAME", "station")
+        monkeypatch.setenv("EDGEAD_MQTT_PASSWORD", "s3cret")
+        from_env = open_sink(base, context)
+        assert from_env.link_up
+        from_env.close()
         for i in range(20):
             frame = Frame(i, np.zeros((4, 4), np.uint8), time.monotonic(), time.time())
             for s in sinks:
