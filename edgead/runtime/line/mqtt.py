@@ -36,9 +36,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgead.runtime.line.outbox import LineSink, LinkError, Message, Outbox, OutboxOptions, not_ok
+from edgead.runtime.line.outbox import LineSink, LinkError, Message, Outbox, OutboxOptions, not_ok, to_json
 from edgead.runtime.line.uri import Credentials, LineURI, load_credentials
-from edgead.runtime.log import _finite
 from edgead.runtime.sinks import SinkContext, SinkError
 
 CONNECT_TIMEOUT_S = 3.0
@@ -158,8 +157,7 @@ class MqttTransport:
         self._track(info.mid, None)
 
     def send(self, message: Message) -> float | None:
-        payload = json.dumps(_finite({"station": self.station, **message.record, "threshold": self.threshold}),
-                             separators=(",", ":"), default=str)
+        payload = to_json({"station": self.station, **message.record, "threshold": self.threshold})
         info = self.client.publish(self.topic, payload, qos=self.qos)
         if info.rc != mqtt.MQTT_ERR_SUCCESS and not (info.rc == mqtt.MQTT_ERR_NO_CONN and self.qos > 0):
             raise LinkError(f"publish failed: {mqtt.error_string(info.rc)}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import logging
 import socket
 import threading
@@ -42,9 +41,8 @@ from asyncua import Server, ua
 
 from edgead.core.contract import ERROR, NG, OK
 from edgead.runtime.line import opcua_security as sec
-from edgead.runtime.line.outbox import LineSink, LinkError, Message, Outbox, OutboxOptions
+from edgead.runtime.line.outbox import LineSink, LinkError, Message, Outbox, OutboxOptions, to_json
 from edgead.runtime.line.uri import LineURI, load_credentials
-from edgead.runtime.log import _finite
 from edgead.runtime.sinks import SinkContext, SinkError
 
 NAMESPACE = "urn:edgead:station"
@@ -126,6 +124,7 @@ class OpcUaTransport:
         self._thread = threading.Thread(target=self.loop.run_forever, name="edgead-opcua-server", daemon=True)
         self.server: Server | None = None
         self.nodes: dict[str, Any] = {}
+        self._written: dict[str, Any] = {}  # last value of each node (NaN != NaN: always rewritten)
         self._running = False
         self._heartbeat = 0
 
@@ -183,10 +182,14 @@ class OpcUaTransport:
         return values
 
     async def _write(self, values: dict[str, Any]) -> None:
+        """Write the values that changed (an unchanged value would only wake subscribers)."""
         assert self.server is not None
         for name, value in values.items():
+            if name in self._written and self._written[name] == value:
+                continue
             vtype = (LAST.get(name) or COUNTERS.get(name) or STATION[name])[0]
             await self.server.write_attribute_value(self.nodes[name].nodeid, ua.DataValue(ua.Variant(value, vtype)))
+            self._written[name] = value
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -222,7 +225,7 @@ class OpcUaTransport:
         values.update(Verdict=str(record.get("verdict", "")), Frame=int(record.get("frame", -1)),
                       Score=_number(record.get("score")), ScoreNorm=_number(record.get("score_norm")),
                       Regions=len(record.get("regions") or []), Error=str(record.get("error") or ""),
-                      LastRecord=json.dumps(_finite(record), separators=(",", ":"), default=str))
+                      LastRecord=to_json(record))
         if isinstance(record.get("t_capture"), (int, float)):
             values["CaptureTime"] = datetime.datetime.fromtimestamp(record["t_capture"], datetime.timezone.utc)
         try:

@@ -16,6 +16,7 @@ Latency: from the end of post-processing of the frame to its confirmation on the
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Callable, Protocol
 from edgead.core.contract import OK
 from edgead.runtime.jobs import Backoff
 from edgead.runtime.line.uri import LineURI
+from edgead.runtime.log import _finite
 from edgead.runtime.stats import LatencyWindow
 
 
@@ -324,6 +326,14 @@ class LineSink:
 
     def summary(self) -> dict[str, Any]:
         return self.outbox.summary()
+
+
+def to_json(payload: Any) -> str:
+    """Compact JSON; NaN/Inf (never in a pipeline record, which writes them as null) become null."""
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False, default=str)
+    except ValueError:
+        return json.dumps(_finite(payload), separators=(",", ":"), default=str)
 
 
 def not_ok(verdict: str) -> bool:
