@@ -4,9 +4,9 @@ backoff, per-sink counters and latency.
 Accounting: every verdict offered to a sink ends as ``sent`` (confirmed on the wire: broker
 PUBACK, Modbus write response, value in the OPC UA address space), ``queued`` (waiting, or handed
 to the transport and not yet confirmed) or ``unsent``, with its reason: ``overflow`` (the queue
-was full: the oldest gives way), ``stale`` (older than ``max_age``: a reject pulse for a part
-long gone would hit the wrong part) or ``abandoned`` (still undelivered when the run's flush
-time ran out). ``sent + queued + unsent == offered`` holds at every moment; after
+was full: the oldest gives way), ``stale`` (older than ``stale_ms``: a reject pulse for a part
+long gone would hit the wrong part), ``abandoned`` (still undelivered when the run's flush time
+ran out) or ``failed`` (the transport could not encode or send it at all, the link being fine). ``sent + queued + unsent == offered`` holds at every moment; after
 :meth:`Outbox.finish`, ``queued`` is 0. A message that a transport could not send (the link broke)
 goes back to the head of the queue and is retried after the reconnect, in order.
 
@@ -192,6 +192,13 @@ class Outbox:
                 if self._pending.pop(message.seq, None) is not None:
                     self._queue.appendleft(message)  # retried first after the reconnect
             self._lost(err)
+            return
+        except Exception as err:  # noqa: BLE001 - this message cannot be sent at all: count it, go on
+            with self._cond:
+                if self._pending.pop(message.seq, None) is not None:
+                    self.unsent["failed"] += 1
+                self.last_error = f"message of frame {message.record.get('frame', '?')}: {err!r}" \
+                    if isinstance(message.record, dict) else repr(err)
             return
         if t_wire is not None:
             self.delivered(message.seq, t_wire)
