@@ -27,6 +27,9 @@ output URIs (positional OUTPUT or --output):
                                     with GUI and a DISPLAY; shown by default when DISPLAY is set,
                                     unless --headless)
   file://out.mp4 | out.mp4 | out.avi  annotated video (mp4v / MJPG)
+  mqtt://HOST:1883/TOPIC?on=all|ng  one JSON message per frame / per not-OK frame  (extra "line")
+  opc.tcp://HOST:4840               an OPC UA server with the last verdict and counters (extra "line")
+  modbus://HOST:502?coil=0&pulse_ms=50  a reject pulse per not-OK frame             (extra "line")
 
 results (--results DIR, default ./edgead-results): summary.json and, unless --log says otherwise,
 log.jsonl: one JSON line per inspected frame (frame id, capture time, raw and normalised score,
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--log", metavar="FILE", help="JSONL log (default RESULTS/log.jsonl)")
     out.add_argument("--save-ng", metavar="DIR", help="save NG frames and their maps as PNG")
     out.add_argument("--quiet", action="store_true", help="print only the summary")
+    out.add_argument("--fail-safe-output", action="store_true",
+                     help="while the link of an mqtt/opc.tcp/modbus output is down, every frame is NG "
+                          "(a sink's fail_safe=0|1 overrides this)")
     demo = p.add_argument_group("demo")
     demo.add_argument("--demo", action="store_true",
                       help="build (once, cached in $EDGEAD_CACHE or ~/.cache/edgead) a small demo bundle "
@@ -226,13 +232,14 @@ def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callab
     context = SinkContext(vrange=(cal.map_min, cal.map_max), rate=args.input_rate or 30.0, say=say, results=results,
                           on_quit=lambda: running and running[0].stop("window closed"),
                           run={"model": str(bundle.root), "detector": bundle.detector, "backend": args.backend,
-                               "precision": args.precision, "input": uri})
+                               "precision": args.precision, "input": uri, "threshold": cal.image_threshold,
+                               "certified": bool((bundle.parity(args.backend, args.precision) or {}).get("pass"))})
     try:
         sinks = _open_sinks(args, outputs, context, stack)
     except SinkError as err:
         raise _Refused(str(err), EXIT_USAGE) from err
     policy = args.drop_policy or ("latest" if source.live else "block")
-    config = PipelineConfig(policy=policy, max_frames=args.frames,
+    config = PipelineConfig(policy=policy, max_frames=args.frames, fail_safe_output=args.fail_safe_output,
                             backoff=Backoff(cap=args.reconnect_max_delay, max_attempts=args.reconnect_attempts))
     pipeline = Pipeline(source, engine, Postprocessor(cal), sinks, log, config)
     running.append(pipeline)

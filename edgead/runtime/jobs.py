@@ -134,6 +134,7 @@ class PipelineConfig:
     max_frames: int | None = None  # stop after this many captured frames
     backoff: Backoff = field(default_factory=Backoff)
     stop_grace_s: float = 3.0  # how long a stop waits for a capture blocked in the driver
+    fail_safe_output: bool = False  # a line sink's lost link turns every OK into NG until it is back
 
 
 @dataclass

@@ -18,18 +18,25 @@ Drop policy (the first queue only; the rest always block, bounded by the engine'
 Accounting: every captured frame ends as inspected (OK/NG), dropped or errored (ERROR), so
 ``captured == inspected + dropped + errored`` always holds, also after a stop or a crash.
 An engine exception, a NaN/Inf in any output or a failing stage gives ERROR and the loop goes on.
+
+Fail-safe outputs: a sink with a ``link_up`` attribute (the line sinks) guards the line when
+``--fail-safe-output`` is given (or its own ``fail_safe`` says so). While a guarding sink's link is
+down, every frame the model passed as OK is turned NG, with the reason in ``error``; NG stays NG
+and ERROR stays ERROR, so the accounting is unchanged. At the end of the run each sink's
+``finish()`` (if it has one) delivers what it still holds within its own time bound.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 import traceback
 from typing import Any
 
 
-from edgead.core.contract import ERROR, NG
+from edgead.core.contract import ERROR, NG, OK
 from edgead.core.engine import Engine, SlottedEngine
 from edgead.runtime.infer import take_outputs
 from edgead.runtime.jobs import CLOSED, POLICIES, Backoff, Frame, Job, PipelineConfig, RunResult, StageQueue
@@ -77,6 +84,11 @@ class Pipeline:
         self.fatal: str | None = None
         self._fps = 0.0
         self._last_out: float | None = None
+        self.linked = [s for s in sinks if hasattr(s, "link_up")]  # network outputs (line sinks)
+        self.guards = [s for s in self.linked
+                       if (self.config.fail_safe_output if getattr(s, "fail_safe", None) is None else s.fail_safe)]
+        self.forced_ng = 0
+        self._links_down: list[str] = []
 
     # -- control ---------------------------------------------------------------------------------
     def stop(self, reason: str) -> None:
@@ -106,10 +118,25 @@ class Pipeline:
         for t in threads[1:]:
             t.join(1.0)
         self._settle_lost()
+        self._finish_sinks()
         saturated = not self.source.live
         summary = self.stats.summary(saturated=saturated)
         summary["native"] = native_status(self.pre, self.post)
+        if self.guards:
+            summary["fail_safe"] = {"outputs": [getattr(s, "uri", type(s).__name__) for s in self.guards],
+                                    "forced_ng": self.forced_ng}
         return RunResult(summary, self.stop_reason, self.fatal)
+
+    def _finish_sinks(self) -> None:
+        """Network sinks deliver what they still queue (each within its own bound), so the
+        summary's sink counters are final."""
+        for sink in self.sinks:
+            finish = getattr(sink, "finish", None)
+            if callable(finish):
+                try:
+                    finish()
+                except Exception as exc:  # noqa: BLE001
+                    self.log.event("sink_error", sink=type(sink).__name__, error=str(exc))
 
     def _guard(self, name: str, body) -> None:
         """A crashing stage must not hang the others: record it, abort every queue, stop."""
@@ -275,6 +302,8 @@ class Pipeline:
         broken: set[int] = set()
         while (job := self.q_sink.get()) is not CLOSED:
             job.mark("sink_start")
+            if self.linked:
+                job.inspection = self._watch_links(job.frame.id, job.inspection)
             record = self._record(job)
             for i, sink in enumerate(self.sinks):
                 if i in broken:
@@ -286,6 +315,21 @@ class Pipeline:
                     self.log.event("sink_error", sink=type(sink).__name__, error=str(exc))
             job.mark("sink_end")
             self._account(job, record)
+
+    def _watch_links(self, frame_id: int, insp: Any) -> Any:
+        """Log each change of the network outputs' links; while a guarding output's link is down,
+        OK becomes NG (never the other way)."""
+        down = [s for s in self.linked if not s.link_up]
+        names = [getattr(s, "uri", type(s).__name__) for s in down]
+        if names != self._links_down:
+            self.log.event("output_links", frame=frame_id, down=names)
+            self._links_down = names
+        guards_down = [name for s, name in zip(down, names) if s in self.guards]
+        if not guards_down or insp.verdict != OK:
+            return insp
+        self.forced_ng += 1
+        return dataclasses.replace(insp, verdict=NG, error=f"fail-safe: output link down "
+                                                           f"({', '.join(guards_down)}); the model said OK")
 
     def _record(self, job: Job) -> dict[str, Any]:
         """The frame's JSONL record, as the sinks see it (the sink stage's own time is added after)."""
