@@ -1,0 +1,130 @@
+"""The view's frames, in the server thread: encode the newest frame only when a client can take it,
+at most ``fps`` a second, and share that one JPEG with every client; encode NG parts for the strip.
+
+A slow client holds back only itself: each client takes the newest encoded frame when it is done
+with the last one, so the view skips frames (counted), never the line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edgead.runtime.annotate import annotate
+from edgead.runtime.view.state import Handoff, Latest, NgEntry, NgStrip, finite
+
+LIVE_MAX_WIDTH = 1280  # larger frames are scaled down for the live view (the NG images stay full size)
+THUMB_HEIGHT = 96
+NG_QUALITY = 90
+
+
+@dataclass
+class Encoded:
+    seq: int  # the Handoff seq of the frame
+    meta: dict[str, Any]
+    jpeg: bytes
+
+    def packed(self) -> bytes:
+        """A WebSocket message: 4-byte big-endian length, the JSON meta, the JPEG."""
+        head = json.dumps(self.meta).encode()
+        return struct.pack(">I", len(head)) + head + self.jpeg
+
+
+def jpeg(image: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def scaled(image: np.ndarray, max_width: int | None = None, height: int | None = None) -> np.ndarray:
+    h, w = image.shape[:2]
+    factor = height / h if height else (max_width / w if max_width and w > max_width else 1.0)
+    if factor == 1.0:
+        return image
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+
+
+def frame_meta(item: Latest) -> dict[str, Any]:
+    r = item.record
+    return finite({"frame": r.get("frame"), "seq": item.seq, "t_capture": r.get("t_capture"),
+                   "verdict": r.get("verdict"), "score": r.get("score"), "score_norm": r.get("score_norm"),
+                   "regions": len(r.get("regions", [])), "age_ms": r.get("age_ms"), "fps": round(item.fps, 2)})
+
+
+class Broadcaster:
+    """Encodes on demand and hands the newest encoded frame to the clients that wait for one."""
+
+    def __init__(self, handoff: Handoff, strip: NgStrip, vrange: tuple[float, float], fps: float, quality: int) -> None:
+        self.handoff, self.strip, self.vrange = handoff, strip, vrange
+        self.period, self.quality = 1.0 / fps, quality
+        self.current: Encoded | None = None
+        self.encoded = 0  # frames encoded for the clients (= shown to at least one)
+        self.encode_ms = 0.0  # the last one's annotate + JPEG time
+        self.wanting = 0  # clients waiting for a newer frame
+        self.closing = False
+        self.event = asyncio.Event()
+        self.cond = asyncio.Condition()
+
+    def wake(self) -> None:
+        """Called in the loop (call_soon_threadsafe) when the sink thread has a new frame."""
+        self.handoff.woken()
+        self.event.set()
+
+    async def run(self) -> None:
+        next_at = 0.0
+        while not self.closing:
+            await self.event.wait()
+            self.event.clear()
+            if self.handoff.ng_pending:  # one NG part per round: the live frame is not starved
+                self._encode_ng(self.handoff.ng_pending.popleft())
+            latest = self.handoff.latest
+            if latest is not None and self.wanting and (self.current is None or latest.seq > self.current.seq):
+                if (wait := next_at - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                    latest = self.handoff.latest or latest
+                started = time.monotonic()
+                self.current = self._encode_live(latest)
+                self.encode_ms = 1000.0 * (time.monotonic() - started)
+                self.encoded += 1
+                next_at = started + self.period
+                async with self.cond:
+                    self.cond.notify_all()
+            if self.handoff.ng_pending:
+                self.event.set()
+
+    def _encode_live(self, item: Latest) -> Encoded:
+        view = annotate(item.frame.image, item.inspection, item.fps, *self.vrange)
+        return Encoded(item.seq, frame_meta(item), jpeg(scaled(view, max_width=LIVE_MAX_WIDTH), self.quality))
+
+    def _encode_ng(self, item: Latest) -> None:
+        view = annotate(item.frame.image, item.inspection, item.fps, *self.vrange)
+        frame_id = int(item.record.get("frame", item.seq))
+        self.strip.add(NgEntry(frame_id, item.record, jpeg(view, NG_QUALITY),
+                               jpeg(scaled(view, height=THUMB_HEIGHT), 75)))
+
+    async def next_frame(self, after_seq: int) -> Encoded | None:
+        """The first encoded frame newer than ``after_seq``; None once the view closes."""
+        async with self.cond:
+            self.wanting += 1
+            self.event.set()  # the encoder may have skipped the newest frame while nobody waited
+            try:
+                await self.cond.wait_for(lambda: self.closing or (self.current is not None
+                                                                 and self.current.seq > after_seq))
+            finally:
+                self.wanting -= 1
+        return None if self.closing else self.current
+
+    async def close(self) -> None:
+        self.closing = True
+        self.event.set()
+        async with self.cond:
+            self.cond.notify_all()
