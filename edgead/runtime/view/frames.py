@@ -82,24 +82,35 @@ class Broadcaster:
     async def run(self) -> None:
         next_at = 0.0
         while not self.closing:
-            await self.event.wait()
-            self.event.clear()
             if self.handoff.ng_pending:  # one NG part per round: the live frame is not starved
                 self._encode_ng(self.handoff.ng_pending.popleft())
-            latest = self.handoff.latest
-            if latest is not None and self.wanting and (self.current is None or latest.seq > self.current.seq):
-                if (wait := next_at - time.monotonic()) > 0:
+                await asyncio.sleep(0)
+            if self._wanted():
+                if (wait := next_at - time.monotonic()) > 0:  # the fps cap
                     await asyncio.sleep(wait)
-                    latest = self.handoff.latest or latest
+                    if not self._wanted():
+                        continue
                 started = time.monotonic()
-                self.current = self._encode_live(latest)
+                self.current = self._encode_live(self.handoff.latest)
                 self.encode_ms = 1000.0 * (time.monotonic() - started)
                 self.encoded += 1
                 next_at = started + self.period
                 async with self.cond:
                     self.cond.notify_all()
-            if self.handoff.ng_pending:
-                self.event.set()
+                await asyncio.sleep(0)  # let the clients take it (and stop wanting)
+                continue
+            # Nothing to do: arm first, then look again, so a frame put meanwhile is never missed.
+            self.event.clear()
+            self.handoff.armed = bool(self.wanting)  # no client waiting: no wake per frame either
+            if self._wanted() or self.handoff.ng_pending or self.closing:
+                self.handoff.armed = False
+                continue
+            await self.event.wait()
+
+    def _wanted(self) -> bool:
+        """A client waits and there is a frame newer than the last one encoded."""
+        latest = self.handoff.latest
+        return bool(self.wanting) and latest is not None and (self.current is None or latest.seq > self.current.seq)
 
     def _encode_live(self, item: Latest) -> Encoded:
         view = annotate(item.frame.image, item.inspection, item.fps, *self.vrange)

@@ -31,7 +31,7 @@ class Latest:
 
 class Handoff:
     """The sink thread's side: keep the newest frame and the NG parts not yet encoded; wake the
-    server once per batch of frames (no per-frame syscall while a wake is pending)."""
+    server only when it is waiting for one."""
 
     def __init__(self, strip: int, low_score: float | None, count_here: bool) -> None:
         self.latest: Latest | None = None
@@ -43,6 +43,7 @@ class Handoff:
         # Without the pipeline's counters (a sink used outside edgead-run) the view counts what it got.
         self.own_stats = RunStats() if count_here else None
         self.wake: Callable[[], None] = lambda: None
+        self.armed = False  # set by the server (before it looks at ``latest``) when a client waits
         self._wake_pending = False
 
     def put(self, frame: Any, inspection: Any, fps: float, record: dict[str, Any]) -> None:
@@ -58,7 +59,10 @@ class Handoff:
         if self.own_stats is not None:
             self.own_stats.count_captured(getattr(frame, "t_mono", 0.0))
             self.own_stats.record(inspection.verdict, record.get("latency_ms", {}), record.get("age_ms") or 0.0)
-        if not self._wake_pending:  # the server clears this before it looks at ``latest``
+        # Wake the server only when it waits for a frame (armed) or an NG part came; never twice
+        # before it has run: at line rate the sink thread makes no syscall for most frames.
+        if (self.armed or inspection.verdict == NG) and not self._wake_pending:
+            self.armed = False
             self._wake_pending = True
             self.wake()
 

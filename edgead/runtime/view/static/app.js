@@ -5,7 +5,8 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   // What the page has seen, for people with devtools and for the browser test and benchmark.
-  const view = (window.edgeadView = { framesShown: 0, lastFrame: null, lagMs: [], status: null, ended: false });
+  const view = (window.edgeadView = { framesShown: 0, lastFrame: null, frameSize: null, lagMs: [], status: null,
+    ended: false });
   const STAGES = ["preprocess", "infer", "postprocess", "sink", "end_to_end"];
   let socket = null;
   let frameUrl = null;
@@ -27,12 +28,10 @@
     socket.onopen = () => setState("live", "live");
     socket.onmessage = (event) => (typeof event.data === "string" ? onStatus(JSON.parse(event.data)) : onFrame(event.data));
     socket.onclose = () => {
-      if (view.ended) {
-        setState("ended", "run ended: final counts");
-      } else {
-        setState("disconnected", "disconnected: retrying…");
-        setTimeout(connect, 2000);
-      }
+      // After the end the page keeps the final counts and waits for the station's next run.
+      if (view.ended) setState("ended", "run ended: final counts");
+      else setState("disconnected", "disconnected: retrying…");
+      setTimeout(connect, view.ended ? 5000 : 2000);
     };
   }
 
@@ -77,6 +76,7 @@
     const img = $("frame");
     img.dataset.frame = meta.frame;
     img.dataset.verdict = meta.verdict;
+    view.frameSize = [img.naturalWidth, img.naturalHeight];
   }
 
   function showVerdict(verdict, scoreNorm, scoreRaw) {

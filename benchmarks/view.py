@@ -1,0 +1,288 @@
+"""Does the station view slow the line? Pipeline throughput with the view attached and a client
+connected, against no view, in one run, as a ratio (target >= 95%); plus the view's frame rate in
+the client and how far it is behind the line.
+
+    python -m benchmarks.view [--model BUNDLE] [--frames 400] [--rounds 3] [--frame-size 480]
+                              [--clients mjpeg,browser] [--out results/view_cpu.json]
+
+Arms, interleaved round by round (medians reported): ``none`` (no view: no server at all),
+``mjpeg`` (the view with a separate Python process reading /stream.mjpg) and ``browser`` (the
+view with headless Debian chromium showing the page; skipped when chromium is missing). Frames are
+pre-rendered synthetic conveyor parts at ``--frame-size``² replayed from memory under the ``block``
+policy, so the pipeline is saturated: any CPU the view takes shows as lost throughput (a paced
+camera below capacity would show nothing). Lag = receive time (MJPEG) or paint time (browser)
+minus the frame's capture time, same clock. No torch in this process. Default model: the demo
+bundle. On a shared 2-core machine the numbers are noisy: the JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.pipeline import ReplaySource, _default_model, _demo_category
+from edgead.runtime.infer import describe_engine, load_checked_bundle, open_bundle_engine
+from edgead.runtime.log import JsonlLog
+from edgead.runtime.pipeline import Pipeline, PipelineConfig
+from edgead.runtime.postprocess_stage import Postprocessor
+from edgead.runtime.sinks import SinkContext
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                  "--window-size=1280,900")
+
+
+def machine() -> dict[str, Any]:
+    try:
+        from edgead.core.machine import describe
+
+        return describe()
+    except ImportError:  # before edgead.core.machine lands: the same facts, read here
+        import platform
+
+        flags: set[str] = set()
+        model = platform.processor()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags.update(value.split())
+        isa = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")}
+        return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "machine": platform.machine(),
+                "python": platform.python_version(), "isa": isa}
+
+
+def tree_cpu_s(root_pid: int) -> float:
+    """CPU seconds (user + system) of a process and all its descendants, from /proc."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parent[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo.extend(child for child, ppid in parent.items() if ppid == pid)
+    return total
+
+
+# -- the MJPEG client, a separate process --------------------------------------------------------
+
+def mjpeg_client(url: str, out: str) -> None:
+    """Read the stream (reconnecting while the benchmark swaps servers); one line per frame:
+    connection, receive time, frame id, capture time."""
+    conn = 0
+    with open(out, "w", buffering=1) as log:
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=30) as stream:
+                    conn += 1
+                    while line := stream.readline():
+                        if not line.startswith(b"--edgeadframe"):
+                            continue
+                        head = {}
+                        while (h := stream.readline().strip()):
+                            k, _, v = h.decode().partition(":")
+                            head[k.strip().lower()] = v.strip()
+                        if "content-length" not in head:
+                            break  # the closing boundary
+                        stream.read(int(head["content-length"]))
+                        log.write(f"{conn} {time.time():.6f} {head['x-frame']} {head['x-capture-time']}\n")
+            except (OSError, ValueError):
+                time.sleep(0.05)
+
+
+def read_mjpeg_log(path: Path, skip: int) -> tuple[list[tuple[float, float]], int]:
+    lines = path.read_text().splitlines()
+    rows = [line.split() for line in lines[skip:]]
+    return [(float(r[1]), float(r[3])) for r in rows if len(r) == 4], len(lines)
+
+
+# -- the browser client --------------------------------------------------------------------------
+
+def open_browser(profile: str) -> Any | None:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        print("no chromium/chromedriver: the browser arm is skipped", file=sys.stderr)
+        return None
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+# -- one round -----------------------------------------------------------------------------------
+
+def run_round(arm: str, bundle: Any, engine: Any, source: ReplaySource, port: int, clients: dict[str, Any],
+              tmp: Path) -> dict[str, Any]:
+    from edgead.runtime.view import open_view_sink
+
+    post = Postprocessor(bundle.calibration)
+    running: list[Pipeline] = []
+    sinks, view = [], None
+    if arm != "none":
+        context = SinkContext(vrange=(bundle.calibration.map_min, bundle.calibration.map_max),
+                              stats=lambda: running[0].stats.summary() if running else None,
+                              run={"model": str(bundle.root), "detector": bundle.detector,
+                                   "backend": "onnxruntime", "precision": "fp32", "input": source.uri})
+        # One port per client kind: the MJPEG client (always reconnecting) must not join the browser's rounds.
+        view = open_view_sink(f"http://127.0.0.1:{port + (arm == 'browser')}", context)
+        sinks = [view]
+        if arm == "browser":
+            clients["browser"].get(view.url)
+        deadline = time.monotonic() + 30
+        while view.summary()["clients"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # let the client settle (a page also loads its script)
+    source.sent = 0
+    pipe = Pipeline(source, engine, post, sinks, JsonlLog(tmp / f"{arm}.jsonl"), PipelineConfig(policy="block"))
+    running.append(pipe)
+    client_pid = clients.get("pids", {}).get(arm)
+    client_cpu = tree_cpu_s(client_pid) if client_pid else 0.0
+    started, cpu = time.perf_counter(), time.process_time()
+    summary = pipe.run().summary
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    n = max(summary["frames"]["inspected"], 1)
+    out: dict[str, Any] = {"fps": summary["fps"], "wall_s": round(wall, 3), "frames": summary["frames"]["inspected"],
+                           "cpu_ms_per_frame": round(1000.0 * cpu / n, 3),
+                           "client_cpu_ms_per_frame": round(1000.0 * ((tree_cpu_s(client_pid) if client_pid else 0.0)
+                                                                      - client_cpu) / n, 3),
+                           "end_to_end_ms": summary["latency_ms"]["end_to_end"]}
+    if view is not None:
+        out["view"] = view.summary()
+        out["client"] = client_numbers(arm, clients, wall)
+        view.close()
+    return out
+
+
+def client_numbers(arm: str, clients: dict[str, Any], wall: float) -> dict[str, Any]:
+    if arm == "browser":
+        seen = clients["browser"].execute_script("return [window.edgeadView.framesShown, window.edgeadView.lagMs];")
+        frames, lags = int(seen[0]), [float(v) for v in seen[1]]
+    else:
+        rows, clients["mjpeg_seen"] = read_mjpeg_log(clients["mjpeg_log"], clients.get("mjpeg_seen", 0))
+        frames, lags = len(rows), [1000.0 * (recv - cap) for recv, cap in rows]
+    lag = {"p50": round(float(np.percentile(lags, 50)), 2), "p99": round(float(np.percentile(lags, 99)), 2)} if lags else {}
+    return {"frames": frames, "fps": round(frames / wall, 2), "lag_ms": lag}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.view", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="bundle (default: the demo bundle)")
+    p.add_argument("--frames", type=int, default=400, help="frames per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--frame-size", type=int, default=480, help="side of the square synthetic frames")
+    p.add_argument("--clients", default="mjpeg,browser", help="view arms: mjpeg, browser or both")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--port", type=int, default=18971)
+    p.add_argument("--out", default="results/view_cpu.json")
+    p.add_argument("--mjpeg-client", nargs=2, metavar=("URL", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.mjpeg_client:
+        mjpeg_client(*args.mjpeg_client)
+        return 0
+
+    model = args.model or _default_model()
+    bundle = load_checked_bundle(model, "onnxruntime", "fp32", warn=lambda m: print(m, file=sys.stderr))
+    category = bundle.manifest.get("data", {}).get("category") or _demo_category(model) or "metal"
+    engine = open_bundle_engine(bundle, "onnxruntime", "fp32", args.threads)
+    source = ReplaySource(category, args.frame_size, args.frames, pool=32)
+    arms = ["none"] + [a for a in args.clients.split(",") if a in ("mjpeg", "browser")]
+    load_before = os.getloadavg()
+    rounds: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        clients: dict[str, Any] = {"mjpeg_log": tmp / "mjpeg.txt"}
+        procs = []
+        if "mjpeg" in arms:
+            procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.view", "--mjpeg-client",
+                                           f"http://127.0.0.1:{args.port}/stream.mjpg", str(tmp / "mjpeg.txt")]))
+        clients["pids"] = {"mjpeg": procs[0].pid} if procs else {}
+        if "browser" in arms:
+            clients["browser"] = open_browser(str(tmp / "profile"))
+            if clients["browser"] is None:
+                arms.remove("browser")
+                rounds.pop("browser")
+            else:
+                clients["pids"]["browser"] = clients["browser"].service.process.pid
+        try:
+            run_round("none", bundle, engine, ReplaySource(category, args.frame_size, 30, pool=4), args.port,
+                      clients, tmp)  # warm-up
+            for _ in range(args.rounds):
+                for arm in arms:
+                    rounds[arm].append(run_round(arm, bundle, engine, source, args.port, clients, tmp))
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(10)
+            if clients.get("browser") is not None:
+                clients["browser"].quit()
+            engine.close()
+    result = summarize(args, bundle, engine, arms, rounds, load_before)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def summarize(args: argparse.Namespace, bundle: Any, engine: Any, arms: list[str],
+              rounds: dict[str, list[dict[str, Any]]], load_before: tuple[float, ...]) -> dict[str, Any]:
+    base = float(np.median([r["fps"] for r in rounds["none"]]))
+    base_cpu = float(np.median([r["cpu_ms_per_frame"] for r in rounds["none"]]))
+    table: dict[str, Any] = {}
+    print(f"{bundle.detector} {list(bundle.input_shape)}, frames {args.frame_size}², {args.rounds} rounds x "
+          f"{args.frames} frames, block policy (medians)")
+    print(f"{'arm':<10}{'line fps':>10}{'ratio':>8}{'cpu ms/f':>10}{'+client':>9}{'cpu ratio':>10}"
+          f"{'view fps':>10}{'lag p50':>9}{'lag p99':>9}  rounds fps")
+    for arm in arms:
+        fps = float(np.median([r["fps"] for r in rounds[arm]]))
+        cpu = float(np.median([r["cpu_ms_per_frame"] for r in rounds[arm]]))
+        client_cpu = float(np.median([r["client_cpu_ms_per_frame"] for r in rounds[arm]]))
+        row: dict[str, Any] = {"fps": round(fps, 2), "ratio": round(fps / base, 3) if base else None,
+                               "rounds_fps": [r["fps"] for r in rounds[arm]],
+                               "cpu_ms_per_frame": round(cpu, 3), "client_cpu_ms_per_frame": round(client_cpu, 3),
+                               # CPU time is fair under contention: the throughput a CPU-bound line keeps
+                               "cpu_ratio": round(base_cpu / (cpu + client_cpu), 3), "rounds": rounds[arm]}
+        if arm != "none":
+            row["client_fps"] = float(np.median([r["client"]["fps"] for r in rounds[arm]]))
+            row["lag_ms_p50"] = float(np.median([r["client"]["lag_ms"].get("p50", np.nan) for r in rounds[arm]]))
+            row["lag_ms_p99"] = float(np.median([r["client"]["lag_ms"].get("p99", np.nan) for r in rounds[arm]]))
+        table[arm] = row
+        extra = (f"{row['client_fps']:>10.1f}{row['lag_ms_p50']:>9.1f}{row['lag_ms_p99']:>9.1f}" if arm != "none"
+                 else f"{'':>10}{'':>9}{'':>9}")
+        print(f"{arm:<10}{fps:>10.1f}{row['ratio']:>8.1%}{cpu:>10.2f}{client_cpu:>9.2f}{row['cpu_ratio']:>10.1%}"
+              f"{extra}  {row['rounds_fps']}")
+    return {"benchmark": "view", "machine": machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "noisy": "shared 2-core machine: other engineers' jobs run meanwhile; compare ratios of one run",
+            "model": str(bundle.root), "engine": describe_engine(engine), "frame_size": args.frame_size,
+            "frames_per_round": args.frames, "rounds": args.rounds, "view_max_fps": 15.0,
+            "target_ratio": 0.95, "arms": table}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
