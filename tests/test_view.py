@@ -23,7 +23,7 @@ pytest.importorskip("aiohttp")
 
 from edgead.core.calibration import Calibration  # noqa: E402
 from edgead.runtime.pipeline import Frame  # noqa: E402
-from edgead.runtime.postprocess_stage import Postprocessor  # noqa: E402
+from edgead.runtime.postprocess_stage import Postprocessor, error_inspection  # noqa: E402
 from edgead.runtime.sinks import SinkContext, SinkError, open_sink  # noqa: E402
 from edgead.runtime.stats import RunStats  # noqa: E402
 from edgead.runtime.view import config as view_config  # noqa: E402
@@ -133,7 +133,8 @@ def test_token_sources(monkeypatch):
     every = parse_view_uri("http://@:8080", environ={})
     assert every.host == "0.0.0.0" and every.token_generated and len(every.token) >= 20
     assert parse_view_uri("http://0.0.0.0:1", environ={"EDGEAD_VIEW_TOKEN": TOKEN}).token == TOKEN
-    assert parse_view_uri("http://0.0.0.0:1", token="given-token", environ={"EDGEAD_VIEW_TOKEN": TOKEN}).token == "given-token"
+    given = parse_view_uri("http://0.0.0.0:1", token="given-token", environ={"EDGEAD_VIEW_TOKEN": TOKEN})
+    assert given.token == "given-token"  # --view-token wins over the environment
     with pytest.raises(ValueError, match="at least 8"):
         parse_view_uri("http://0.0.0.0:1", token="short", environ={})
     calls = []
@@ -192,6 +193,12 @@ def test_status_counts_what_the_view_received(view):
     assert status["last"]["frame"] == 19 and status["last"]["verdict"] == records[19]["verdict"] == "OK"
     assert status["latency_ms"]["infer"]["p50"] == 1.5 and status["ended"] is False
     assert status["view"]["frames_in"] == 20 and view.summary()["frames_in"] == 20
+    failed = error_inspection("engine: output 'score' contains NaN/Inf")  # an ERROR is shown, never an OK
+    view.write(Frame(20, np.zeros((*SHAPE, 3), np.uint8), time.monotonic(), time.time()), failed, 25.0,
+               {"frame": 20, "t_capture": time.time(), **failed.to_dict(), "latency_ms": {}, "age_ms": 1.0})
+    status = status_of(view)
+    assert status["frames"]["errored"] == 1 and status["last"]["verdict"] == "ERROR"
+    assert "NaN" in status["last"]["error"] and status["last"]["score"] is None
 
 
 def test_status_takes_the_pipelines_counters():
@@ -302,6 +309,19 @@ def test_websocket_sends_a_frame_only_when_the_page_asks_and_the_final_status(vi
             assert (await ws.receive(timeout=10)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
 
     asyncio.run(session())
+
+
+def test_a_frame_the_view_cannot_draw_is_skipped_and_counted(view):
+    with urllib.request.urlopen(view.url + "stream.mjpg", timeout=10) as response:
+        wait_for(lambda: view.summary()["clients"] == 1, what="the client")
+        insp = POST(0.1, np.zeros((16, 16), np.float32), SHAPE)
+        view.write(Frame(0, np.zeros((0, 5, 3), np.uint8), 0.0, 0.0), insp, 25.0, {"frame": 0, **insp.to_dict()})
+        failures = wait_for(lambda: view.summary()["encode_failures"]["count"] and view.summary()["encode_failures"],
+                            what="the failed frame")
+        assert failures["count"] == 1 and failures["last"].startswith("frame 0:")
+        feed(view, [1])
+        (headers, body), = mjpeg_parts(response, 1)
+    assert headers["x-frame"] == "1" and cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR) is not None
 
 
 @pytest.mark.timeout(120)
@@ -427,6 +447,28 @@ def test_edgead_run_reports_the_views_counters(bundle, tmp_path):
                "--results", str(tmp_path), "--quiet"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert rc == 0 and summary["sinks"][uri]["frames_in"] == 12 == summary["frames"]["inspected"]
+
+
+def test_an_unverified_bundle_run_anyway_shows_a_banner(bundle, tmp_path, monkeypatch):
+    import shutil
+
+    from edgead.runtime import view
+    from edgead.runtime.cli import main
+
+    uncertified = tmp_path / "bundle"
+    shutil.copytree(bundle, uncertified)
+    manifest = json.loads((uncertified / "manifest.json").read_text())
+    manifest["parity"] = {}  # the manifest is not among its own checksummed files
+    (uncertified / "manifest.json").write_text(json.dumps(manifest))
+    opened = []
+    real = view.open_view_sink
+    monkeypatch.setattr(view, "open_view_sink", lambda uri, context: opened.append(real(uri, context)) or opened[-1])
+    rc = main(["synthetic://metal?size=64", "--model", str(uncertified), "--output", "http://127.0.0.1:0",
+               "--frames", "4", "--results", str(tmp_path / "r"), "--quiet", "--allow-unverified"])
+    status = opened[0].server.status()
+    assert rc == 0 and status["run"]["certificate"]["status"] == "missing"
+    assert [b["kind"] for b in status["banners"]] == ["unverified"]
+    assert "no parity certificate" in status["banners"][0]["text"] and "--allow-unverified" in status["banners"][0]["text"]
 
 
 def test_help_documents_the_view(capsys):

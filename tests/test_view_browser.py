@@ -133,7 +133,8 @@ def test_live_page_strip_and_final_counters(browser, bundle, tmp_path):
         assert shown == {name: summary["frames"][name] for name in COUNTERS}
         assert shown["ng"] >= 3 and shown["captured"] == shown["inspected"] + shown["dropped"] + shown["errored"]
         view = summary["sinks"]["http://127.0.0.1:0"]
-        assert view["clients_served"] >= 1 and view["frames_shown"] >= 3 and view["frames_in"] == shown["inspected"] + shown["errored"]
+        assert view["clients_served"] >= 1 and view["frames_shown"] >= 3
+        assert view["frames_in"] == shown["inspected"] + shown["errored"]  # every frame reached the view
     finally:
         station.kill()
 

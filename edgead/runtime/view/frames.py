@@ -69,6 +69,8 @@ class Broadcaster:
         self.current: Encoded | None = None
         self.encoded = 0  # frames encoded for the clients (= shown to at least one)
         self.encode_ms = 0.0  # the last one's annotate + JPEG time
+        self.tried_seq = 0  # the newest frame the encoder took (encoded, or failed to encode)
+        self.failures: dict[str, Any] = {"count": 0, "last": None}  # a frame it cannot draw is skipped
         self.wanting = 0  # clients waiting for a newer frame
         self.closing = False
         self.event = asyncio.Event()
@@ -83,17 +85,19 @@ class Broadcaster:
         next_at = 0.0
         while not self.closing:
             if self.handoff.ng_pending:  # one NG part per round: the live frame is not starved
-                self._encode_ng(self.handoff.ng_pending.popleft())
+                self._guarded(self._encode_ng, self.handoff.ng_pending.popleft())
                 await asyncio.sleep(0)
             if self._wanted():
                 if (wait := next_at - time.monotonic()) > 0:  # the fps cap
                     await asyncio.sleep(wait)
                     if not self._wanted():
                         continue
-                started = time.monotonic()
-                self.current = self._encode_live(self.handoff.latest)
+                started, latest = time.monotonic(), self.handoff.latest
+                self.tried_seq = latest.seq
+                if (encoded := self._guarded(self._encode_live, latest)) is None:
+                    continue
+                self.current, self.encoded = encoded, self.encoded + 1
                 self.encode_ms = 1000.0 * (time.monotonic() - started)
-                self.encoded += 1
                 next_at = started + self.period
                 async with self.cond:
                     self.cond.notify_all()
@@ -110,7 +114,15 @@ class Broadcaster:
     def _wanted(self) -> bool:
         """A client waits and there is a frame newer than the last one encoded."""
         latest = self.handoff.latest
-        return bool(self.wanting) and latest is not None and (self.current is None or latest.seq > self.current.seq)
+        return bool(self.wanting) and latest is not None and latest.seq > self.tried_seq
+
+    def _guarded(self, encode: Any, item: Latest) -> Any:
+        try:
+            return encode(item)
+        except Exception as exc:  # noqa: BLE001 - one frame that cannot be drawn must not stop the view
+            where = f"frame {item.record.get('frame')}"
+            self.failures = {"count": self.failures["count"] + 1, "last": f"{where}: {exc!r}"}
+            return None
 
     def _encode_live(self, item: Latest) -> Encoded:
         view = annotate(item.frame.image, item.inspection, item.fps, *self.vrange)

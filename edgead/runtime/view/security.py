@@ -54,7 +54,10 @@ def same_origin(request: web.Request) -> bool:
     return origin is None or urlsplit(origin).netloc.lower() == request.host.lower()
 
 
-def guard(config: ViewConfig, port: Callable[[], int]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def guard(config: ViewConfig, port: Callable[[], int]) -> Middleware:
     """The middleware that applies the rules above to every request."""
 
     @web.middleware

@@ -145,8 +145,10 @@ class ViewServer:
         self.ended = True
         self._publish()
         deadline = time.monotonic() + FLUSH_S
-        while time.monotonic() < deadline and any(c.ws is not None and not c.ws.closed and c.status_seq < self.status_seq
-                                                  for c in self.clients):
+        def behind(c: Client) -> bool:
+            return c.ws is not None and not c.ws.closed and c.status_seq < self.status_seq
+
+        while time.monotonic() < deadline and any(behind(c) for c in self.clients):
             await asyncio.sleep(0.02)
         await self.bc.close()
         for client in list(self.clients):
@@ -183,7 +185,8 @@ class ViewServer:
                 "frames_skipped": self.handoff.frames_in - encoded, "clients": len(self.clients),
                 "clients_served": self.clients_served, "ng_kept": len(self.strip.entries),
                 "out_of_range": self.handoff.out_of_range, "max_fps": self.config.fps,
-                "encode_ms": round(shown.encode_ms, 3) if shown else None}
+                "encode_ms": round(shown.encode_ms, 3) if shown else None,
+                "encode_failures": shown.failures if shown else None}
 
     def _publish(self) -> None:
         self.status_text = _json(self.status())

@@ -83,8 +83,9 @@ class NgEntry:
 
     def links(self) -> dict[str, Any]:
         base = f"/ng/{self.frame}"
-        return {"frame": self.frame, "t_capture": self.record.get("t_capture"), "score_norm": self.record.get("score_norm"),
-                "regions": len(self.record.get("regions", [])), "truth": self.record.get("truth"),
+        r = self.record
+        return {"frame": self.frame, "t_capture": r.get("t_capture"), "score_norm": r.get("score_norm"),
+                "regions": len(r.get("regions", [])), "truth": r.get("truth"),
                 "image": base + ".jpg", "thumb": base + ".thumb.jpg", "record": base + ".json"}
 
 

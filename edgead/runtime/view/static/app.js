@@ -97,7 +97,10 @@
     text("throughput", fmt(status.fps, 1));
     showLatency(status.latency_ms || {});
     text("counted-by", status.counted_by === "view" ? "counted from the frames this view received" : "");
-    if (view.framesShown === 0 && status.last) showVerdict(status.last.verdict, status.last.score_norm, status.last.score);
+    const last = status.last || {};
+    if (view.framesShown === 0 && status.last) showVerdict(last.verdict, last.score_norm, last.score);
+    $("error-line").hidden = last.verdict !== "ERROR";  // why the newest frame has no verdict
+    text("error-line", last.verdict === "ERROR" ? `ERROR: ${last.error || "no result"}` : "");
     showStrip(status.ng || []);
     if (status.ended) setState("ended", "run ended: final counts");
   }
