@@ -32,7 +32,7 @@ from edgead.runtime.view.state import Handoff, NgStrip, finite, last_frame, run_
 
 STATUS_PERIOD_S = 0.25
 ACK_TIMEOUT_S = 5.0  # a page that never says "next" still gets a frame now and then
-FLUSH_S = 1.0  # at close, how long the final status may take to reach the pages
+FLUSH_S = 3.0  # at close, at most this long for the final status to reach the pages (ms when idle)
 BOUNDARY = "edgeadframe"
 STATIC_TYPES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 
