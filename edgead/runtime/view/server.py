@@ -240,7 +240,8 @@ class ViewServer:
         self.clients.add(client)
         self.clients_served += 1
         self._publish()  # the new page gets everything at once
-        pumps = [asyncio.create_task(self._ws_frames(client)), asyncio.create_task(self._ws_status(client))]
+        pumps = [asyncio.create_task(self._quietly(self._ws_frames(client))),
+                 asyncio.create_task(self._quietly(self._ws_status(client)))]
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT and msg.data == "next":
@@ -250,6 +251,13 @@ class ViewServer:
                 task.cancel()
             self.clients.discard(client)
         return ws
+
+    @staticmethod
+    async def _quietly(pump: Any) -> None:
+        try:
+            await pump
+        except (ConnectionError, RuntimeError):  # the page went away mid-send: its handler cleans up
+            pass
 
     async def _ws_frames(self, client: Client) -> None:
         assert client.ws is not None
