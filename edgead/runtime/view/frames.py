@@ -23,6 +23,7 @@ from edgead.runtime.view.state import Handoff, Latest, NgEntry, NgStrip, finite
 LIVE_MAX_WIDTH = 1280  # larger frames are scaled down for the live view (the NG images stay full size)
 THUMB_HEIGHT = 96
 NG_QUALITY = 90
+NG_PER_S = 5.0  # NG parts encoded for the strip per second at most (a burst keeps the newest)
 
 
 @dataclass
@@ -82,34 +83,44 @@ class Broadcaster:
         self.event.set()
 
     async def run(self) -> None:
-        next_at = 0.0
+        """Encode what a client waits for (at most ``fps`` a second) and NG parts for the strip
+        (at most ``NG_PER_S``, newest first); otherwise sleep until a deadline or a wake."""
+        next_at = ng_next = 0.0
         while not self.closing:
-            if self.handoff.ng_pending:  # one NG part per round: the live frame is not starved
-                self._guarded(self._encode_ng, self.handoff.ng_pending.popleft())
-                await asyncio.sleep(0)
-            if self._wanted():
-                if (wait := next_at - time.monotonic()) > 0:  # the fps cap
-                    await asyncio.sleep(wait)
-                    if not self._wanted():
-                        continue
-                started, latest = time.monotonic(), self.handoff.latest
-                self.tried_seq = latest.seq
-                if (encoded := self._guarded(self._encode_live, latest)) is None:
-                    continue
-                self.current, self.encoded = encoded, self.encoded + 1
-                self.encode_ms = 1000.0 * (time.monotonic() - started)
-                next_at = started + self.period
+            now = time.monotonic()
+            busy = False
+            if self.handoff.ng_pending and now >= ng_next:
+                self._guarded(self._encode_ng, self.handoff.ng_pending.pop())
+                ng_next, busy = now + 1.0 / NG_PER_S, True
+            if self._wanted() and now >= next_at:
+                self._encode_newest()
+                next_at, busy = now + self.period, True
+            if busy:
                 async with self.cond:
                     self.cond.notify_all()
-                await asyncio.sleep(0)  # let the clients take it (and stop wanting)
+                await asyncio.sleep(0)  # let the clients take it, and requests in
                 continue
-            # Nothing to do: arm first, then look again, so a frame put meanwhile is never missed.
+            # Arm first, then look again, so a frame put meanwhile is never missed. The sink thread
+            # wakes us only for what we can act on now: a new frame a client waits for, a first NG.
             self.event.clear()
-            self.handoff.armed = bool(self.wanting)  # no client waiting: no wake per frame either
-            if self._wanted() or self.handoff.ng_pending or self.closing:
-                self.handoff.armed = False
+            self.handoff.armed = bool(self.wanting) and not self._wanted()
+            self.handoff.ng_armed = not self.handoff.ng_pending
+            deadlines = ([ng_next] if self.handoff.ng_pending else []) + ([next_at] if self._wanted() else [])
+            if self.closing or (deadlines and min(deadlines) <= now):
                 continue
-            await self.event.wait()
+            try:
+                await asyncio.wait_for(self.event.wait(), min(deadlines) - now if deadlines else None)
+            except asyncio.TimeoutError:
+                pass
+
+    def _encode_newest(self) -> None:
+        latest = self.handoff.latest
+        assert latest is not None
+        self.tried_seq = latest.seq
+        started = time.monotonic()
+        if (encoded := self._guarded(self._encode_live, latest)) is not None:
+            self.current, self.encoded = encoded, self.encoded + 1
+            self.encode_ms = 1000.0 * (time.monotonic() - started)
 
     def _wanted(self) -> bool:
         """A client waits and there is a frame newer than the last one encoded."""

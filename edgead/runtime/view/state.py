@@ -44,6 +44,7 @@ class Handoff:
         self.own_stats = RunStats() if count_here else None
         self.wake: Callable[[], None] = lambda: None
         self.armed = False  # set by the server (before it looks at ``latest``) when a client waits
+        self.ng_armed = True  # set by the server when it has no NG part left to encode
         self._wake_pending = False
 
     def put(self, frame: Any, inspection: Any, fps: float, record: dict[str, Any]) -> None:
@@ -61,8 +62,8 @@ class Handoff:
             self.own_stats.record(inspection.verdict, record.get("latency_ms", {}), record.get("age_ms") or 0.0)
         # Wake the server only when it waits for a frame (armed) or an NG part came; never twice
         # before it has run: at line rate the sink thread makes no syscall for most frames.
-        if (self.armed or inspection.verdict == NG) and not self._wake_pending:
-            self.armed = False
+        if (self.armed or (self.ng_armed and inspection.verdict == NG)) and not self._wake_pending:
+            self.armed = self.ng_armed = False
             self._wake_pending = True
             self.wake()
 
@@ -90,22 +91,22 @@ class NgEntry:
 
 
 class NgStrip:
-    """The last ``size`` NG parts, newest first (server thread only)."""
+    """The last ``size`` NG parts by frame id, newest first (server thread only)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.entries: collections.OrderedDict[int, NgEntry] = collections.OrderedDict()
+        self.entries: dict[int, NgEntry] = {}
 
     def add(self, entry: NgEntry) -> None:
         self.entries[entry.frame] = entry
         while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+            del self.entries[min(self.entries)]
 
     def get(self, frame: int) -> NgEntry | None:
         return self.entries.get(frame)
 
     def listing(self) -> list[dict[str, Any]]:
-        return [e.links() for e in reversed(self.entries.values())]
+        return [self.entries[f].links() for f in sorted(self.entries, reverse=True)]
 
 
 # -- the bundle in use ---------------------------------------------------------------------------
