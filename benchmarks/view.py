@@ -38,6 +38,7 @@ from edgead.runtime.pipeline import Pipeline, PipelineConfig
 from edgead.runtime.postprocess_stage import Postprocessor
 from edgead.runtime.sinks import SinkContext
 
+PORT_OFFSET = {"mjpeg": 0, "browser": 1, "idle": 2}
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                   "--window-size=1280,900")
@@ -149,8 +150,8 @@ def run_round(arm: str, bundle: Any, engine: Any, source: ReplaySource, port: in
                               stats=lambda: running[0].stats.summary() if running else None,
                               run={"model": str(bundle.root), "detector": bundle.detector,
                                    "backend": "onnxruntime", "precision": "fp32", "input": source.uri})
-        # One port per client kind: the MJPEG client (always reconnecting) must not join the browser's rounds.
-        view = open_view_sink(f"http://127.0.0.1:{port + (arm == 'browser')}?fps={view_fps:g}", context)
+        # One port per arm: the MJPEG client (always reconnecting) must join its own rounds only.
+        view = open_view_sink(f"http://127.0.0.1:{port + PORT_OFFSET[arm]}?fps={view_fps:g}", context)
         sinks = [view]
         if arm == "browser":
             clients["browser"].get(view.url)
