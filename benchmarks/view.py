@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.pipeline import ReplaySource, _default_model, _demo_category
+from edgead.core.machine import describe as machine
 from edgead.runtime.infer import describe_engine, load_checked_bundle, open_bundle_engine
 from edgead.runtime.log import JsonlLog
 from edgead.runtime.pipeline import Pipeline, PipelineConfig
@@ -42,27 +43,6 @@ PORT_OFFSET = {"mjpeg": 0, "browser": 1, "idle": 2}
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                   "--window-size=1280,900")
-
-
-def machine() -> dict[str, Any]:
-    try:
-        from edgead.core.machine import describe
-
-        return describe()
-    except ImportError:  # before edgead.core.machine lands: the same facts, read here
-        import platform
-
-        flags: set[str] = set()
-        model = platform.processor()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags.update(value.split())
-        isa = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")}
-        return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "machine": platform.machine(),
-                "python": platform.python_version(), "isa": isa}
 
 
 def tree_cpu_s(root_pid: int) -> float:

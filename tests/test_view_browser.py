@@ -103,11 +103,11 @@ def test_live_page_strip_and_final_counters(browser, bundle, tmp_path):
 
         # An NG part appears in the strip, linked to its full-size image and its JSONL record.
         until(browser, "document.querySelectorAll('#ng-list li').length >= 3", what="NG parts in the strip")
-        entry = browser.find_element(By.CSS_SELECTOR, "#ng-list li")
-        frame_id = int(entry.get_attribute("data-frame"))
-        full = entry.find_element(By.CSS_SELECTOR, "a.ng-image").get_attribute("href")
-        record_url = entry.find_element(By.CSS_SELECTOR, "a.ng-record").get_attribute("href")
-        assert page(browser, "document.querySelector('#ng-list li img').naturalHeight") > 0
+        # Read in one go: the strip is rebuilt whenever a new NG part arrives.
+        frame_id, full, record_url = page(browser, "(li => [Number(li.dataset.frame), li.querySelector('a.ng-image')"
+                                                   ".href, li.querySelector('a.ng-record').href])"
+                                                   "(document.querySelector('#ng-list li'))")
+        until(browser, "document.querySelector('#ng-list li img').naturalHeight > 0", what="a thumbnail loaded")
         decoded = cv2.imdecode(np.frombuffer(fetch(full), np.uint8), cv2.IMREAD_COLOR)
         assert decoded.shape == (FRAME, FRAME, 3)
         record = json.loads(fetch(record_url))

@@ -28,10 +28,7 @@ def view_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if (bundle / "manifest.json").is_file():
         return bundle
     pytest.importorskip("torch")
-    try:
-        from edgead.certify.parity import certify
-    except ImportError:  # before the certifier moved into the package
-        from benchmarks.parity import certify
+    from edgead.bench import certify_against_run
     from edgead.data.images import to_model_input
     from edgead.data.synth import Conveyor, sample
     from edgead.export.bundle_writer import export_run
@@ -48,7 +45,7 @@ def view_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     parts = [Conveyor(CATEGORY, size=SIZE, seed=5, defect_rate=0.5)[i] for i in range(8)]
     images = np.concatenate([val, np.stack([to_model_input(p[0], SIZE, 3) for p in parts])])
     labels = np.r_[np.zeros(8, int), [int(p[2] is not None) for p in parts]]
-    report = certify(out, images, None, labels, run_dir=root / "run", precisions=("fp32",))
+    report = certify_against_run(out, images, None, labels, root / "run", precisions=("fp32",))
     assert report["results"]["onnxruntime/fp32"]["pass"]
     return Path(out)
 
