@@ -30,6 +30,9 @@ output URIs (positional OUTPUT or --output):
   mqtt://HOST:1883/TOPIC?on=all|ng  one JSON message per frame / per not-OK frame  (extra "line")
   opc.tcp://HOST:4840               an OPC UA server with the last verdict and counters (extra "line")
   modbus://HOST:502?coil=0&pulse_ms=50  a reject pulse per not-OK frame             (extra "line")
+  http://127.0.0.1:8080             the station view: a live page in a browser (extra `view`); another
+                                    address than 127.0.0.1 needs a token (EDGEAD_VIEW_TOKEN or
+                                    --view-token; else one is generated and printed once)
 
 results (--results DIR, default ./edgead-results): summary.json and, unless --log says otherwise,
 log.jsonl: one JSON line per inspected frame (frame id, capture time, raw and normalised score,
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--fail-safe-output", action="store_true",
                      help="while the link of an mqtt/opc.tcp/modbus output is down, every frame is NG "
                           "(a sink's fail_safe=0|1 overrides this)")
+    out.add_argument("--view-token", metavar="TOKEN", help="access token of an http:// station view (visible "
+                     "in ps: prefer the environment variable EDGEAD_VIEW_TOKEN)")
     demo = p.add_argument_group("demo")
     demo.add_argument("--demo", action="store_true",
                       help="build (once, cached in $EDGEAD_CACHE or ~/.cache/edgead) a small demo bundle "
@@ -206,8 +211,10 @@ def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callab
     from edgead.runtime.sinks import SinkContext, SinkError
     from edgead.runtime.sources import InputOptions, SourceError, open_source
 
+    warnings: list[str] = []  # an unverified bundle run anyway: the station view shows it as a banner
     try:  # the model first: a refused bundle should fail before a camera is grabbed
-        bundle = load_checked_bundle(args.model, args.backend, args.precision, args.allow_unverified, warn=say)
+        bundle = load_checked_bundle(args.model, args.backend, args.precision, args.allow_unverified,
+                                     warn=lambda message: (warnings.append(message), say(message)))
         engine = stack.enter_context(closing(open_bundle_engine(bundle, args.backend, args.precision, args.threads)))
     except (BundleRefused, BundleError, EngineError) as err:
         raise _Refused(str(err), EXIT_MODEL) from err
@@ -231,9 +238,11 @@ def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callab
     running: list[Any] = []  # the pipeline, once built: a window's q/Esc stops it
     context = SinkContext(vrange=(cal.map_min, cal.map_max), rate=args.input_rate or 30.0, say=say, results=results,
                           on_quit=lambda: running and running[0].stop("window closed"),
+                          stats=lambda: running[0].stats.summary() if running else None, view_token=args.view_token,
                           run={"model": str(bundle.root), "detector": bundle.detector, "backend": args.backend,
                                "precision": args.precision, "input": uri, "threshold": cal.image_threshold,
-                               "certified": bool((bundle.parity(args.backend, args.precision) or {}).get("pass"))})
+                               "certified": bool((bundle.parity(args.backend, args.precision) or {}).get("pass")),
+                               "warnings": warnings})
     try:
         sinks = _open_sinks(args, outputs, context, stack)
     except SinkError as err:

@@ -52,6 +52,8 @@ class SinkContext:
     say: Callable[[str], Any] = lambda message: None  # start-up notes for the terminal
     run: dict[str, Any] = field(default_factory=dict)  # bundle, detector, engine, certificate status
     results: Path | None = None  # the run's results folder
+    stats: Callable[[], dict[str, Any]] | None = None  # the run's live RunStats.summary() (the station view)
+    view_token: str | None = None  # --view-token: the station view's access token
 
 
 # scheme -> "module:factory"; each factory is (uri, SinkContext) -> Sink. Imported on use, so a
