@@ -31,9 +31,9 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from edgead.engines import cuda_rt, tensorrt_engine  # noqa: E402
 from edgead.core.engine import Engine, EngineError  # noqa: E402
 from edgead.core.wiring import Node  # noqa: E402
+from edgead.engines.tensorrt_chain import TensorRTChain  # noqa: E402
 from edgead.engines.tensorrt_engine import (  # noqa: E402
     BUILD_MESSAGE,
-    TensorRTChain,
     TensorRTEngine,
     build_engine,
     engine_cache_path,
