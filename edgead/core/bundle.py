@@ -110,9 +110,10 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
     if not path.is_file():
         raise BundleError(f"{root}: not a bundle (no {MANIFEST}); create one with `edgead export`")
     data = parse_manifest_text(path.read_text(), str(path))
+    if verify and data.get("schema") == SCHEMA_VERSION:
+        verify_manifest(path, data)  # first: an edited manifest is reported as edited
     spec = Manifest.from_dict(data, str(path))
     if verify:
-        verify_manifest(path, data)
         verify_files(root, spec)
     return Bundle(root, data, spec, verified=verify)
 
