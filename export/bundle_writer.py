@@ -10,6 +10,12 @@ tensors on the calibration images) and certified by substituting it into the FP3
 choices with :func:`export.onnx_export.chain_graphs` rather than re-quantising the fused graph:
 one calibration, one set of scales, and the fused graph is by construction the certified chain.
 FP32 graphs are always written: they are the reference and the source of the others.
+
+Golden outputs (:mod:`edgead.export.golden`): a fixed number of validation images and labelled
+anomalies with the run's PyTorch outputs, so a station certifies without torch or the run
+(``--golden-count``, ``--golden-normal``, ``--golden-images``; ``--no-golden`` leaves them out).
+The manifest (typed: :mod:`edgead.core.manifest`) is sealed with its own digest; ``--sign KEY``
+adds an Ed25519 signature of that digest (:mod:`edgead.core.signing`).
 """
 
 from __future__ import annotations

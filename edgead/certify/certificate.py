@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edgead.core import machine
-from edgead.core.bundle import FUSED, Bundle, sha256_file
+from edgead.core.bundle import FUSED, Bundle
 from edgead.core.manifest import canonical_json
 
 KEY_ENV = "EDGEAD_STATION_KEY"
@@ -211,13 +211,13 @@ def find_certificate(bundle: Bundle, engine: Any, precision: str, graph: str = F
                 return Finding(cert, None, others, False)
             failed = [k for k, ok in cert.get("checks", {}).items() if ok is False]
             return Finding(cert, f"FAILED its parity certificate on this device ({', '.join(failed)})", others, False)
-        reasons.append(f"{path.name}: {reason}")
         if reason.startswith("made on "):
             others.append(reason.removeprefix("made on "))
+        else:
+            reasons.append(f"{path.name}: {reason}")
     if not paths:
         return Finding(None, f"has no parity certificate for {device.backend}/{precision}", [], True)
+    if not reasons:
+        return Finding(None, f"has no parity certificate of this device for {device.backend}/{precision}", others,
+                       False)
     return Finding(None, f"has no valid parity certificate for {device.label}: " + "; ".join(reasons), others, False)
-
-
-def graph_sha(bundle: Bundle, precision: str, graph: str = FUSED) -> str:
-    return sha256_file(bundle.graph_path(graph, precision))

@@ -33,7 +33,7 @@ confidence bound on the flip rate that its count supports (Clopper-Pearson: 3/n 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -132,7 +132,3 @@ def fp64_needed(ref32: np.ndarray, ref64: np.ndarray, output: str) -> bool:
     else:
         bound = tol["map_max_abs"]
     return bool((tol["noise_floor_factor"] + 1) * float(diff.max(initial=0.0)) >= bound)
-
-
-def summarize_failures(check_results: dict[str, bool | None]) -> Sequence[str]:
-    return [name for name, ok in check_results.items() if ok is False]

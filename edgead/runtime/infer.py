@@ -134,7 +134,8 @@ def check_certificate(bundle: Bundle, engine: Engine, backend: str, precision: s
     here = device_of(engine).label
     command = (f"certify here: `edgead-run --model {bundle.root} --backend {backend} --precision {precision} "
                f"--certify ...` or `edgead bench parity {bundle.root} --backend {backend} --precision {precision}`")
-    elsewhere = f"; its certificate was made on {'; '.join(finding.others)}, this is {here}" if finding.others else ""
+    made = " and ".join(finding.others)
+    elsewhere = f": its certificate was made on {made}, this is {here}" if finding.others else ""
     msg = f"{bundle.root}: bundle {finding.problem}{elsewhere}; {command}"
     if not allow_unverified:
         raise BundleRefused(f"refusing bundle: {msg} (override with --allow-unverified)")
