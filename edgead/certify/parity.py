@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgead.certify import certificate
+from edgead.core import machine
 from edgead.certify.rules import MIN_DECISIVE, TOLERANCES, checks, verdict_agreement
 from edgead.core.bundle import FUSED, Bundle, BundleError, load_bundle
 from edgead.core.calibration import Calibration
@@ -139,7 +140,8 @@ def certify(bundle_dir: str | Path | Bundle, images: np.ndarray, masks: np.ndarr
     results: dict[str, Any] = {}
     report = {"bundle": str(bundle.root.resolve()), "reference": reference_name, "data": data,
               "n_images": int(len(images)), "n_anomalous": int(np.asarray(labels).sum()),
-              "tolerances": TOLERANCES, "min_decisive": MIN_DECISIVE, "results": results}
+              "tolerances": TOLERANCES, "min_decisive": MIN_DECISIVE, "machine": machine.describe(),
+              "results": results}
     for backend in backends:
         for precision in precisions or bundle.precisions(FUSED):
             key = f"{backend}/{precision}"

@@ -18,16 +18,19 @@ sits between the highest validation scores: an image whose reference score lies 
 threshold flips on rounding alone (GANomaly 256 FP16: 1.1e-6 above it). So a flip counts only
 where the reference score lies **further from the threshold than the band**
 
-    band = max(rel · |threshold|, spread · (score_max − score_min of the validation scores))
+    band = max(spread · (score_max − score_min of the validation scores), floor · |threshold|)
 
-with (rel, spread) = (1e-4, 0.001) for FP32, (2e-3, 0.01) for FP16 (four FP16 rounding units,
-2⁻¹¹ each; 1% of the normal score range) and (1e-2, 0.02) for INT8 (about one 8-bit
-quantisation step, 1/127; 2% of the range). Both terms come from the bundle and the precision,
-never from the engine's measured error, so a bad engine cannot widen its own band. Flips inside
-the band are reported apart and do not fail. Images outside the band are the *decisive* ones:
-the certificate needs at least ``MIN_DECISIVE`` (30) of them, and ≥ 99% of them must agree (with
-fewer than 100 decisive images: none may flip). Each certificate also states the 95% upper
-confidence bound on the flip rate that its count supports (Clopper-Pearson: 3/n for no flip).
+with spread = 0.1% (FP32), 1% (FP16), 2% (INT8) of the normal score range: an engine that moves
+a score by more than that is not rounding, and a part that close to the threshold is a coin flip
+for any engine. The floor (1e-6, 1e-5, 1e-4 of the threshold) only guards a degenerate range; it
+is kept small because scores can carry a large offset (GANomaly's latent distance: range 1-2% of
+the threshold), where a threshold-relative band would swallow every image. Both terms come from
+the bundle and the precision, never from the engine's measured error, so a bad engine cannot
+widen its own band. Flips inside the band are reported apart and do not fail. Images outside
+the band are the *decisive* ones: the certificate needs at least ``MIN_DECISIVE`` (30) of them,
+and ≥ 99% of them must agree (with fewer than 100 decisive images: none may flip). Each
+certificate also states the 95% upper confidence bound on the flip rate that its count supports
+(Clopper-Pearson: 3/n for no flip).
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ TOLERANCES: dict[str, dict[str, float]] = {
 }
 
 VERDICT_BAND: dict[str, dict[str, float]] = {
-    "fp32": {"rel": 1e-4, "spread": 1e-3},
-    "fp16": {"rel": 2e-3, "spread": 1e-2},
-    "int8": {"rel": 1e-2, "spread": 2e-2},
+    "fp32": {"spread": 1e-3, "floor": 1e-6},
+    "fp16": {"spread": 1e-2, "floor": 1e-5},
+    "int8": {"spread": 2e-2, "floor": 1e-4},
 }
 MIN_DECISIVE = 30  # decisive images a verdict agreement needs before it means anything
 
@@ -57,7 +60,7 @@ MIN_DECISIVE = 30  # decisive images a verdict agreement needs before it means a
 def band(calibration: Calibration, precision: str) -> float:
     rule = VERDICT_BAND[precision]
     spread = calibration.score_max - calibration.score_min
-    return max(rule["rel"] * abs(calibration.image_threshold), rule["spread"] * spread)
+    return max(rule["spread"] * spread, rule["floor"] * abs(calibration.image_threshold))
 
 
 def flip_rate_upper(flips: int, n: int, confidence: float = 0.95) -> float:
