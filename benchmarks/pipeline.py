@@ -1,7 +1,8 @@
 """Does the station pipeline overlap its stages? Engine-only vs full-pipeline throughput.
 
     python -m benchmarks.pipeline [--model BUNDLE] [--backend onnxruntime] [--precision fp32]
-                                  [--frames 300] [--out pipeline_bench.json]
+                                  [--frames 300] [--frame-size N] [--native both|on|off]
+                                  [--out pipeline_bench.json]
 
 1. engine only: ``enqueue``/``synchronize`` on a preallocated input, slots alternating (the
    ceiling: no capture, no pre/post-processing, no output);
@@ -9,6 +10,8 @@
    (JSONL log), ``block`` policy so every frame is inspected, in the same run on the same machine.
 
 The ratio pipeline/engine says how well the other stages hide behind the engine (goal >= 0.9).
+With ``--native both`` (the default) the pipeline runs twice per round, with the native per-frame
+core (cpp_bindings/) and with the NumPy/OpenCV path, and both ratios are reported.
 Frames are rendered from the synthetic conveyor before timing and replayed from memory: a camera
 delivers frames by DMA, so rendering them must not be charged to the pipeline. Default model:
 the demo bundle (built once, as ``edgead-run --demo`` does). No torch in this process.
@@ -29,8 +32,10 @@ import numpy as np
 
 from edgead.core.engine import SlottedEngine
 from edgead.runtime.infer import describe_engine, load_checked_bundle, open_bundle_engine
+from edgead.runtime import native
 from edgead.runtime.pipeline import Pipeline, PipelineConfig
 from edgead.runtime.postprocess_stage import Postprocessor
+from edgead.runtime.preprocess import Preprocessor
 from edgead.runtime.log import JsonlLog
 from edgead.runtime.sources import EndOfStream, Source, Truth
 from edgead.runtime.stats import RunStats
@@ -87,17 +92,22 @@ def engine_only(engine: Any, frames: int, warmup: int) -> dict[str, float]:
 
 
 def full_pipeline(bundle: Any, engine: Any, category: str, frames: int, warmup: int,
-                  stats: RunStats | None = None) -> dict[str, Any]:
-    size = int(bundle.input_shape[-1])
-    post = Postprocessor(bundle.calibration)
+                  stats: RunStats | None = None, use_native: bool = True, frame_size: int | None = None) -> dict[str, Any]:
+    size = frame_size or int(bundle.input_shape[-1])
+    post = Postprocessor(bundle.calibration, use_native=use_native)
+
+    def pipeline(source: Source, log: JsonlLog, config: PipelineConfig | None = None, **kw: Any) -> Pipeline:
+        pipe = Pipeline(source, engine, post, [], log, config, **kw)
+        pipe.pre = Preprocessor.for_input_shape(engine.inputs[0].shape, use_native=use_native)
+        return pipe
+
     with tempfile.TemporaryDirectory() as tmp:
         if warmup:
-            Pipeline(ReplaySource(category, size, warmup), engine, post, [], JsonlLog(None)).run()
+            pipeline(ReplaySource(category, size, warmup), JsonlLog(None)).run()
         log = JsonlLog(Path(tmp) / "log.jsonl")
         round_stats = RunStats()
-        pipe = Pipeline(ReplaySource(category, size, frames), engine, post, [], log, PipelineConfig(policy="block"),
-                        stats=round_stats)
-        summary = pipe.run().summary
+        summary = pipeline(ReplaySource(category, size, frames), log, PipelineConfig(policy="block"),
+                           stats=round_stats).run().summary
         log.close()
     if stats is not None:  # pool the latencies of every round
         stats.merge(round_stats)
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/pipeline rounds (medians reported)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: its own choice)")
+    p.add_argument("--frame-size", type=int, help="side of the square synthetic frames (default: the model input's)")
+    p.add_argument("--native", choices=("both", "on", "off"), default="both",
+                   help="pipeline with the native per-frame core, without it, or both side by side")
     p.add_argument("--allow-unverified", action="store_true")
     p.add_argument("--out", default="pipeline_bench.json", help="JSON results file")
     args = p.parse_args(argv)
@@ -131,42 +144,63 @@ def main(argv: list[str] | None = None) -> int:
                                  warn=lambda m: print(m, file=sys.stderr))
     category = args.category or bundle.manifest.get("data", {}).get("category") or _demo_category(model) or "washer"
     engine = open_bundle_engine(bundle, args.backend, args.precision, args.threads)
-    # Alternate the two measurements over several rounds and take medians: on a shared or
-    # thermally throttled machine a single back-to-back pair is at the mercy of the moment.
-    engine_rounds, pipe_rounds, pooled = [], [], RunStats()
+    variants = {"both": (True, False), "on": (True,), "off": (False,)}[args.native]
+    if True in variants and native.module() is None:
+        print(f"note: native core unavailable ({native.reason()}): the 'native' row runs the Python path",
+              file=sys.stderr)
+    # Alternate the measurements over several rounds and take medians: on a shared or thermally
+    # throttled machine a single back-to-back pair is at the mercy of the moment.
+    engine_rounds: list[dict[str, float]] = []
+    pipe_rounds: dict[bool, list[dict[str, Any]]] = {v: [] for v in variants}
+    pooled = {v: RunStats() for v in variants}
     per_round = max(1, args.frames // args.rounds)
     try:
         for r in range(args.rounds):
-            engine_rounds.append(engine_only(engine, per_round, args.warmup if r == 0 else 0))
-            pipe_rounds.append(full_pipeline(bundle, engine, category, per_round, args.warmup if r == 0 else 0,
-                                             pooled))
+            warm = args.warmup if r == 0 else 0
+            engine_rounds.append(engine_only(engine, per_round, warm))
+            for v in variants:
+                pipe_rounds[v].append(full_pipeline(bundle, engine, category, per_round, warm, pooled[v],
+                                                    use_native=v, frame_size=args.frame_size))
     finally:
         engine.close()
 
     eng = {k: float(np.median([e[k] for e in engine_rounds])) for k in ("fps", "p50_ms", "p99_ms")}
-    pipe_fps = float(np.median([p["fps"] for p in pipe_rounds]))
-    pooled_summary = pooled.summary()
-    ratio = pipe_fps / eng["fps"] if eng["fps"] else float("nan")
-    lat = pooled_summary["latency_ms"]
-    result = {
+    from benchmarks.native import machine
+
+    result: dict[str, Any] = {
         "model": str(bundle.root), "engine": describe_engine(engine), "input_shape": list(bundle.input_shape),
+        "frame_size": args.frame_size or int(bundle.input_shape[-1]), "machine": machine(),
         "frames": per_round * args.rounds, "rounds": args.rounds, "cpu_count": os.cpu_count(), "category": category,
         "engine_only": {k: round(v, 3) for k, v in eng.items()},
         "engine_only_rounds_fps": [round(e["fps"], 2) for e in engine_rounds],
-        "pipeline": {"fps": round(pipe_fps, 2), "frames": pooled_summary["frames"], "latency_ms": lat,
-                     "rounds_fps": [p["fps"] for p in pipe_rounds]},
-        "ratio": round(ratio, 3), "overlap_ok": bool(ratio >= 0.9),
+        "note": "shared, noisy machine: rounds alternate engine-only and pipeline runs; medians",
     }
-    rows = [("engine only", eng["fps"], eng["p50_ms"], eng["p99_ms"]),
-            ("full pipeline", pipe_fps, lat["end_to_end"]["p50"], lat["end_to_end"]["p99"])]
-    print(f"{bundle.detector} {list(bundle.input_shape)} on {args.backend}/{args.precision}, "
-          f"{args.rounds} rounds x {per_round} frames (medians)")
-    print(f"{'':<16}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}")
-    for name, fps, p50, p99 in rows:
-        print(f"{name:<16}{fps:>9.1f}{p50:>9.2f}{p99:>9.2f}")
-    stages = "  ".join(f"{k} {v['p50']:.2f}/{v['p99']:.2f}" for k, v in lat.items() if k != "end_to_end")
-    print(f"stages p50/p99 ms: {stages}")
-    print(f"pipeline / engine-only throughput: {ratio:.1%} ({'overlap OK' if ratio >= 0.9 else 'below the 90% goal'})")
+    print(f"{bundle.detector} {list(bundle.input_shape)} on {args.backend}/{args.precision}, frames "
+          f"{result['frame_size']}², {args.rounds} rounds x {per_round} frames (medians)")
+    print(f"{'':<26}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}")
+    print(f"{'engine only':<26}{eng['fps']:>9.1f}{eng['p50_ms']:>9.2f}{eng['p99_ms']:>9.2f}")
+    for v in variants:
+        pipe_fps = float(np.median([p["fps"] for p in pipe_rounds[v]]))
+        pooled_summary = pooled[v].summary()
+        lat = pooled_summary["latency_ms"]
+        ratio = pipe_fps / eng["fps"] if eng["fps"] else float("nan")
+        ran = pipe_rounds[v][-1].get("native", {})
+        name = "native" if v else "python"
+        result[f"pipeline_{name}"] = {"fps": round(pipe_fps, 2), "frames": pooled_summary["frames"], "latency_ms": lat,
+                                      "native": ran, "rounds_fps": [p["fps"] for p in pipe_rounds[v]],
+                                      "ratio": round(ratio, 3)}
+        label = f"pipeline ({'native core' if ran.get('preprocess') else 'NumPy/OpenCV'})"
+        print(f"{label:<26}{pipe_fps:>9.1f}{lat['end_to_end']['p50']:>9.2f}{lat['end_to_end']['p99']:>9.2f}"
+              f"{ratio:>8.1%}")
+        stages = "  ".join(f"{k} {x['p50']:.2f}/{x['p99']:.2f}" for k, x in lat.items() if k != "end_to_end")
+        print(f"    stages p50/p99 ms: {stages}")
+    for v in variants:
+        ratio = result[f"pipeline_{'native' if v else 'python'}"]["ratio"]
+        print(f"pipeline / engine-only throughput, {'native core' if v else 'NumPy/OpenCV path'}: {ratio:.1%} "
+              f"({'overlap OK' if ratio >= 0.9 else 'below the 90% goal'})")
+    first = result[f"pipeline_{'native' if variants[0] else 'python'}"]
+    result["pipeline"] = first  # the first variant, under the key earlier results used
+    result["ratio"], result["overlap_ok"] = first["ratio"], bool(first["ratio"] >= 0.9)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

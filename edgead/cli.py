@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = {f"epochs_{k}": v for k, v in _parse_kv(args.stage_epochs).items()}
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment,
                         device=args.device, seed=args.seed, extra=extra)
-    run = train_run(args.model, args.data, args.category, args.out, image_size=args.image_size,
+    run = train_run(args.model, _data_source(args), args.out, image_size=args.image_size,
                     channels=args.channels, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
                     config=config, train=train, resume=args.resume)
     print(f"run saved to {run}")
@@ -72,10 +72,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from edgead.evaluation.evaluate import evaluate_bundle, evaluate_run
 
     if (Path(args.run) / "manifest.json").is_file():  # a bundle: evaluate the engine the line runs
-        report = evaluate_bundle(args.run, args.data, args.category, args.backend, args.precision,
+        report = evaluate_bundle(args.run, _data_source(args), args.backend, args.precision,
                                  out_dir=args.out, skip_bad=args.skip_bad)
     else:
-        report = evaluate_run(args.run, args.data, args.category, out_dir=args.out, skip_bad=args.skip_bad,
+        report = evaluate_run(args.run, _data_source(args), out_dir=args.out, skip_bad=args.skip_bad,
                               device=args.device)
     print(json.dumps({k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1")}, indent=2))
     return 0
@@ -86,7 +86,46 @@ def _delegate(command: str, argv: list[str]) -> int:
     return getattr(importlib.import_module(module), function)(argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_data_arguments(p: argparse.ArgumentParser, test: bool) -> None:
+    """--data ROOT --category C (MVTec AD layout) or --normal-dir [--abnormal-dir --mask-dir]
+    (anomalib's Folder layout)."""
+    g = p.add_argument_group("data (MVTec AD layout, or an anomalib-style Folder layout)")
+    g.add_argument("--data", help="MVTec AD root: ROOT/CATEGORY/train/good, test/<defect>, ground_truth/<defect>")
+    g.add_argument("--category", help="category under --data")
+    g.add_argument("--normal-dir", help="Folder layout: a folder of defect-free images")
+    g.add_argument("--abnormal-dir", help="Folder layout: a folder of defective images"
+                   + ("" if test else " (recorded in the run for eval; never trained on)"))
+    g.add_argument("--mask-dir", help="Folder layout: masks matched to abnormal images by file stem")
+    g.add_argument("--normal-test-dir", help="Folder layout: normal test images (default: 20%% of --normal-dir, "
+                                             "held out of training and recorded in the run)")
+
+
+def _data_source(args: argparse.Namespace):
+    from edgead.data.source import DataSource
+
+    if args.data and args.normal_dir:
+        raise SystemExit("edgead: give either --data ROOT --category C (MVTec layout) or --normal-dir DIR "
+                         "(Folder layout), not both")
+    if args.data:
+        if not args.category:
+            raise SystemExit(f"edgead: --data {args.data} needs --category (a folder under it)")
+        return DataSource.mvtec(args.data, args.category)
+    if args.normal_dir:
+        return DataSource.folder(args.normal_dir, args.abnormal_dir, args.mask_dir, args.normal_test_dir)
+    raise SystemExit("edgead: no data: give --data ROOT --category C (MVTec layout) or --normal-dir DIR "
+                     "(Folder layout)")
+
+
+def _detector_help() -> str:
+    from edgead.models import registry
+
+    rows = registry.describe()
+    width = max(len(name) for name, _ in rows)
+    return "detectors (--model):\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)
+
+
+def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``list_detectors=False`` skips importing every detector (torch) for the train help."""
     parser = argparse.ArgumentParser(prog="edgead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("train", help="train a detector on defect-free images")
-    p.add_argument("--data", required=True, help="data root (MVTec layout)")
-    p.add_argument("--category", required=True)
-    p.add_argument("--model", default="ganomaly")
+    p = sub.add_parser("train", help="train a detector on defect-free images", epilog=_detector_help() if list_detectors else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_data_arguments(p, test=False)
+    p.add_argument("--model", default="patchcore", metavar="NAME", help="detector (listed below; default patchcore)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--epochs", type=int, default=15)
@@ -132,8 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="training run, or bundle (then --backend/--precision choose the engine)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"], help="bundle only")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="bundle only")
-    p.add_argument("--data", required=True)
-    p.add_argument("--category", required=True)
+    _add_data_arguments(p, test=True)
     p.add_argument("--out", default=None, help="default: RUN/eval, or BUNDLE-eval-BACKEND-PRECISION beside a bundle")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--device", default="auto")
@@ -154,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return _delegate(argv[0], argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and f"bench {argv[1]}" in DELEGATED:
         return _delegate(f"bench {argv[1]}", argv[2:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(list_detectors=argv[:1] == ["train"]).parse_args(argv)
     if args.command == "bench":  # `edgead bench` with no or an unknown target
         build_parser().parse_args(["bench", "--help"])
     return args.func(args)

@@ -76,21 +76,25 @@ def calibration_images(meta: dict[str, Any], size: int, channels: int, calib_ima
                        count: int = 64) -> tuple[np.ndarray, str]:
     """Normal images for INT8 calibration and where they came from: ``calib_images`` (any folder
     of normal images), else the run's own training split (never its validation images)."""
-    from edgead.data.datasets import folder_samples, load_arrays, mvtec_samples
+    from edgead.data.datasets import folder_samples, load_arrays
+    from edgead.data.source import DataSource
 
     if calib_images is not None:
         images, _, _ = load_arrays(folder_samples(calib_images), size, channels, skip_bad=True)
         return _subsample(images, count), str(Path(calib_images).resolve())
     data = meta.get("data") or {}
-    root, category = data_root or data.get("root"), category or data.get("category")
-    if not root or not category:
+    if data_root and category:
+        source = DataSource.mvtec(data_root, category)
+    elif data.get("layout") in ("mvtec", "folder"):
+        source = DataSource.from_dict(data)
+    else:
         raise ExportError("INT8 needs calibration images: pass --calib-images DIR (normal images) or "
                           "--data ROOT --category C; the run records no training data")
     val_files = set(data.get("val_files") or [])
-    samples = [s for s in mvtec_samples(root, category, "train") if s.path.name not in val_files]
+    samples = [s for s in source.normal() if s.path.name not in val_files]
     samples = [samples[i] for i in np.unique(np.linspace(0, len(samples) - 1, min(count, len(samples))).round().astype(int))]
     images, _, _ = load_arrays(samples, size, channels, skip_bad=True)
-    return images, f"{root}/{category}/train/good (training split, {len(images)} images)"
+    return images, f"{source.describe()} (training split, {len(images)} images)"
 
 
 def _prepare_out(out: Path) -> None:

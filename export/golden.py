@@ -43,21 +43,33 @@ def _spaced(items: list[Any], count: int) -> list[Any]:
     return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, count).round().astype(int))]
 
 
+def _source(meta: dict[str, Any], data_root: str | Path | None, category: str | None) -> Any:
+    """The run's data source (MVTec or Folder layout), or None (synthetic or unrecorded data)."""
+    from edgead.data.source import DataSource
+
+    data = meta.get("data") or {}
+    if data_root and category:
+        return DataSource.mvtec(data_root, category)
+    if data.get("layout") in ("mvtec", "folder"):
+        return DataSource.from_dict(data)
+    return None
+
+
 def normal_images(meta: dict[str, Any], size: int, channels: int, count: int, data_root: str | Path | None,
                   category: str | None, folder: str | Path | None, n_val: int = 0) -> tuple[np.ndarray, str]:
     """(float images, where they came from): the run's validation split, or ``folder``."""
-    from edgead.data.datasets import folder_samples, load_arrays, mvtec_samples
+    from edgead.data.datasets import folder_samples, load_arrays
 
     data = meta.get("data") or {}
     if folder is not None:
         images, _, _ = load_arrays(_spaced(folder_samples(folder), count), size, channels, skip_bad=True)
         return images, f"{count if len(images) >= count else len(images)} images of {Path(folder).resolve()}"
-    root, category = data_root or data.get("root"), category or data.get("category")
-    if root and category and data.get("val_files"):
+    source, category = _source(meta, data_root, category), category or data.get("category")
+    if source is not None and data.get("val_files"):
         val_files = set(data["val_files"])
-        samples = [s for s in mvtec_samples(root, category, "train") if s.path.name in val_files]
+        samples = [s for s in source.normal() if s.path.name in val_files]
         images, _, kept = load_arrays(_spaced(samples, count), size, channels, skip_bad=True)
-        return images, f"validation split of {root}/{category} ({len(kept)} of {len(val_files)})"
+        return images, f"validation split of {source.describe()} ({len(kept)} of {len(val_files)})"
     if data.get("layout") == "synthetic" and category:
         from edgead.data.images import to_model_input as convert
         from edgead.data.synth import sample
@@ -72,23 +84,22 @@ def normal_images(meta: dict[str, Any], size: int, channels: int, count: int, da
 
 def test_anomalies(meta: dict[str, Any], size: int, channels: int, count: int, data_root: str | Path | None,
                    category: str | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """Anomalous test images and masks of an MVTec-layout data set (empty without a test split)."""
-    from edgead.data.datasets import DatasetError, load_arrays, mvtec_samples
+    """Anomalous test images and their masks (empty without a test split, or without masks)."""
+    from edgead.data.datasets import DatasetError, load_arrays
 
-    data = meta.get("data") or {}
-    root, category = data_root or data.get("root"), category or data.get("category")
+    source = _source(meta, data_root, category)
     empty = np.zeros((0, channels, size, size), np.float32), np.zeros((0, size, size), np.float32), ""
-    if not root or not category or count <= 0 or not (Path(root) / category / "test").is_dir():
+    if source is None or count <= 0:
         return empty
     try:
-        samples = [s for s in mvtec_samples(root, category, "test") if s.label == 1]
+        samples = [s for s in source.test() if s.label == 1 and s.mask_path is not None]
     except DatasetError:
         return empty
     if not samples:
         return empty
     images, masks, kept = load_arrays(_spaced(samples, count), size, channels, skip_bad=True, with_masks=True)
     assert masks is not None
-    return images, masks, f"{len(kept)} test-split anomalies of {root}/{category}"
+    return images, masks, f"{len(kept)} test-split anomalies of {source.describe()}"
 
 
 def paint_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -44,6 +44,7 @@ def station(tmp_path_factory) -> dict:
     from edgead.core.bundle import load_bundle
     from edgead.core.golden import read_golden
     from edgead.data.datasets import load_arrays, mvtec_samples
+    from edgead.data.source import DataSource
     from edgead.data.synth import SynthSpec, generate
     from edgead.evaluation.evaluate import evaluate_run
     from edgead.export.bundle_writer import export_run
@@ -54,14 +55,14 @@ def station(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("station")
     data = generate(tmp / "data", ["washer"], SynthSpec(image_size=STATION_SIZE, n_train=40, n_test_good=4,
                                                           n_test_per_defect=2, seed=0))
-    run = train_run("ssim_ae", data, "washer", tmp / "run", image_size=STATION_SIZE,
+    run = train_run("ssim_ae", DataSource.mvtec(data, "washer"), tmp / "run", image_size=STATION_SIZE,
                     config={"width": 8, "latent_dim": 16}, train=TrainConfig(epochs=2, batch_size=8, device="cpu"),
                     progress=False)
     bundle = export_run(run, tmp / "bundle", precisions=("fp32", "fp16", "int8"), calib_count=12)
     golden = read_golden(bundle, load_bundle(bundle).spec.golden)
     live = certify_against_run(bundle, golden.images, golden.masks, golden.labels, run, write=False,
                                data=golden.description)
-    torch_eval = evaluate_run(run, data, "washer", out_dir=tmp / "eval-run", device="cpu")
+    torch_eval = evaluate_run(run, DataSource.mvtec(data, "washer"), out_dir=tmp / "eval-run", device="cpu")
     live_ref = reference_outputs(run, golden.images)
     test_images, _, _ = load_arrays(mvtec_samples(data, "washer", "test"), STATION_SIZE, 3)
     test_scores = reference_outputs(run, test_images)["score"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from edgead.core.calibration import ERROR, NG, OK, calibrate
 from edgead.models import create
 from edgead.models.base import TrainConfig, run_components
 from edgead.models.blocks import dcgan_init
+from edgead.models.heads import HEAD, ScoreHead
 from edgead.training.checkpoint import CheckpointError, load_run, load_weights, save_weights
 from edgead.training.predict import predict
 from edgead.training.trainer import augment, cutpaste, train_from_arrays
@@ -109,6 +111,39 @@ def test_weights_must_match_the_model(tmp_path) -> None:
     save_weights(create("ssim_ae", image_size=32, width=8), path)
     with pytest.raises(CheckpointError, match="don't match"):
         load_weights(create("ganomaly", image_size=32, width=8), path)
+
+
+UTAD_TINY = {"latent_dim": 16, "ie_hidden": 32, "mlp_dim": 32, "expert_down": 2, "expert_res": 1}
+
+
+@pytest.mark.parametrize("name, extra", [("ganomaly", {}), ("utad", UTAD_TINY), ("anogan", {})])
+def test_a_run_saved_before_the_score_head_still_loads(name: str, extra: dict, tmp_path) -> None:
+    """A run saved with the VGG scorer under its old name (``head.scorer.*``; AnoGAN's ``scorer.*``)
+    loads into the score head, every weight in place."""
+    from safetensors.torch import save_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random VGG features
+        saved = create(name, image_size=32, width=8, scorer="vgg", **extra)
+        fresh = create(name, image_size=32, width=8, scorer="vgg", seed=1, **extra)  # other VGG weights
+    ((old, new),) = saved.renamed_state_keys.items()
+    state = {(old + k[len(new):] if k.startswith(new) else k): v.contiguous() for k, v in saved.state_dict().items()}
+    assert sum(k.startswith(old) for k in state) == 16  # the VGG-19 convs to conv3_4, under the old name
+    save_file(state, str(tmp_path / "model.safetensors"))
+    load_weights(fresh, tmp_path / "model.safetensors")
+    loaded = fresh.state_dict()
+    assert loaded.keys() == saved.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["ganomaly", "ssim_ae", "skip_ganomaly", "fanogan", "egbad", "alad", "utad", "vae"])
+def test_the_last_component_is_the_score_head(name: str) -> None:
+    detector = create(name, image_size=32, width=8, scorer="l1")
+    last = detector.components()[-1]
+    assert last.name == HEAD and last.module is detector.head and isinstance(last.module, ScoreHead)
+    assert last.outputs == ("score", "anomaly_map") and last.inputs == detector.head.inputs
+    # an L1 map carries no convolution worth FP16: the whole head is FP32 islands
+    assert {n.split(".")[0] for n, _ in detector.head.named_children()} == {"fp32_map", "fp32_score"}
 
 
 def test_calibration_uses_validation_quantiles_and_never_passes_nan() -> None:

@@ -88,7 +88,7 @@ def test_fp16_keeps_fp32_islands_and_io(tmp_path: Path) -> None:
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input,
                                                                *model.graph.output)}
     islands = [n for n in model.graph.node if FP32_MARKER in n.name and n.op_type != "Cast"]
-    assert islands
+    assert any("/head/fp32_map/" in n.name for n in islands) and any("/head/fp32_score/" in n.name for n in islands)
     for node in islands:
         for tensor in (*node.input, *node.output):
             if tensor in types:
@@ -98,6 +98,39 @@ def test_fp16_keeps_fp32_islands_and_io(tmp_path: Path) -> None:
     x = np.random.default_rng(1).random((1, 3, SIZE, SIZE), dtype=np.float32)
     out = _ort(tmp_path / "d16.onnx", {IMAGE: x})  # ORT CPU loads and runs it
     assert all(np.isfinite(v).all() and v.dtype == np.float32 for v in out.values())
+
+
+@pytest.mark.parametrize("scorer", ["l1", "ssim", "vgg"])
+def test_fp16_keeps_the_score_head_fp32(scorer: str, tmp_path: Path) -> None:
+    """In the FP16 head graph nothing of the map or score function runs FP16, except the VGG
+    map's own convolutions (and the pooling and concatenation between them)."""
+    import warnings
+
+    from edgead.export.fp16 import FP32_MARKER, export_fp16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random VGG features
+        detector = registry.create("ganomaly", image_size=SIZE, width=8, scorer=scorer).eval()
+    export_detector(detector, tmp_path, fused=False, components=["head"])
+    model = onnx.shape_inference.infer_shapes(export_fp16(tmp_path / "head.fp32.onnx", tmp_path / "head.fp16.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input,
+                                                               *model.graph.output)}
+    half = [n for n in model.graph.node if n.op_type != "Cast"
+            and any(types.get(t) == onnx.TensorProto.FLOAT16 for t in (*n.input, *n.output))]
+    if scorer == "vgg":
+        assert {n.op_type for n in half} <= {"Conv", "Relu", "MaxPool", "Concat", "Pad"}
+        assert any(n.op_type == "Conv" for n in half) and all(FP32_MARKER not in n.name for n in half)
+    else:
+        assert not half, [n.name for n in half]
+    reductions = [n for n in model.graph.node if n.op_type in ("ReduceMean", "ReduceSum", "TopK", "Pow", "Sqrt",
+                                                                 "Div", "Abs", "Resize")]
+    assert reductions and all(FP32_MARKER in n.name for n in reductions)
+    rng, shapes = np.random.default_rng(2), detector.component_shapes()
+    feeds = {i.name: rng.random(shapes[i.name], dtype=np.float32) for i in model.graph.input}
+    want, got = _ort(tmp_path / "head.fp32.onnx", feeds), _ort(tmp_path / "head.fp16.onnx", feeds)
+    tol = 1e-2 if scorer == "vgg" else 1e-6  # all-FP32 heads agree to rounding
+    for name in OUTPUT_NAMES:
+        assert np.abs(want[name] - got[name]).max() <= tol * max(1.0, np.abs(want[name]).max())
 
 
 def test_int8_graph_is_symmetric_qdq(tmp_path: Path) -> None:
@@ -127,13 +160,14 @@ def test_int8_graph_is_symmetric_qdq(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     from edgead.data.synth import SynthSpec, generate
+    from edgead.data.source import DataSource
     from edgead.training.trainer import train_run
     from edgead.export.bundle_writer import export_run
 
     tmp = tmp_path_factory.mktemp("export")
     data = generate(tmp / "data", ["washer"], SynthSpec(image_size=SIZE, n_train=20, n_test_good=6,
                                                           n_test_per_defect=1, seed=0))
-    run = train_run("ssim_ae", data, "washer", tmp / "run", image_size=SIZE, config={"width": 8, "latent_dim": 16},
+    run = train_run("ssim_ae", DataSource.mvtec(data, "washer"), tmp / "run", image_size=SIZE, config={"width": 8, "latent_dim": 16},
                     train=TrainConfig(epochs=2, batch_size=8, device="cpu"), progress=False)
     bundle = export_run(run, tmp / "bundle", precisions=("fp32", "fp16", "int8"), calib_count=12)
     return {"data": data, "run": run, "bundle": bundle, "tmp": tmp}
@@ -147,14 +181,14 @@ def test_bundle_manifest(trained) -> None:
     assert m["input"]["resize"] and len(m["input"]["mean"]) == 3 and m["input"]["normalization"]
     assert [o["name"] for o in m["outputs"]] == list(OUTPUT_NAMES)
     assert m["calibration"]["image_threshold"] == b.calibration.image_threshold
-    assert [c["name"] for c in m["components"]] == ["autoencoder", "scorer"]
-    for graph in ("detector", "autoencoder", "scorer"):
+    assert [c["name"] for c in m["components"]] == ["autoencoder", "head"]
+    for graph in ("detector", "autoencoder", "head"):
         assert set(b.precisions(graph)) == {"fp32", "fp16", "int8"}
     for comp, used in m["precision_fallbacks"].get("int8", {}).items():
         assert m["graphs"][comp]["int8"] == f"{comp}.{used}.onnx"
     report = m["quantization"]["int8"]
     assert report["method"] == "minmax" and report["images"] == 12
-    assert report["components"]["scorer"]["precision"] == "fp32"  # SSIM is an FP32 island: nothing to quantise
+    assert report["components"]["head"]["precision"] == "fp32"  # the SSIM head is an FP32 island: nothing to quantise
 
 
 def test_reduced_precision_engines_meet_tolerances(trained) -> None:
@@ -212,11 +246,11 @@ def test_tampered_bundle_is_refused(trained, tmp_path: Path) -> None:
 
     bundle = tmp_path / "bundle"
     shutil.copytree(trained["bundle"], bundle)
-    graph = bundle / "scorer.fp16.onnx"
+    graph = bundle / "head.fp16.onnx"
     graph.write_bytes(graph.read_bytes() + b"\0")
-    with pytest.raises(BundleError, match="scorer.fp16.onnx: checksum mismatch"):
+    with pytest.raises(BundleError, match="head.fp16.onnx: checksum mismatch"):
         load_bundle(bundle)
-    with pytest.raises(BundleError, match="scorer.fp16.onnx"):
+    with pytest.raises(BundleError, match="head.fp16.onnx"):
         open_engine(bundle)
 
 
@@ -274,7 +308,7 @@ def test_int8_component_that_fails_falls_back(trained, tmp_path: Path, monkeypat
     images, _, _ = load_arrays(mvtec_samples(trained["data"], "washer", "train")[:6], SIZE, 3)
     monkeypatch.setitem(int8.COMPONENT_TOLERANCE["int8"], "score_max_rel_spread", -1.0)  # INT8 can't pass
     selected = int8.select_precisions(out, manifest["components"], images, "int8", make_fp16=export_fp16)
-    assert selected["choice"] == {"autoencoder": "fp16", "scorer": "fp32"}
+    assert selected["choice"] == {"autoencoder": "fp16", "head": "fp32"}
     trials = selected["components"]["autoencoder"]["trials"]
     assert not trials["int8"]["pass"] and trials["int8"]["quantized_layers"] > 0
     assert not (out / "autoencoder.int8.onnx").exists()  # the rejected graph is not left behind

@@ -60,7 +60,7 @@ def test_export_matches_onnxruntime(trained_run, tmp_path):
     from edgead.training.checkpoint import load_run
 
     detector, _, _ = load_run(trained_run)
-    assert [c.name for c in detector.components()] == ["ie_encoder", "ie_decoder", "expert", "scorer"]
+    assert [c.name for c in detector.components()] == ["ie_encoder", "ie_decoder", "expert", "head"]
     image = torch.from_numpy(_images(1, seed=2))
     with torch.no_grad():
         score, anomaly_map = detector(image)
@@ -82,12 +82,12 @@ def test_impression_mode_scores_ie_net_alone(trained_run):
     full, _, meta = load_run(trained_run)
     alone = create("utad", **{**meta["config"], "mode": "impression"}).eval()
     alone.load_state_dict(full.state_dict())  # same networks in both modes
-    assert [c.name for c in alone.components()] == ["ie_encoder", "ie_decoder", "scorer"]
+    assert [c.name for c in alone.components()] == ["ie_encoder", "ie_decoder", "head"]
     image = torch.from_numpy(_images(2, seed=3))
     with torch.no_grad():
         score, anomaly_map = alone(image)
         impression = run_components(full.components(), image)["impression"]
-        expected = full.head.scorer(image, impression)
+        expected = full.head.map_fn.scorer(image, impression)
     torch.testing.assert_close(anomaly_map, expected)
     assert score.shape == (2,) and torch.all(score >= 0)
     _, recipe_cls = get("utad")

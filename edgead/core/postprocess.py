@@ -13,6 +13,12 @@ import numpy as np
 DEFAULT_SIGMA = 4.0  # Gaussian smoothing of the map, in pixels at the model's resolution (anomalib: 4)
 
 
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """The 1-D kernel cv2.GaussianBlur applies to a float map at this sigma (ksize (0, 0))."""
+    size = int(np.rint(sigma * 4 * 2 + 1)) | 1
+    return cv2.getGaussianKernel(size, sigma, cv2.CV_32F).ravel()
+
+
 def smooth(anomaly_map: np.ndarray, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
     """Gaussian-smooth one (H, W) map or a batch (N, H, W); sigma 0 leaves it as is."""
     m = np.asarray(anomaly_map, dtype=np.float32)
@@ -36,9 +42,11 @@ class Region:
     h: int
     area: int
     peak: float
+    mean: float = float("nan")
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"bbox": [self.x, self.y, self.w, self.h], "area": self.area, "peak": round(self.peak, 6)}
+        return {"bbox": [self.x, self.y, self.w, self.h], "area": self.area, "peak": round(self.peak, 6),
+                "mean": round(self.mean, 6)}
 
 
 def regions(anomaly_map: np.ndarray, threshold: float, min_area: int = 4) -> list[Region]:
@@ -50,5 +58,6 @@ def regions(anomaly_map: np.ndarray, threshold: float, min_area: int = 4) -> lis
         x, y, w, h, area = (int(v) for v in stats[i])
         if area < min_area:
             continue
-        found.append(Region(x, y, w, h, area, float(anomaly_map[labels == i].max())))
+        values = anomaly_map[labels == i]
+        found.append(Region(x, y, w, h, area, float(values.max()), float(values.mean(dtype=np.float64))))
     return sorted(found, key=lambda r: r.area, reverse=True)

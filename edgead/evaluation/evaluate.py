@@ -18,7 +18,8 @@ from sklearn.metrics import roc_curve
 
 from edgead.core.calibration import Calibration
 from edgead.core.postprocess import DEFAULT_SIGMA, smooth
-from edgead.data.datasets import load_arrays, mvtec_samples
+from edgead.data.datasets import load_arrays
+from edgead.data.source import DataSource
 from edgead.evaluation import figures, metrics
 
 
@@ -35,10 +36,9 @@ def evaluate_arrays(detector, calibration, images: np.ndarray, masks: np.ndarray
     return report, scores, maps
 
 
-def _test_split(data_root: str | Path, category: str, size: int, channels: int,
+def _test_split(source: DataSource, size: int, channels: int,
                 skip_bad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    samples = mvtec_samples(data_root, category, "test")
-    images, masks, samples = load_arrays(samples, size, channels, skip_bad=skip_bad, with_masks=True)
+    images, masks, samples = load_arrays(source.test(), size, channels, skip_bad=skip_bad, with_masks=True)
     return images, masks, np.array([s.label for s in samples]), [s.defect for s in samples]
 
 
@@ -60,23 +60,24 @@ def write_evaluation(out: Path, report: dict[str, Any], calibration: Calibration
     return report
 
 
-def evaluate_run(run_dir: str | Path, data_root: str | Path, category: str, out_dir: str | Path | None = None,
+def evaluate_run(run_dir: str | Path, source: DataSource, out_dir: str | Path | None = None,
                  skip_bad: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Metrics and figures of a run on the test images of ``source``."""
     from edgead.training.checkpoint import load_run
     from edgead.training.trainer import select_device
 
     run_dir = Path(run_dir)
     detector, calibration, meta = load_run(run_dir, select_device(device))
     cfg = meta["config"]
-    images, masks, labels, defects = _test_split(data_root, category, cfg["image_size"], cfg["channels"], skip_bad)
+    images, masks, labels, defects = _test_split(source, cfg["image_size"], cfg["channels"], skip_bad)
     report, scores, maps = evaluate_arrays(detector, calibration, images, masks, labels, defects)
-    report.update(detector=meta["detector"], category=category, run=str(run_dir), engine="torch/fp32",
-                  threshold_source=calibration.source if calibration else "none")
+    report.update(detector=meta["detector"], category=source.name, data=source.describe(), run=str(run_dir),
+                  engine="torch/fp32", threshold_source=calibration.source if calibration else "none")
     return write_evaluation(Path(out_dir) if out_dir else run_dir / "eval", report, calibration, images, masks,
-                            labels, defects, scores, maps, f"{meta['detector']} / {category}")
+                            labels, defects, scores, maps, f"{meta['detector']} / {source.name}")
 
 
-def evaluate_bundle(bundle_dir: str | Path, data_root: str | Path, category: str, backend: str = "onnxruntime",
+def evaluate_bundle(bundle_dir: str | Path, source: DataSource, backend: str = "onnxruntime",
                     precision: str = "fp32", out_dir: str | Path | None = None,
                     skip_bad: bool = False) -> dict[str, Any]:
     """``edgead eval BUNDLE --backend B --precision P``: the same metrics and figures as
@@ -89,7 +90,7 @@ def evaluate_bundle(bundle_dir: str | Path, data_root: str | Path, category: str
     bundle = load_bundle(bundle_dir)
     cal = bundle.calibration
     _, channels, size, _ = bundle.input_shape
-    images, masks, labels, defects = _test_split(data_root, category, size, channels, skip_bad)
+    images, masks, labels, defects = _test_split(source, size, channels, skip_bad)
     engine = open_engine(bundle, backend, precision)
     try:
         scores, raw = run_batch(engine, images)
@@ -97,11 +98,11 @@ def evaluate_bundle(bundle_dir: str | Path, data_root: str | Path, category: str
         engine.close()
     maps = smooth(raw, cal.sigma)
     report = metrics.evaluate_arrays(labels, scores, masks, maps, defects, cal.image_threshold).to_dict()
-    report.update(detector=bundle.detector, category=category, bundle=str(bundle.root), engine=f"{backend}/{precision}",
-                  threshold_source=cal.source)
+    report.update(detector=bundle.detector, category=source.name, data=source.describe(), bundle=str(bundle.root),
+                  engine=f"{backend}/{precision}", threshold_source=cal.source)
     out = Path(out_dir) if out_dir else bundle.root.parent / f"{bundle.root.name}-eval-{backend}-{precision}"
     return write_evaluation(out, report, cal, images, masks, labels, defects, scores, maps,
-                            f"{bundle.detector} / {category} ({backend}/{precision})")
+                            f"{bundle.detector} / {source.name} ({backend}/{precision})")
 
 
 def _grid_rows(labels: np.ndarray, defects: list[str], per_defect: int = 1) -> list[int]:

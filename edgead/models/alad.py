@@ -24,6 +24,7 @@ Score
     mean|f_xx(x, x) − f_xx(x, G(E(x)))| (the paper's feature-space L1 "fm" score; a mean rather
     than a sum, so it does not depend on the feature size). Map: the reconstruction distance
     chosen by ``scorer``.
+Training calls the encoder and generator components; the discriminators see images in [-1, 1].
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
-from edgead.models.bigan_blocks import (FeatureL1, JointDiscriminator, LatentPairDiscriminator,
-                                        PairDiscriminator, PairFeatures, apply_spectral_norm, bce_logits,
-                                        sample_latent)
-from edgead.models.blocks import DCGANDecoder, DCGANEncoder, ImageDecoder, ImageEncoder, SignedRange, dcgan_init
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, to_signed
+from edgead.models.bigan_blocks import (JointDiscriminator, LatentPairDiscriminator, PairDiscriminator,
+                                        PairFeatures, apply_spectral_norm, bce_logits, sample_latent)
+from edgead.models.blocks import DCGANDecoder, DCGANEncoder, ImageDecoder, ImageEncoder, dcgan_init
+from edgead.models.heads import RENAMED_SCORER_KEYS, MeanAbsoluteDistance, ScoreHead
 from edgead.models.losses import update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
@@ -56,21 +57,10 @@ class ALADConfig(DetectorConfig):
             self.disc_hidden = 8 * self.width
 
 
-class FeatureScoreHead(nn.Module):
-    """(image, reconstruction, f_xx(x, x), f_xx(x, x̂)) -> (mean |f - f̂|, map)."""
-
-    def __init__(self, scorer: nn.Module) -> None:
-        super().__init__()
-        self.scorer = scorer
-        self.fp32_score = FeatureL1()
-
-    def forward(self, image: Tensor, recon: Tensor, feat: Tensor, feat_hat: Tensor) -> tuple[Tensor, Tensor]:
-        return self.fp32_score(feat, feat_hat), self.scorer(image, recon)
-
-
 class ALAD(Detector):
     name = "alad"
     Config = ALADConfig
+    renamed_state_keys = RENAMED_SCORER_KEYS
 
     def __init__(self, config: ALADConfig) -> None:
         super().__init__(config)
@@ -78,7 +68,9 @@ class ALAD(Detector):
         self.encoder = ImageEncoder(DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
         self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
         self.disc_xx = PairFeatures(PairDiscriminator(c.image_size, c.channels, c.width, c.max_width, norm="none"))
-        self.head = FeatureScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed))
+        # map: distance(x, x̂); score: mean|f_xx(x, x) − f_xx(x, x̂)|
+        self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), MeanAbsoluteDistance(),
+                              map_inputs=("image", "reconstruction"), score_inputs=("features_real", "features_fake"))
         # training only
         self.disc_xz = JointDiscriminator(c.image_size, c.channels, c.latent_dim, c.width, c.max_width,
                                           norm="batch", hidden=c.disc_hidden, dropout=c.dropout)
@@ -96,8 +88,7 @@ class ALAD(Detector):
             # one D_xx module, two entries: f_xx(x, x) (its second input defaults to the first) and f_xx(x, x̂)
             Component("features_real", self.disc_xx, ("image",), ("features_real",)),
             Component("features_fake", self.disc_xx, ("image", "reconstruction"), ("features_fake",)),
-            Component("scorer", self.head, ("image", "reconstruction", "features_real", "features_fake"),
-                      ("score", "anomaly_map")),
+            self.head.component(),
         ]
 
 
@@ -108,21 +99,20 @@ class ALADRecipe(Recipe):
     def __init__(self, detector: ALAD, train: TrainConfig) -> None:
         super().__init__(detector, train)
         d = detector
-        self.signed = SignedRange()
-        self.E, self.G = d.encoder.net, d.generator.net
-        self.Dxz, self.Dxx, self.Dzz = d.disc_xz, d.disc_xx.net, d.disc_zz
+        self.Dxz, self.Dxx, self.Dzz = d.disc_xz, d.disc_xx.net, d.disc_zz  # on [-1, 1] images
         self.opt_ge = self.adam(d.encoder, d.generator)
         self.opt_d = self.adam(d.disc_xz, d.disc_xx, d.disc_zz)
 
     def step(self, images: Tensor, stage: str) -> dict[str, float]:
-        c = self.detector.config
-        x = self.signed(images)
+        d, c = self.detector, self.detector.config
+        x = to_signed(images)
         z = sample_latent(len(x), c.latent_dim, x)
+        E, G = d.encoder, d.generator  # [0, 1] images in and out
 
         # Discriminators.
         with torch.no_grad():
-            z_enc, x_gen = self.E(x), self.G(z)
-            x_rec, z_rec = self.G(z_enc), self.E(x_gen)
+            z_enc, generated = E(images), G(z)
+            x_gen, x_rec, z_rec = to_signed(generated), to_signed(G(z_enc)), E(generated)
         d_xz = bce_logits(self.Dxz(x, z_enc)[0], 1.0) + bce_logits(self.Dxz(x_gen, z)[0], 0.0)
         d_xx = bce_logits(self.Dxx(x, x)[0], 1.0) + bce_logits(self.Dxx(x, x_rec)[0], 0.0)
         loss_d = d_xz + d_xx
@@ -134,13 +124,13 @@ class ALADRecipe(Recipe):
         update(self.opt_d, loss_d)
 
         # Generator and encoder: fool D_xz, and make the cycles x -> z -> x and z -> x -> z pass as real.
-        z_enc, x_gen = self.E(x), self.G(z)
-        adv = bce_logits(self.Dxz(x_gen, z)[0], 1.0) + bce_logits(self.Dxz(x, z_enc)[0], 0.0)
-        cycle_x = bce_logits(self.Dxx(x, self.G(z_enc))[0], 1.0)
+        z_enc, generated = E(images), G(z)
+        adv = bce_logits(self.Dxz(to_signed(generated), z)[0], 1.0) + bce_logits(self.Dxz(x, z_enc)[0], 0.0)
+        cycle_x = bce_logits(self.Dxx(x, to_signed(G(z_enc)))[0], 1.0)
         loss = adv + cycle_x
         logs.update(adv=adv.item(), cycle_x=cycle_x.item())
         if c.allow_zz:
-            cycle_z = bce_logits(self.Dzz(z, self.E(x_gen))[0], 1.0)
+            cycle_z = bce_logits(self.Dzz(z, E(generated))[0], 1.0)
             loss = loss + cycle_z
             logs["cycle_z"] = cycle_z.item()
         update(self.opt_ge, loss)

@@ -12,7 +12,8 @@ Score: an iterative latent search
         (1 - λ)·Σ|x - G(z)| + λ·Σ|f(x) - f(G(z))|,  λ = 0.1
     (residual and discrimination loss, images in [-1, 1]; the ALAD repository swaps which term λ
     weights). The score is the same two terms at the searched z*; the map is the reconstruction
-    distance between x and G(z*) chosen by ``scorer``.
+    distance between x and G(z*) chosen by ``scorer``. Both are one :class:`ScoreHead` (map and
+    score function), whose score function is also the loss the search minimises.
 Export
     The score is an optimisation, not one forward graph, so the detector is not exportable:
     ``components()`` and ``forward`` raise with that reason and :meth:`AnoGAN.search_score` (torch
@@ -26,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
-from edgead.models.blocks import DCGANDecoder, FeatureDiscriminator, ImageDecoder, SignedRange, dcgan_init
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, to_signed
+from edgead.models.blocks import DCGANDecoder, FeatureDiscriminator, ImageDecoder, dcgan_init
+from edgead.models.heads import ScoreHead
 from edgead.models.losses import bce_discriminator_step, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
@@ -45,10 +47,24 @@ class AnoGANConfig(DetectorConfig):
     lam: float = 0.1  # weight of the discrimination (feature) term
 
 
+class SearchLoss(nn.Module):
+    """(1 - λ)·Σ|x - G(z)| + λ·Σ|f(x) - f(G(z))| per sample, images compared in [-1, 1]."""
+
+    def __init__(self, lam: float) -> None:
+        super().__init__()
+        self.lam = lam
+
+    def forward(self, image: Tensor, generated: Tensor, feat: Tensor, feat_hat: Tensor) -> Tensor:
+        residual = (to_signed(image) - to_signed(generated)).abs().flatten(1).sum(dim=1)
+        discrimination = (feat - feat_hat).abs().flatten(1).sum(dim=1)
+        return (1.0 - self.lam) * residual + self.lam * discrimination
+
+
 class AnoGAN(Detector):
     name = "anogan"
     Config = AnoGANConfig
     exportable = False
+    renamed_state_keys = {"scorer.": "head.map."}  # runs saved before the one score head
 
     def __init__(self, config: AnoGANConfig) -> None:
         super().__init__(config)
@@ -56,8 +72,10 @@ class AnoGAN(Detector):
         self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
         self.discriminator = DiscriminatorFeatures(FeatureDiscriminator(c.image_size, c.channels, c.width,
                                                                         c.max_width))
-        self.scorer = make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed)
-        self.fp32_normalize = SignedRange()
+        # map: distance(x, G(z*)); score: the search loss at z* (torch only: never a component)
+        self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), SearchLoss(c.lam),
+                              map_inputs=("image", "reconstruction"),
+                              score_inputs=("image", "reconstruction", "features_real", "features_fake"))
         self.generator.apply(dcgan_init)
         self.discriminator.apply(dcgan_init)
 
@@ -86,14 +104,11 @@ class AnoGAN(Detector):
             self.train(was_training)
         return shapes
 
-    def search_loss(self, x: Tensor, feat_x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample (1 - λ)·residual + λ·discrimination loss, and G(z) in [0, 1]."""
+    def search_loss(self, image: Tensor, feat_x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample (1 - λ)·residual + λ·discrimination loss (the head's score function), and G(z)
+        in [0, 1]; ``feat_x`` = f(image)."""
         generated = self.generator(z)
-        g = self.fp32_normalize(generated)
-        residual = (x - g).abs().flatten(1).sum(dim=1)
-        discrimination = (feat_x - self.discriminator.net.encoder.features(g)).abs().flatten(1).sum(dim=1)
-        lam = self.config.lam
-        return (1.0 - lam) * residual + lam * discrimination, generated
+        return self.head.fp32_score(image, generated, feat_x, self.discriminator(generated)), generated
 
     def search(self, image: Tensor, steps: int | None = None) -> tuple[Tensor, Tensor]:
         """Optimise z for ``image`` (G and D fixed, in inference mode); returns (z*, mean loss before each step)."""
@@ -101,7 +116,6 @@ class AnoGAN(Detector):
         steps = c.search_steps if steps is None else steps
         self.eval()
         with torch.no_grad():
-            x = self.fp32_normalize(image)
             feat_x = self.discriminator(image)
         gen = torch.Generator(device=image.device).manual_seed(c.seed)
         z = torch.randn(len(image), c.latent_dim, 1, 1, generator=gen, device=image.device).requires_grad_(True)
@@ -109,7 +123,7 @@ class AnoGAN(Detector):
         history = []
         with torch.enable_grad():
             for _ in range(steps):
-                loss, _ = self.search_loss(x, feat_x, z)
+                loss, _ = self.search_loss(image, feat_x, z)
                 (grad,) = torch.autograd.grad(loss.sum(), [z])  # only z: the networks' .grad stay untouched
                 z.grad = grad
                 opt.step()
@@ -122,8 +136,8 @@ class AnoGAN(Detector):
         try:
             z, _ = self.search(image)
             with torch.no_grad():
-                score, generated = self.search_loss(self.fp32_normalize(image), self.discriminator(image), z)
-                return score, self.scorer(image, generated)
+                generated = self.generator(z)
+                return self.head(image, generated, self.discriminator(image), self.discriminator(generated))
         finally:
             self.train(was_training)
 
@@ -134,15 +148,14 @@ class AnoGANRecipe(Recipe):
 
     def __init__(self, detector: AnoGAN, train: TrainConfig) -> None:
         super().__init__(detector, train)
-        self.signed = SignedRange()
-        self.G, self.D = detector.generator.net, detector.discriminator.net  # [-1, 1] images
+        self.D = detector.discriminator.net  # (probability, features) of a [-1, 1] image: training only
         self.opt_g = self.adam(detector.generator)
         self.opt_d = self.adam(detector.discriminator)
 
     def step(self, images: Tensor, stage: str) -> dict[str, float]:
-        x = self.signed(images)
+        x = to_signed(images)
         z = torch.randn(len(x), self.detector.config.latent_dim, 1, 1, device=x.device)
-        fake = self.G(z)
+        fake = to_signed(self.detector.generator(z))
 
         loss_d = bce_discriminator_step(self.D, self.opt_d, x, fake)
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from edgead.core.contract import ANOMALY_MAP, IMAGE, OUTPUT_NAMES, SCORE
+from edgead.core.contract import ANOMALY_MAP, IMAGE, SCORE
 from edgead.core.wiring import run_wiring
 
 
@@ -90,6 +90,9 @@ class Detector(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
     exportable: ClassVar[bool] = True  # False: the score is not one forward graph (AnoGAN)
+    # State-dict prefixes renamed since runs were first saved, {old: new}: loading a run applies
+    # them (:meth:`upgrade_state_dict`), so an older model.safetensors keeps loading.
+    renamed_state_keys: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__()
@@ -115,6 +118,17 @@ class Detector(nn.Module):
         """Every named tensor of the graph on ``image``, up to ``until`` (training steps use it
         instead of re-chaining the networks by hand)."""
         return run_components(self.components(), image, until=until)
+
+    @classmethod
+    def upgrade_state_dict(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` with every key under an old prefix of :attr:`renamed_state_keys` renamed."""
+        def rename(key: str) -> str:
+            for old, new in cls.renamed_state_keys.items():
+                if key.startswith(old):
+                    return new + key[len(old):]
+            return key
+
+        return {rename(k): v for k, v in state.items()}
 
     @property
     def device(self) -> torch.device:
@@ -175,12 +189,3 @@ def to_signed(image: Tensor) -> Tensor:
     """[0, 1] -> [-1, 1], the range of tanh generators. Part of every graph, kept in FP32 at export."""
     return image * 2.0 - 1.0
 
-
-def top_k_mean(anomaly_map: Tensor, fraction: float = 0.01) -> Tensor:
-    """Image score from a map: the mean of its top ``fraction`` of pixels.
-
-    More stable than the max (one hot pixel) and more sensitive than the mean (small defects).
-    """
-    flat = anomaly_map.flatten(1)
-    k = max(1, int(flat.shape[1] * fraction + 0.5))  # shapes are static, so k is a constant in every export
-    return flat.topk(k, dim=1).values.mean(dim=1)

@@ -165,13 +165,6 @@ class PairFeatures(nn.Module):
         return self.net.features(x, x if other is None else self.fp32_normalize(other))
 
 
-class FeatureL1(nn.Module):
-    """mean |f - f'| per sample (feature-space L1, a mean rather than a sum: size-independent)."""
-
-    def forward(self, feat: Tensor, feat_hat: Tensor) -> Tensor:
-        return (feat - feat_hat).abs().flatten(1).mean(dim=1)
-
-
 def bce_logits(logits: Tensor, target: float) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 

@@ -33,6 +33,7 @@ Score
     0.83 for its combined score (α‖E(x)‖₂ + β‖x − G(E(x))‖₁ + γ‖f − f̂‖₂); the feature term stays L1.
     Map: the reconstruction distance chosen by ``scorer``.
     Note: EGBAD's MNIST/KDD results are AUPRC, not AUROC.
+Training calls the encoder and generator components; D and the gradient penalty see images in [-1, 1].
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
-from edgead.models.bigan_blocks import (FeatureL1, JointDiscriminator, JointFeatures, bce_logits,
-                                        sample_latent)
-from edgead.models.blocks import DCGANDecoder, DCGANEncoder, ImageDecoder, ImageEncoder, SignedRange, dcgan_init
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, to_signed
+from edgead.models.bigan_blocks import JointDiscriminator, JointFeatures, bce_logits, sample_latent
+from edgead.models.blocks import DCGANDecoder, DCGANEncoder, ImageDecoder, ImageEncoder, dcgan_init
+from edgead.models.heads import RENAMED_SCORER_KEYS, MeanAbsoluteDistance, ScoreHead
 from edgead.models.losses import gradient_penalty, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
@@ -91,7 +92,7 @@ class EGBADScore(nn.Module):
     def __init__(self, w: float, alpha: float) -> None:
         super().__init__()
         self.w, self.alpha = w, alpha
-        self.features = FeatureL1()
+        self.features = MeanAbsoluteDistance()
         self.latent = LatentNorm()
 
     def forward(self, image: Tensor, recon: Tensor, feat: Tensor, feat_hat: Tensor,
@@ -103,22 +104,10 @@ class EGBADScore(nn.Module):
         return score
 
 
-class EGBADScoreHead(nn.Module):
-    """(image, reconstruction, f_D(x, E(x)), f_D(G(E(x)), E(x)) [, z]) -> (score, map)."""
-
-    def __init__(self, scorer: nn.Module, w: float, alpha: float) -> None:
-        super().__init__()
-        self.scorer = scorer
-        self.fp32_score = EGBADScore(w, alpha)
-
-    def forward(self, image: Tensor, recon: Tensor, feat: Tensor, feat_hat: Tensor,
-                z: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self.fp32_score(image, recon, feat, feat_hat, z), self.scorer(image, recon)
-
-
 class EGBAD(Detector):
     name = "egbad"
     Config = EGBADConfig
+    renamed_state_keys = RENAMED_SCORER_KEYS
 
     def __init__(self, config: EGBADConfig) -> None:
         super().__init__(config)
@@ -128,21 +117,22 @@ class EGBAD(Detector):
         self.discriminator = JointFeatures(JointDiscriminator(
             c.image_size, c.channels, c.latent_dim, c.width, c.max_width, norm=c.disc_norm,
             hidden=c.disc_hidden, dropout=0.0 if c.loss == "wgan" else c.dropout))
-        self.head = EGBADScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed),
-                                   c.score_weight, c.latent_weight)
+        # map: distance(x, x̂); score: (1 − w)·mean|x − x̂| + w·mean|f_D(x, z) − f_D(x̂, z)| [+ α‖z‖₂].
+        # z feeds the score only when its term is on: an unread input would vanish from the graph.
+        latent = ("z",) if c.latent_weight else ()
+        self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed),
+                              EGBADScore(c.score_weight, c.latent_weight), map_inputs=("image", "reconstruction"),
+                              score_inputs=("image", "reconstruction", "features_real", "features_fake", *latent))
         for net in (self.encoder, self.generator, self.discriminator):
             net.apply(dcgan_init)
 
     def components(self) -> list[Component]:
-        # z feeds the scorer only when its latent term is on: an unread input would vanish from the graph
-        latent = ("z",) if self.config.latent_weight else ()
         return [
             Component("encoder", self.encoder, ("image",), ("z",)),
             Component("generator", self.generator, ("z",), ("reconstruction",)),
             Component("features_real", self.discriminator, ("image", "z"), ("features_real",)),
             Component("features_fake", self.discriminator, ("reconstruction", "z"), ("features_fake",)),
-            Component("scorer", self.head, ("image", "reconstruction", "features_real", "features_fake", *latent),
-                      ("score", "anomaly_map")),
+            self.head.component(),
         ]
 
 
@@ -157,30 +147,33 @@ class EGBADRecipe(Recipe):
         if train.lr is None:
             self.lr = 1e-4 if self.wgan else self.default_lr
         betas = (0.1, 0.9) if self.wgan else self.default_betas
-        self.signed = SignedRange()
-        self.E, self.G, self.D = detector.encoder.net, detector.generator.net, detector.discriminator.net
+        self.D = detector.discriminator.net  # (logit, features) of a [-1, 1] image and a code: training
         self.opt_ge = self.adam(detector.encoder, detector.generator, betas=betas)
         self.opt_d = self.adam(detector.discriminator, betas=betas)
         self.critic_steps = 0
 
     def step(self, images: Tensor, stage: str) -> dict[str, float]:
-        x = self.signed(images)
-        return self._wgan_step(x) if self.wgan else self._bce_step(x)
+        return self._wgan_step(images) if self.wgan else self._bce_step(images)
+
+    def _generate(self, z: Tensor) -> Tensor:
+        """G(z) in [-1, 1], D's range."""
+        return to_signed(self.detector.generator(z))
 
     def _feature_loss(self, feat_real: Tensor, feat_fake: Tensor) -> Tensor:
         return F.mse_loss(feat_real.mean(dim=0), feat_fake.mean(dim=0))
 
-    def _bce_step(self, x: Tensor) -> dict[str, float]:
+    def _bce_step(self, images: Tensor) -> dict[str, float]:
         c = self.detector.config
+        x = to_signed(images)
         z = sample_latent(len(x), c.latent_dim, x)
         # Discriminator: (x, E(x)) real, (G(z), z) fake.
         with torch.no_grad():
-            z_enc, x_gen = self.E(x), self.G(z)
+            z_enc, x_gen = self.detector.encoder(images), self._generate(z)
         loss_d = bce_logits(self.D(x, z_enc)[0], 1.0) + bce_logits(self.D(x_gen, z)[0], 0.0)
         update(self.opt_d, loss_d)
         # Generator and encoder: swapped labels.
-        logit_enc, feat_real = self.D(x, self.E(x))
-        logit_gen, feat_fake = self.D(self.G(z), z)
+        logit_enc, feat_real = self.D(x, self.detector.encoder(images))
+        logit_gen, feat_fake = self.D(self._generate(z), z)
         adv = bce_logits(logit_gen, 1.0) + bce_logits(logit_enc, 0.0)
         loss = adv
         logs = {"d": loss_d.item(), "adv": adv.item()}
@@ -191,12 +184,13 @@ class EGBADRecipe(Recipe):
         update(self.opt_ge, loss)
         return {"ge": loss.item(), **logs}
 
-    def _wgan_step(self, x: Tensor) -> dict[str, float]:
+    def _wgan_step(self, images: Tensor) -> dict[str, float]:
         c = self.detector.config
         critic = lambda img, lat: self.D(img, lat)[0]  # noqa: E731 - the scalar critic value per sample
+        x = to_signed(images)
         z = sample_latent(len(x), c.latent_dim, x)
         with torch.no_grad():
-            z_enc, x_gen = self.E(x), self.G(z)
+            z_enc, x_gen = self.detector.encoder(images), self._generate(z)
         gp = gradient_penalty(critic, (x, z_enc), (x_gen, z))
         wasserstein = critic(x, z_enc).mean() - critic(x_gen, z).mean()
         loss_c = -wasserstein + c.gp_weight * gp
@@ -205,8 +199,8 @@ class EGBADRecipe(Recipe):
         self.critic_steps += 1
         if self.critic_steps % c.n_critic == 0:
             z = sample_latent(len(x), c.latent_dim, x)
-            score_real, feat_real = self.D(x, self.E(x))
-            score_fake, feat_fake = self.D(self.G(z), z)
+            score_real, feat_real = self.D(x, self.detector.encoder(images))
+            score_fake, feat_fake = self.D(self._generate(z), z)
             adv = score_real.mean() - score_fake.mean()
             feat = self._feature_loss(feat_real, feat_fake)
             loss = adv + c.feature_weight * feat

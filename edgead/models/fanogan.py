@@ -15,6 +15,8 @@ Training (two stages, ``Recipe.stages = ("gan", "encoder")``)
 Score
     MSE_img + κ·MSE_feat, the izif terms, images compared in [-1, 1] (whatever the training
     mode, as in the paper). Map: the reconstruction distance chosen by ``scorer``.
+    The encoder stage runs the inference components (E, G, then the critic features of x and of
+    G(E(x))); the critic and the gradient penalty see images in [-1, 1].
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, to_signed
 from edgead.models.blocks import (DCGANDecoder, DCGANEncoder, FeatureDiscriminator, ImageDecoder,
-                                  ImageEncoder, SignedRange, dcgan_init)
+                                  ImageEncoder, dcgan_init)
+from edgead.models.heads import RENAMED_SCORER_KEYS, ScoreHead, WeightedImageFeatureDistance
 from edgead.models.losses import gradient_penalty, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
-from edgead.models.skip_ganomaly import DiscriminatorFeatures, ImageFeatureScoreHead
+from edgead.models.skip_ganomaly import DiscriminatorFeatures
 
 ENCODER_MODES = ("izif", "izi", "ziz")
 
@@ -57,6 +60,7 @@ class FAnoGANConfig(DetectorConfig):
 class FAnoGAN(Detector):
     name = "fanogan"
     Config = FAnoGANConfig
+    renamed_state_keys = RENAMED_SCORER_KEYS
 
     def __init__(self, config: FAnoGANConfig) -> None:
         super().__init__(config)
@@ -66,7 +70,10 @@ class FAnoGAN(Detector):
         self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
         self.critic = DiscriminatorFeatures(FeatureDiscriminator(c.image_size, c.channels, c.width, c.max_width,
                                                                  norm=c.critic_norm, sigmoid=False))
-        self.head = ImageFeatureScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), 1.0, c.kappa)
+        # map: distance(x, x̂); score: mean((x - x̂)²) + κ·mean((f(x) - f(x̂))²)
+        self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed),
+                              WeightedImageFeatureDistance(1.0, c.kappa), map_inputs=("image", "reconstruction"),
+                              score_inputs=("image", "reconstruction", "features_real", "features_fake"))
         for net in (self.encoder, self.generator, self.critic):
             net.apply(dcgan_init)
 
@@ -76,8 +83,7 @@ class FAnoGAN(Detector):
             Component("generator", self.generator, ("z",), ("reconstruction",)),
             Component("features_real", self.critic, ("image",), ("features_real",)),
             Component("features_fake", self.critic, ("reconstruction",), ("features_fake",)),
-            Component("scorer", self.head, ("image", "reconstruction", "features_real", "features_fake"),
-                      ("score", "anomaly_map")),
+            self.head.component(),
         ]
 
 
@@ -89,8 +95,7 @@ class FAnoGANRecipe(Recipe):
     def __init__(self, detector: FAnoGAN, train: TrainConfig) -> None:
         super().__init__(detector, train)
         d = detector
-        self.signed = SignedRange()
-        self.G, self.C, self.E = d.generator.net, d.critic.net, d.encoder.net  # all on [-1, 1] images
+        self.C = d.critic.net  # (critic value, features) of a [-1, 1] image: training only
         self.opt_g = self.adam(d.generator)
         self.opt_c = self.adam(d.critic)
         self.opt_e = self.adam(d.encoder)
@@ -105,14 +110,18 @@ class FAnoGANRecipe(Recipe):
         return torch.randn(n, self.detector.config.latent_dim, 1, 1, device=like.device, dtype=like.dtype)
 
     def step(self, images: Tensor, stage: str) -> dict[str, float]:
-        x = self.signed(images)
-        return self._gan_step(x) if stage == "gan" else self._encoder_step(x)
+        return self._gan_step(images) if stage == "gan" else self._encoder_step(images)
 
-    def _gan_step(self, x: Tensor) -> dict[str, float]:
+    def _generate(self, z: Tensor) -> Tensor:
+        """G(z) in [-1, 1], the critic's range."""
+        return to_signed(self.detector.generator(z))
+
+    def _gan_step(self, images: Tensor) -> dict[str, float]:
         c = self.detector.config
         critic = lambda t: self.C(t)[0]  # noqa: E731 - the scalar critic value per sample
+        x = to_signed(images)
         with torch.no_grad():
-            fake = self.G(self._sample_z(len(x), x))
+            fake = self._generate(self._sample_z(len(x), x))
         gp = gradient_penalty(critic, (x,), (fake,))
         wasserstein = critic(x).mean() - critic(fake).mean()
         loss_c = -wasserstein + c.gp_weight * gp
@@ -120,29 +129,28 @@ class FAnoGANRecipe(Recipe):
         logs = {"critic": loss_c.item(), "w_dist": wasserstein.item(), "gp": gp.item()}
         self.critic_steps += 1
         if self.critic_steps % c.n_critic == 0:
-            loss_g = -critic(self.G(self._sample_z(len(x), x))).mean()
+            loss_g = -critic(self._generate(self._sample_z(len(x), x))).mean()
             update(self.opt_g, loss_g)
             logs["g"] = loss_g.item()
         return logs
 
-    def _encoder_step(self, x: Tensor) -> dict[str, float]:
-        c = self.detector.config
-        self.detector.generator.eval()  # frozen: batch-norm statistics must not move either
-        self.detector.critic.eval()
+    def _encoder_step(self, images: Tensor) -> dict[str, float]:
+        d, c = self.detector, self.detector.config
+        d.generator.eval()  # frozen: batch-norm statistics must not move either
+        d.critic.eval()
         if c.encoder_mode == "ziz":
-            z = self._sample_z(len(x), x)
+            z = self._sample_z(len(images), images)
             with torch.no_grad():
-                generated = self.G(z)
-            loss = F.mse_loss(self.E(generated), z)
+                generated = d.generator(z)
+            loss = F.mse_loss(d.encoder(generated), z)
             logs = {"ziz": loss.item()}
         else:
-            x_hat = self.G(self.E(x))
-            img = F.mse_loss(x_hat, x)
+            izif = c.encoder_mode == "izif"
+            t = d.run(images, until="features_fake" if izif else "reconstruction")  # E, G (and f of x, x̂)
+            img = F.mse_loss(to_signed(t["reconstruction"]), to_signed(images))
             loss, logs = img, {"img": img.item()}
-            if c.encoder_mode == "izif":
-                with torch.no_grad():
-                    feat_real = self.C.encoder.features(x)
-                feat = F.mse_loss(self.C.encoder.features(x_hat), feat_real)
+            if izif:  # f(x) has no gradient: C is frozen and x is data
+                feat = F.mse_loss(t["features_fake"], t["features_real"])
                 loss = img + c.kappa * feat
                 logs["feat"] = feat.item()
         update(self.opt_e, loss)

@@ -12,6 +12,7 @@ Score
     mean((z - ẑ)²) over the latent, as in the reference code. The pixel map (which the
     reference and anomalib lack) is the reconstruction distance chosen by ``scorer``.
     Normalisation and threshold come from held-out normal images, never from the test set.
+    Training runs the same components as inference; the losses compare images in [-1, 1].
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, to_signed
 from edgead.models.blocks import (DCGANDecoder, DCGANEncoder, FeatureDiscriminator, ImageDecoder,
-                                  ImageEncoder, SignedRange, dcgan_init)
+                                  ImageEncoder, dcgan_init)
+from edgead.models.heads import RENAMED_SCORER_KEYS, MeanSquaredDistance, ScoreHead
 from edgead.models.losses import bce_discriminator_step, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
@@ -37,26 +39,10 @@ class GANomalyConfig(DetectorConfig):
     w_enc: float = 1.0
 
 
-class LatentScoreHead(nn.Module):
-    """(image, reconstruction, z, ẑ) -> (score, map)."""
-
-    def __init__(self, scorer: nn.Module) -> None:
-        super().__init__()
-        self.scorer = scorer
-        self.fp32_score = LatentDistance()
-
-    def forward(self, image: Tensor, recon: Tensor, z: Tensor, z_hat: Tensor) -> tuple[Tensor, Tensor]:
-        return self.fp32_score(z, z_hat), self.scorer(image, recon)
-
-
-class LatentDistance(nn.Module):
-    def forward(self, z: Tensor, z_hat: Tensor) -> Tensor:
-        return (z - z_hat).pow(2).flatten(1).mean(dim=1)
-
-
 class GANomaly(Detector):
     name = "ganomaly"
     Config = GANomalyConfig
+    renamed_state_keys = RENAMED_SCORER_KEYS
 
     def __init__(self, config: GANomalyConfig) -> None:
         super().__init__(config)
@@ -64,7 +50,9 @@ class GANomaly(Detector):
         self.encoder = ImageEncoder(DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
         self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
         self.encoder2 = ImageEncoder(DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
-        self.head = LatentScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed))
+        # map: distance(x, x̂); score: mean((z - ẑ)²)
+        self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), MeanSquaredDistance(),
+                              map_inputs=("image", "reconstruction"), score_inputs=("z", "z_hat"))
         self.discriminator = FeatureDiscriminator(c.image_size, c.channels, c.width, c.max_width)  # training only
         for net in (self.encoder, self.generator, self.encoder2, self.discriminator):
             net.apply(dcgan_init)
@@ -74,7 +62,7 @@ class GANomaly(Detector):
             Component("encoder", self.encoder, ("image",), ("z",)),
             Component("generator", self.generator, ("z",), ("reconstruction",)),
             Component("encoder2", self.encoder2, ("reconstruction",), ("z_hat",)),
-            Component("scorer", self.head, ("image", "reconstruction", "z", "z_hat"), ("score", "anomaly_map")),
+            self.head.component(),
         ]
 
 
@@ -85,23 +73,20 @@ class GANomalyRecipe(Recipe):
     def __init__(self, detector: GANomaly, train: TrainConfig) -> None:
         super().__init__(detector, train)
         d = detector
-        self.signed = SignedRange()
         self.opt_g = self.adam(d.encoder, d.generator, d.encoder2)
         self.opt_d = self.adam(d.discriminator)
 
     def step(self, images: Tensor, stage: str) -> dict[str, float]:
         d, c = self.detector, self.detector.config
-        x = self.signed(images)
-        z = d.encoder.net(x)
-        x_hat = d.generator.net(z)
-        z_hat = d.encoder2.net(x_hat)
+        t = d.run(images, until="z_hat")  # z = G_E(x), x̂ = G_D(z), ẑ = E(x̂): the inference graph
+        x, x_hat = to_signed(images), to_signed(t["reconstruction"])
 
         # Generator: feature matching + contextual + encoder losses.
         _, feat_real = d.discriminator(x)
         _, feat_fake = d.discriminator(x_hat)
         adv = F.mse_loss(feat_fake, feat_real.detach())
         con = F.l1_loss(x_hat, x)
-        enc = F.mse_loss(z_hat, z)
+        enc = F.mse_loss(t["z_hat"], t["z"])
         loss_g = c.w_adv * adv + c.w_con * con + c.w_enc * enc
         update(self.opt_g, loss_g)
 

@@ -63,6 +63,12 @@ class ScoreHead(nn.Module):
         return Component(name, self, self.inputs, OUTPUT_NAMES)
 
 
+# State-dict prefix of the map function in a run saved before the one score head, when the map
+# held weights (the VGG scorer): ``head.scorer.*`` is now ``head.map.*``. See
+# :attr:`edgead.models.base.Detector.renamed_state_keys`.
+RENAMED_SCORER_KEYS = {"head.scorer.": "head.map."}
+
+
 # -- score functions shared by several detectors ---------------------------------------------------
 
 class TopKMean(nn.Module):
@@ -82,6 +88,28 @@ class TopKMean(nn.Module):
         flat = anomaly_map.flatten(1)
         k = max(1, int(flat.shape[1] * self.fraction + 0.5))  # static shapes: k is a constant in every export
         return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+class MeanAbsoluteDistance(nn.Module):
+    """mean |a - b| per sample over every other axis (ALAD's and EGBAD's feature-space L1: a mean
+    rather than a sum, so it does not depend on the feature size)."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a - b).abs().flatten(1).mean(dim=1)
+
+
+class WeightedImageFeatureDistance(nn.Module):
+    """w_img·mean((x - x̂)²) + w_feat·mean((f - f̂)²) per sample, the images compared in [-1, 1]
+    (Skip-GANomaly's and f-AnoGAN's score)."""
+
+    def __init__(self, w_img: float, w_feat: float) -> None:
+        super().__init__()
+        self.w_img, self.w_feat = w_img, w_feat
+
+    def forward(self, image: Tensor, recon: Tensor, feat: Tensor, feat_hat: Tensor) -> Tensor:
+        img = (2.0 * (image - recon)).pow(2).flatten(1).mean(dim=1)  # x·2-1 minus x̂·2-1
+        lat = (feat - feat_hat).pow(2).flatten(1).mean(dim=1)
+        return self.w_img * img + self.w_feat * lat
 
 
 class MeanSquaredDistance(nn.Module):

@@ -1,7 +1,9 @@
 """Reconstruction scorers: (image, reconstruction) in [0, 1] -> anomaly map (B, 1, H, W).
 
-Shared by every reconstruction detector (``--scorer l1|ssim|vgg``). Their distance reductions sit
-in modules whose attribute names start with ``fp32_``: the FP16 export keeps those in FP32.
+Shared by every reconstruction detector (``--scorer l1|ssim|vgg``): each is the map function of its
+detector's :class:`~edgead.models.heads.ScoreHead`, which holds it in an FP32 island (``fp32_map``).
+The VGG map is the exception (``mixed_precision``): its convolutions may run FP16 and its own
+``fp32_*`` parts keep the input handling and the distance FP32.
 """
 
 from __future__ import annotations
@@ -60,34 +62,23 @@ class SSIMMap(nn.Module):
         return (1.0 - self.ssim(image, recon)).mean(dim=1, keepdim=True)
 
 
-class ScorerMap(nn.Module):
-    """Wraps a distance so that its arithmetic is an FP32 island in FP16 engines."""
-
-    def __init__(self, distance: nn.Module) -> None:
-        super().__init__()
-        self.fp32_distance = distance
-
-    def forward(self, image: Tensor, recon: Tensor) -> Tensor:
-        return self.fp32_distance(image, recon)
-
-
 def is_map_scorer(module: nn.Module) -> bool:
     """True for the modules :func:`make_scorer` builds: they carry no trained weights."""
     from edgead.models import vgg
 
-    return isinstance(module, (ScorerMap, vgg.VGGPerceptualMap))
+    return isinstance(module, (L1Map, SSIMMap, vgg.VGGPerceptualMap))
 
 
 def make_scorer(name: str, channels: int, vgg_weights: str | None = None, seed: int = 0) -> nn.Module:
     """Build the map function ``name`` for images with ``channels`` channels.
 
-    L1 and SSIM are all reduction, so the whole distance is an FP32 island. The VGG scorer keeps
-    its convolutions exportable in FP16 and names only its distance reductions ``fp32_*``.
+    L1 and SSIM are all reduction: the score head keeps the whole distance FP32. The VGG scorer
+    keeps its convolutions exportable in FP16 and names only its own reductions ``fp32_*``.
     """
     if name == "l1":
-        return ScorerMap(L1Map())
+        return L1Map()
     if name == "ssim":
-        return ScorerMap(SSIMMap(channels))
+        return SSIMMap(channels)
     if name == "vgg":
         from edgead.models.vgg import VGGPerceptualMap
 

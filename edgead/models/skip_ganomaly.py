@@ -16,6 +16,8 @@ Score
     as the reference's test loop. D's feature extractor is therefore an inference component.
     Map: the reconstruction distance chosen by ``scorer``. Normalisation and threshold come from
     held-out normal images, never from the test set (the reference min-max-normalises the test set).
+    Training runs the generator component on the noisy image (σ in [-1, 1] is σ/2 in [0, 1]); the
+    losses and D compare images in [-1, 1].
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, to_signed
 from edgead.models.blocks import (FeatureDiscriminator, ImageDecoder, ImageEncoder, SignedRange,
                                   UNetGenerator, dcgan_init)
+from edgead.models.heads import RENAMED_SCORER_KEYS, ScoreHead, WeightedImageFeatureDistance
 from edgead.models.losses import bce_discriminator_step, update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
@@ -61,34 +64,10 @@ class DiscriminatorFeatures(nn.Module):
         return self.net.encoder.features(self.fp32_normalize(image))
 
 
-class WeightedImageFeatureDistance(nn.Module):
-    """w_img·mean((x - x̂)²) + w_feat·mean((f - f̂)²) per sample, images compared in [-1, 1]."""
-
-    def __init__(self, w_img: float, w_feat: float) -> None:
-        super().__init__()
-        self.w_img, self.w_feat = w_img, w_feat
-
-    def forward(self, image: Tensor, recon: Tensor, feat: Tensor, feat_hat: Tensor) -> Tensor:
-        img = (2.0 * (image - recon)).pow(2).flatten(1).mean(dim=1)  # x·2-1 minus x̂·2-1
-        lat = (feat - feat_hat).pow(2).flatten(1).mean(dim=1)
-        return self.w_img * img + self.w_feat * lat
-
-
-class ImageFeatureScoreHead(nn.Module):
-    """(image, reconstruction, f(image), f(reconstruction)) -> (score, map)."""
-
-    def __init__(self, scorer: nn.Module, w_img: float, w_feat: float) -> None:
-        super().__init__()
-        self.scorer = scorer
-        self.fp32_score = WeightedImageFeatureDistance(w_img, w_feat)
-
-    def forward(self, image: Tensor, recon: Tensor, feat: Tensor, feat_hat: Tensor) -> tuple[Tensor, Tensor]:
-        return self.fp32_score(image, recon, feat, feat_hat), self.scorer(image, recon)
-
-
 class SkipGANomaly(Detector):
     name = "skip_ganomaly"
     Config = SkipGANomalyConfig
+    renamed_state_keys = RENAMED_SCORER_KEYS
 
     def __init__(self, config: SkipGANomalyConfig) -> None:
         super().__init__(config)
@@ -99,20 +78,18 @@ class SkipGANomaly(Detector):
                                                                         c.max_width))
         self.generator.apply(dcgan_init)
         self.discriminator.apply(dcgan_init)
-        self.head = ImageFeatureScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed),
-                                          c.score_lambda, 1.0 - c.score_lambda)
-
-    @property
-    def unet(self) -> UNetGenerator:
-        return self.generator.net.net
+        # map: distance(x, x̂); score: λ·mean((x - x̂)²) + (1 - λ)·mean((f(x) - f(x̂))²)
+        self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed),
+                              WeightedImageFeatureDistance(c.score_lambda, 1.0 - c.score_lambda),
+                              map_inputs=("image", "reconstruction"),
+                              score_inputs=("image", "reconstruction", "features_real", "features_fake"))
 
     def components(self) -> list[Component]:
         return [
             Component("generator", self.generator, ("image",), ("reconstruction",)),
             Component("features_real", self.discriminator, ("image",), ("features_real",)),
             Component("features_fake", self.discriminator, ("reconstruction",), ("features_fake",)),
-            Component("scorer", self.head, ("image", "reconstruction", "features_real", "features_fake"),
-                      ("score", "anomaly_map")),
+            self.head.component(),
         ]
 
 
@@ -122,15 +99,14 @@ class SkipGANomalyRecipe(Recipe):
 
     def __init__(self, detector: SkipGANomaly, train: TrainConfig) -> None:
         super().__init__(detector, train)
-        self.signed = SignedRange()
         self.opt_g = self.adam(detector.generator)
         self.opt_d = self.adam(detector.discriminator)
         self.disc = detector.discriminator.net  # (probability, features) of a [-1, 1] image
 
     def step(self, images: Tensor, stage: str) -> dict[str, float]:
         d, c = self.detector, self.detector.config
-        x = self.signed(images)
-        x_hat = d.unet(x + c.noise_std * torch.randn_like(x))
+        noisy = images + 0.5 * c.noise_std * torch.randn_like(images)  # σ in [-1, 1] is σ/2 in [0, 1]
+        x, x_hat = to_signed(images), to_signed(d.generator(noisy))
 
         # Generator: adversarial + contextual + latent losses.
         p_fake, feat_fake = self.disc(x_hat)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, top_k_mean
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.heads import RENAMED_SCORER_KEYS, ScoreHead, TopKMean
 from edgead.models.losses import update
 from edgead.models.registry import register
 from edgead.models.scorers import SSIMMap, make_scorer
@@ -79,33 +80,23 @@ class SSIMAutoencoder(nn.Module):
         return self.decoder(self.encoder(image))
 
 
-class MapScoreHead(nn.Module):
-    """(image, reconstruction) -> (top-k score, map)."""
-
-    def __init__(self, scorer: nn.Module, top_k: float) -> None:
-        super().__init__()
-        self.scorer = scorer
-        self.top_k = top_k
-
-    def forward(self, image: Tensor, recon: Tensor) -> tuple[Tensor, Tensor]:
-        anomaly_map = self.scorer(image, recon)
-        return top_k_mean(anomaly_map, self.top_k), anomaly_map
-
-
 class SSIMAE(Detector):
     name = "ssim_ae"
     Config = SSIMAEConfig
+    renamed_state_keys = RENAMED_SCORER_KEYS
 
     def __init__(self, config: SSIMAEConfig) -> None:
         super().__init__(config)
         c = config
         self.autoencoder = SSIMAutoencoder(c.image_size, c.channels, c.latent_dim, c.width)
-        self.head = MapScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), c.top_k)
+        # map: 1 - SSIM(x, x̂) (or the chosen distance); score: the top-k mean of the map
+        self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), TopKMean(c.top_k),
+                              map_inputs=("image", "reconstruction"))
 
     def components(self) -> list[Component]:
         return [
             Component("autoencoder", self.autoencoder, ("image",), ("reconstruction",)),
-            Component("scorer", self.head, ("image", "reconstruction"), ("score", "anomaly_map")),
+            self.head.component(),
         ]
 
 
@@ -119,7 +110,7 @@ class SSIMAERecipe(Recipe):
         self.opt = self.adam(detector.autoencoder, betas=self.default_betas)
 
     def step(self, images: Tensor, stage: str) -> dict[str, float]:
-        recon = self.detector.autoencoder(images)
+        recon = self.detector.run(images, until="reconstruction")["reconstruction"]
         loss = self.ssim(images, recon).mean()
         update(self.opt, loss)
         return {"1-ssim": loss.item()}

@@ -71,7 +71,7 @@ Perceptual measurement (Eq. 8) and score
     Sec. 3.2). With the VGG scorer the three images go through the VGG once each
     (``VGGPerceptualMap.pair_map``); ``scorer="l1"|"ssim"`` replaces the distance for
     comparison (one call per pair). Image score: *[choice]* the mean of the top ``top_k`` = 1%
-    of the map (:func:`~edgead.models.base.top_k_mean`); the paper reports pixel metrics and a
+    of the map (:class:`~edgead.models.heads.TopKMean`); the paper reports pixel metrics and a
     threshold only.
     ``mode="impression"`` scores the IE-Net alone (the paper's "without EN" ablation): the map is
     the image-impression distance, the graph has no Expert-Net, and training stops after stage
@@ -94,8 +94,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, top_k_mean
-from edgead.models.blocks import SignedRange
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.heads import ScoreHead, TopKMean
 from edgead.models.losses import update
 from edgead.models.registry import register
 from edgead.models.scorers import make_scorer
@@ -143,35 +143,25 @@ class UTADConfig(DetectorConfig):
 # --------------------------------------------------------------------------- score
 
 
-class MapSum(nn.Module):
-    """Sum of pair maps -> (top-k score, map). Held as ``fp32_score``."""
+class PairMaps(nn.Module):
+    """(tensors named by the head's inputs) -> the sum of ``scorer(a, b)`` over ``pairs``: Eq. 8
+    with equal weights. The VGG scorer runs once per image (``pair_map``) and keeps its own FP32
+    islands (``mixed_precision``); L1 or SSIM is summed pair by pair in the head's FP32 island."""
 
-    def __init__(self, top_k: float) -> None:
-        super().__init__()
-        self.top_k = top_k
-
-    def forward(self, *maps: Tensor) -> tuple[Tensor, Tensor]:
-        total = maps[0]
-        for m in maps[1:]:
-            total = total + m
-        return top_k_mean(total, self.top_k), total
-
-
-class PerceptualHead(nn.Module):
-    """(tensors named by ``pairs``) -> (score, map): Eq. 8 with equal weights."""
-
-    def __init__(self, scorer: nn.Module, pairs: tuple[tuple[int, int], ...], top_k: float) -> None:
+    def __init__(self, scorer: nn.Module, pairs: tuple[tuple[int, int], ...]) -> None:
         super().__init__()
         self.scorer = scorer
         self.pairs = pairs
-        self.fp32_score = MapSum(top_k)
+        self.mixed_precision = getattr(scorer, "mixed_precision", False)
 
-    def forward(self, *images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, *images: Tensor) -> Tensor:
         if hasattr(self.scorer, "pair_map"):  # VGG: one feature pass per image
-            maps = [self.scorer.pair_map(images, self.pairs)]
-        else:
-            maps = [self.scorer(images[i], images[j]) for i, j in self.pairs]
-        return self.fp32_score(*maps)
+            return self.scorer.pair_map(images, self.pairs)
+        maps = [self.scorer(images[i], images[j]) for i, j in self.pairs]
+        total = maps[0]
+        for m in maps[1:]:
+            total = total + m
+        return total
 
 
 def _pair_wiring(pairs: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
@@ -184,6 +174,7 @@ def _pair_wiring(pairs: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[i
 class UTAD(Detector):
     name = "utad"
     Config = UTADConfig
+    renamed_state_keys = {"head.scorer.": "head.map.scorer."}  # runs saved before the one score head
 
     def __init__(self, config: UTADConfig) -> None:
         super().__init__(config)
@@ -194,7 +185,9 @@ class UTAD(Detector):
         self.ie_decoder = IEDecoder(c)
         self.mi_discriminator = MIDiscriminator(self.ie_encoder.feature_dim, c.latent_dim, c.ie_hidden)  # training
         self.expert = ExpertNet(c, naive_output="naive_impression" in self.head_inputs)
-        self.head = PerceptualHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), index_pairs, c.top_k)
+        # map: the perceptual distance summed over the pairs; score: the top-k mean of the map
+        self.head = ScoreHead(PairMaps(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), index_pairs),
+                              TopKMean(c.top_k), map_inputs=self.head_inputs)
 
     def components(self) -> list[Component]:
         comps = [Component("ie_encoder", self.ie_encoder, ("image",), ("mu",)),
@@ -202,7 +195,7 @@ class UTAD(Detector):
         if self.config.mode == "full":
             outputs = ("reconstruction", "naive_impression") if self.expert.naive_output else ("reconstruction",)
             comps.append(Component("expert", self.expert, ("image", "impression"), outputs))
-        comps.append(Component("scorer", self.head, self.head_inputs, ("score", "anomaly_map")))
+        comps.append(self.head.component())
         return comps
 
 
@@ -217,7 +210,6 @@ class UTADRecipe(Recipe):
         d = detector
         if d.config.mode == "impression":
             self.stages = ("ie",)  # the IE-Net alone; Expert-Net stays untrained
-        self.signed = SignedRange()
         self.opt_ie = self.adam(d.ie_encoder, d.ie_decoder, d.mi_discriminator,
                                 lr=train.lr if train.lr is not None else self.ie_lr)
         self.opt_expert = self.adam(d.expert)
@@ -253,7 +245,7 @@ class UTADRecipe(Recipe):
         d.ie_encoder.eval()  # frozen: batch-norm statistics too (the trainer calls train() per epoch)
         d.ie_decoder.eval()
         with torch.no_grad():
-            impression = d.ie_decoder(d.ie_encoder(x))
+            impression = d.run(x, until="impression")["impression"]
         expert = d.expert
         details = expert.details(x)
         recon = expert.reconstruct(impression, details)

@@ -203,6 +203,7 @@ def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callab
     from edgead.core.engine import EngineError
     from edgead.runtime.infer import BundleRefused, describe_engine, open_certified_engine
     from edgead.runtime.log import JsonlLog, LogError
+    from edgead.runtime.native import describe as describe_native
     from edgead.runtime.pipeline import Backoff, Pipeline, PipelineConfig
     from edgead.runtime.postprocess_stage import Postprocessor
     from edgead.runtime.sinks import SinkContext, SinkError
@@ -248,7 +249,7 @@ def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callab
     running.append(pipeline)
     mode = "live" if source.live else ("read on demand" if policy == "block" else "read ahead")
     say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{args.precision}, "
-        f"input {uri} ({mode}, drop policy {policy})")
+        f"input {uri} ({mode}, drop policy {policy}); {describe_native(pipeline.pre, pipeline.post)}")
     got_signal: list[int] = []
     stack.callback(_install_signals(pipeline, got_signal))
     result = pipeline.run()

@@ -34,6 +34,7 @@ from edgead.core.engine import Engine, SlottedEngine
 from edgead.runtime.infer import take_outputs
 from edgead.runtime.jobs import CLOSED, POLICIES, Backoff, Frame, Job, PipelineConfig, RunResult, StageQueue
 from edgead.runtime.log import JsonlLog
+from edgead.runtime.native import status as native_status
 from edgead.runtime.postprocess_stage import Postprocessor, error_inspection
 from edgead.runtime.preprocess import Preprocessor
 from edgead.runtime.sinks import Sink
@@ -107,6 +108,7 @@ class Pipeline:
         self._settle_lost()
         saturated = not self.source.live
         summary = self.stats.summary(saturated=saturated)
+        summary["native"] = native_status(self.pre, self.post)
         return RunResult(summary, self.stop_reason, self.fatal)
 
     def _guard(self, name: str, body) -> None:

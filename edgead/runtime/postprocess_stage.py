@@ -1,19 +1,23 @@
 """Stage 4: raw engine outputs -> what the line needs (score, verdict, regions, frame-sized map).
 
 Uses :mod:`edgead.core.postprocess` and :class:`edgead.core.calibration.Calibration`, exactly as
-evaluation does, so the station's verdicts are the ones the validation report promised.
+evaluation does, so the station's verdicts are the ones the validation report promised. Where the
+native core is built and verified (:mod:`edgead.runtime.native`), its twin of smooth -> to_frame
+-> regions runs in one pass without writing the frame-sized map; the map is then made on first
+use (overlays, saved NG frames).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from edgead.core.calibration import Calibration
 from edgead.core.contract import ERROR
-from edgead.core.postprocess import Region, regions, smooth, to_frame
+from edgead.core.postprocess import Region, gaussian_kernel, regions, smooth, to_frame
+from edgead.runtime import native as native_core
 
 MIN_REGION_AREA = 4  # px at the model's resolution; scaled to the frame's
 
@@ -26,8 +30,16 @@ class Inspection:
     score: float = float("nan")  # raw, as calibrated
     score_norm: float = float("nan")  # [0, 1], 0.5 = threshold
     regions: list[Region] = field(default_factory=list)
-    frame_map: np.ndarray | None = None  # smoothed map at frame resolution (raw units)
     error: str | None = None
+    _frame_map: np.ndarray | None = field(default=None, init=False, repr=False)
+    _make_frame_map: Callable[[], np.ndarray] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def frame_map(self) -> np.ndarray | None:
+        """The smoothed map at frame resolution (raw units), made on first use if need be."""
+        if self._frame_map is None and self._make_frame_map is not None:
+            self._frame_map, self._make_frame_map = self._make_frame_map(), None
+        return self._frame_map
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"verdict": self.verdict}
@@ -46,24 +58,34 @@ def error_inspection(message: str) -> Inspection:
 
 
 class Postprocessor:
-    def __init__(self, calibration: Calibration, min_area: int = MIN_REGION_AREA) -> None:
+    def __init__(self, calibration: Calibration, min_area: int = MIN_REGION_AREA, use_native: bool = True) -> None:
         self.calibration = calibration
         self.sigma = calibration.sigma  # the smoothing the thresholds were calibrated with
         self.min_area = min_area
+        self.native = use_native and native_core.postprocess_ok(float(self.sigma))
+        self._kernel = gaussian_kernel(self.sigma) if self.sigma > 0 else None
 
     def __call__(self, score: float, anomaly_map: np.ndarray, frame_hw: tuple[int, int]) -> Inspection:
         cal = self.calibration
         verdict = cal.verdict(score)
         if verdict == ERROR:
             return error_inspection(f"score is not finite ({score})")
-        smoothed = smooth(anomaly_map, self.sigma)
         height, width = frame_hw
-        frame_map = to_frame(smoothed, width, height)
         # The same physical minimum size at any frame resolution.
         scale = (height * width) / float(anomaly_map.shape[0] * anomaly_map.shape[1])
-        found = regions(frame_map, cal.pixel_threshold, min_area=max(1, int(round(self.min_area * scale))))
-        return Inspection(verdict=verdict, score=score, score_norm=float(cal.normalize(score)),
-                          regions=found, frame_map=frame_map)
+        min_area = max(1, int(round(self.min_area * scale)))
+        insp = Inspection(verdict=verdict, score=score, score_norm=float(cal.normalize(score)))
+        if self.native and anomaly_map.ndim == 2 and min(anomaly_map.shape) >= 2:
+            lib = native_core.module()
+            smoothed, found = lib.postprocess(np.asarray(anomaly_map, dtype=np.float32), self._kernel, height, width,
+                                              cal.pixel_threshold, min_area)
+            insp.regions = [Region(*r) for r in found]
+            insp._make_frame_map = lambda: lib.resize_map(smoothed, height, width)
+            return insp
+        frame_map = to_frame(smooth(anomaly_map, self.sigma), width, height)
+        insp.regions = regions(frame_map, cal.pixel_threshold, min_area=min_area)
+        insp._frame_map = frame_map
+        return insp
 
     def localized(self, inspection: Inspection, mask: np.ndarray) -> bool:
         """Does the defect outline overlap the ground-truth mask (for the synthetic summary)?"""

@@ -2,6 +2,9 @@
 
 The conversion is :func:`edgead.data.images.to_model_input`, the very one training and
 evaluation use, so frames of any size, gray, BGRA or 16-bit are converted the same way here.
+For 8-bit grey and BGR frames the native core (:mod:`edgead.runtime.native`), when built, does the
+same conversion in one pass and bit-exactly; it is used only where a start-up check on this
+machine's OpenCV confirms that.
 """
 
 from __future__ import annotations
@@ -12,28 +15,48 @@ import cv2
 import numpy as np
 
 from edgead.data.images import to_model_input
+from edgead.runtime import native as native_core
 
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Fills a preallocated ``(C, S, S)`` float32 buffer (pinned memory on CUDA engines)."""
+    """Fills a preallocated ``(C, S, S)`` float32 buffer (pinned memory on CUDA engines).
+
+    ``use_native=False`` keeps every frame on the NumPy/OpenCV path; otherwise uint8 grey/BGR
+    frames go through the native core where it is built and verified (``native`` says so).
+    """
 
     size: int
     channels: int
+    use_native: bool = True
+
+    def __post_init__(self) -> None:
+        kinds = native_core.preprocess_ok(self.size, self.channels) if self.use_native else frozenset()
+        object.__setattr__(self, "_native_kinds", kinds)
+
+    @property
+    def native(self) -> bool:
+        return bool(self._native_kinds)
 
     @classmethod
-    def for_input_shape(cls, shape: tuple[int, ...]) -> "Preprocessor":
+    def for_input_shape(cls, shape: tuple[int, ...], use_native: bool = True) -> "Preprocessor":
         _, channels, height, width = shape
         if height != width:
             raise ValueError(f"engine input must be square, got {height}x{width}")
-        return cls(size=int(height), channels=int(channels))
+        return cls(size=int(height), channels=int(channels), use_native=use_native)
 
     def into(self, frame: np.ndarray, out: np.ndarray) -> np.ndarray:
         # Frames are BGR(A) as OpenCV delivers them; the model takes RGB in [0, 1].
         if out.dtype == np.float32:
+            if self._native_kinds and native_core.frame_kind(frame) in self._native_kinds and self._fits(out):
+                native_core.module().preprocess_into(frame, out)
+                return out
             return to_model_input(frame, self.size, self.channels, bgr=True, out=out)
         out[...] = to_model_input(frame, self.size, self.channels, bgr=True)  # e.g. an FP16-input engine
         return out
+
+    def _fits(self, out: np.ndarray) -> bool:
+        return out.shape == (self.channels, self.size, self.size) and out.flags.c_contiguous and out.flags.writeable
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:

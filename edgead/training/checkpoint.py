@@ -57,6 +57,8 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: no such weight file")
     _refuse_pickle(path)
     state = load_file(str(path))
+    if isinstance(module, Detector):
+        state = module.upgrade_state_dict(state)  # a run saved under older module names
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights don't match the model "

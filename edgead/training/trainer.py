@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from edgead import __version__
 from edgead.core.calibration import Calibration, calibrate
 from edgead.core.postprocess import DEFAULT_SIGMA
+from edgead.data.source import DataSource
 from edgead.models import registry
 from edgead.models.base import Detector, TrainConfig
 from edgead.training.checkpoint import HISTORY, RESUME, load_resume, save_resume, save_run
@@ -195,20 +196,19 @@ def calibrate_detector(detector: Detector, val_images: np.ndarray, sigma: float 
     return calibrate(scores, maps, sigma=sigma)
 
 
-def train_run(model: str, data_root: str | Path, category: str, out: str | Path, *, image_size: int = 128,
+def train_run(model: str, source: DataSource, out: str | Path, *, image_size: int = 128,
               channels: int = 3, val_fraction: float = 0.15, skip_bad: bool = False,
               config: dict[str, Any] | None = None, train: TrainConfig | None = None,
               resume: bool = False, progress: bool = True) -> Path:
-    """Train on ``<data_root>/<category>/train/good`` (MVTec layout), holding out a validation split."""
-    from edgead.data.datasets import load_arrays, mvtec_samples, split_train_val
+    """Train on the normal images of ``source`` (MVTec category or Folder layout), holding out a
+    validation split; the source and the split are recorded in the run."""
+    from edgead.data.datasets import load_arrays, split_train_val
 
     train = train or TrainConfig()
-    samples = mvtec_samples(data_root, category, "train")
-    fit, val = split_train_val(samples, val_fraction=val_fraction, seed=train.seed)
+    fit, val = split_train_val(source.normal(), val_fraction=val_fraction, seed=train.seed)
     train_images, _, fit = load_arrays(fit, image_size, channels, skip_bad=skip_bad)
     val_images, _, val = load_arrays(val, image_size, channels, skip_bad=skip_bad)
-    meta = {"data": {"layout": "mvtec", "root": str(Path(data_root).resolve()), "category": category,
-                     "n_train": len(fit), "n_val": len(val), "val_fraction": val_fraction,
+    meta = {"data": {**source.to_dict(), "n_train": len(fit), "n_val": len(val), "val_fraction": val_fraction,
                      "val_files": [s.path.name for s in val]}}
     config = {**(config or {}), "image_size": image_size, "channels": channels}
     return train_from_arrays(model, train_images, val_images, out, config=config, train=train,
