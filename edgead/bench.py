@@ -1,9 +1,9 @@
 """``edgead bench parity`` and ``edgead bench latency``: certification and speed of a bundle's
 engines, on the device that runs them.
 
-The top of the layer stack: it composes the torch-free certification (:mod:`edgead.certify`)
-with the PyTorch reference of the training run (:mod:`edgead.training.reference`), which is
-imported only when a reference run is used.
+The top of the layer stack: it composes the torch-free certification (:mod:`edgead.certify`),
+whose reference is the bundle's golden outputs, with the live PyTorch reference of a training run
+(:mod:`edgead.training.reference`), imported only for ``--against-run``.
 """
 
 from __future__ import annotations
@@ -28,43 +28,79 @@ def _run_dir(bundle: Any, run: str | None) -> str:
 
 def certify_against_run(bundle_dir: str | Path, images: Any, masks: Any, labels: Any, run: str | Path,
                         **kw: Any) -> dict[str, Any]:
-    """:func:`edgead.certify.parity.certify` with the training run's PyTorch model as the
+    """:func:`edgead.certify.parity.certify` with the training run's live PyTorch model as the
     reference (its FP32 outputs, and float64 when the noise-floor rule needs them)."""
     import torch
 
     from edgead.certify import parity
     from edgead.training.reference import reference_outputs
 
-    kw.setdefault("reference_name", f"torch fp32 of {run}")
+    kw.setdefault("reference_name", f"torch fp32 of {run} (live)")
     return parity.certify(bundle_dir, images, masks, labels, reference_outputs(run, images),
                           lambda: reference_outputs(run, images, torch.float64), **kw)
 
 
-def parity_main(argv: list[str] | None = None) -> int:
+def _parity_parser() -> argparse.ArgumentParser:
     from edgead.certify import parity
 
-    parser = argparse.ArgumentParser(prog="edgead bench parity", description=parity.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="edgead bench parity", description=parity.__doc__.split("\n\n")[0],
+        epilog="Without --against-run this needs only the station's packages (numpy, onnxruntime, TensorRT): "
+               "the reference is the bundle's golden outputs. Each result is written as this device's "
+               "certificate beside the graph (unless --no-write); exit 0 when every engine passes.")
     parser.add_argument("bundle")
-    parser.add_argument("--data", required=True, help="MVTec-layout root")
-    parser.add_argument("--category", required=True)
-    parser.add_argument("--run", help="training run of the reference (default: the one recorded at export)")
-    parser.add_argument("--backends", nargs="+", default=["onnxruntime"], choices=["onnxruntime", "tensorrt"])
-    parser.add_argument("--precisions", nargs="+", help="default: every precision in the bundle")
-    parser.add_argument("--max-images", type=int, help="evenly spaced subset of validation + test images")
+    parser.add_argument("--backend", "--backends", dest="backends", nargs="+", default=["onnxruntime"],
+                        choices=["onnxruntime", "tensorrt"])
+    parser.add_argument("--precision", "--precisions", dest="precisions", nargs="+",
+                        choices=["fp32", "fp16", "int8"], help="default: every precision in the bundle")
+    parser.add_argument("--against-run", "--run", dest="run", metavar="RUN",
+                        help="compare with the live PyTorch model of this training run instead of the golden "
+                             "outputs (needs torch); on the golden images unless --data/--category are given")
+    parser.add_argument("--data", help="with --against-run: MVTec-layout root (its validation + test images)")
+    parser.add_argument("--category", help="with --data")
+    parser.add_argument("--max-images", type=int, help="with --data: evenly spaced subset of validation + test")
     parser.add_argument("--out", help="write the full report as JSON")
-    parser.add_argument("--no-write", action="store_true", help="don't record the result in the manifest")
-    args = parser.parse_args(argv)
-    try:
-        bundle = load_bundle(args.bundle)
-        run = _run_dir(bundle, args.run)
+    parser.add_argument("--no-write", action="store_true", help="don't write the device certificates")
+    return parser
+
+
+def _parity_report(args: argparse.Namespace) -> dict[str, Any]:
+    from edgead.certify import parity
+    from edgead.core.golden import read_golden
+
+    if (args.data is None) != (args.category is None):
+        raise ValueError("give --data and --category together")
+    if args.data and not args.run:
+        raise ValueError("--data needs --against-run RUN: only a live model gives references on other images; "
+                         "without it the golden outputs in the bundle are the reference")
+    common = {"backends": args.backends, "precisions": args.precisions, "write": not args.no_write}
+    if not args.run:
+        return parity.certify_golden(args.bundle, **common)
+    bundle = load_bundle(args.bundle)
+    run = _run_dir(bundle, args.run)
+    if args.data:
         meta = json.loads((Path(run) / "config.json").read_text())
         images, masks, labels, desc = parity.load_data(args.bundle, args.data, args.category, meta, args.max_images)
-        report = certify_against_run(args.bundle, images, masks, labels, run, backends=args.backends,
-                                     precisions=args.precisions, data=desc, write=not args.no_write)
-    except (ValueError, OSError, EngineError, RuntimeError) as exc:
+    else:
+        golden = read_golden(bundle.root, bundle.spec.golden)
+        images, masks, labels, desc = golden.images, golden.masks, golden.labels, golden.description
+    return certify_against_run(bundle, images, masks, labels, run, data=desc, **common)
+
+
+def parity_main(argv: list[str] | None = None) -> int:
+    from edgead.certify import parity
+    from edgead.certify.certificate import CertificateError
+
+    args = _parity_parser().parse_args(argv)
+    try:
+        report = _parity_report(args)
+    except (ValueError, OSError, EngineError, RuntimeError, CertificateError) as exc:
         print(f"edgead bench parity: error: {exc}", file=sys.stderr)
         return 2
     parity.print_table(report)
+    for key, stats in report["results"].items():
+        if "certificate" in stats:
+            print(f"{key}: certificate for {stats['device']}: {stats['certificate']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(parity.json_safe(report), indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""``edgead``: synth, train, eval, export, bench.
+"""``edgead``: synth, train, eval, export, bench, keygen.
 
 Subcommands import their stack on use: ``edgead synth`` needs no torch, ``edgead train`` does.
 """
@@ -15,6 +15,7 @@ DELEGATED = {
     "export": "edgead.export.bundle_writer:main",
     "bench parity": "edgead.bench:parity_main",
     "bench latency": "edgead.bench:latency_main",
+    "keygen": "edgead.core.signing:keygen_main",
 }
 
 
@@ -66,10 +67,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from edgead.evaluation.evaluate import evaluate_run
+    from pathlib import Path
 
-    report = evaluate_run(args.run, _data_source(args), out_dir=args.out, skip_bad=args.skip_bad,
-                          device=args.device)
+    from edgead.evaluation.evaluate import evaluate_bundle, evaluate_run
+
+    if (Path(args.run) / "manifest.json").is_file():  # a bundle: evaluate the engine the line runs
+        report = evaluate_bundle(args.run, _data_source(args), args.backend, args.precision,
+                                 out_dir=args.out, skip_bad=args.skip_bad)
+    else:
+        report = evaluate_run(args.run, _data_source(args), out_dir=args.out, skip_bad=args.skip_bad,
+                              device=args.device)
     print(json.dumps({k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1")}, indent=2))
     return 0
 
@@ -160,15 +167,19 @@ def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run on the test split")
-    p.add_argument("run")
+    p = sub.add_parser("eval", help="evaluate a run, or an engine of a bundle, on the test split")
+    p.add_argument("run", help="training run, or bundle (then --backend/--precision choose the engine)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"], help="bundle only")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="bundle only")
     _add_data_arguments(p, test=True)
-    p.add_argument("--out", default=None, help="default: RUN/eval")
+    p.add_argument("--out", default=None, help="default: RUN/eval, or BUNDLE-eval-BACKEND-PRECISION beside a bundle")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
     sub.add_parser("export", help="export a run to a bundle (see `edgead export --help`)", add_help=False)
+    sub.add_parser("keygen", help="make an Ed25519 key pair to sign bundles (see `edgead keygen --help`)",
+                   add_help=False)
     bench = sub.add_parser("bench", help="parity | latency (on this device; see `edgead bench parity --help`)",
                            add_help=False)
     bench.add_argument("what", choices=["parity", "latency"])
@@ -177,8 +188,8 @@ def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["export"]:
-        return _delegate("export", argv[1:])
+    if argv[:1] in (["export"], ["keygen"]):
+        return _delegate(argv[0], argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and f"bench {argv[1]}" in DELEGATED:
         return _delegate(f"bench {argv[1]}", argv[2:])
     args = build_parser(list_detectors=argv[:1] == ["train"]).parse_args(argv)

@@ -10,6 +10,12 @@ tensors on the calibration images) and certified by substituting it into the FP3
 choices with :func:`export.onnx_export.chain_graphs` rather than re-quantising the fused graph:
 one calibration, one set of scales, and the fused graph is by construction the certified chain.
 FP32 graphs are always written: they are the reference and the source of the others.
+
+Golden outputs (:mod:`edgead.export.golden`): a fixed number of validation images and labelled
+anomalies with the run's PyTorch outputs, so a station certifies without torch or the run
+(``--golden-count``, ``--golden-normal``, ``--golden-images``; ``--no-golden`` leaves them out).
+The manifest (typed: :mod:`edgead.core.manifest`) is sealed with its own digest; ``--sign KEY``
+adds an Ed25519 signature of that digest (:mod:`edgead.core.signing`).
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ import onnx
 
 from edgead import __version__
 from edgead.core.bundle import FUSED, MANIFEST, sha256_file, write_manifest
+from edgead.core.calibration import Calibration
 from edgead.core.contract import IMAGE, OUTPUT_NAMES
+from edgead.core.manifest import ComponentSpec, GoldenSpec, InputSpec, Manifest
 from edgead.models.base import Detector
 from edgead.models.blocks import SignedRange
 from edgead.export.fp16 import export_fp16
+from edgead.export.golden import GOLDEN_IMAGES, GOLDEN_NORMAL, write_golden
 from edgead.export.int8 import CALIB_METHODS, open_sessions, output_errors, run_chain, select_precisions
 from edgead.export.onnx_export import ExportError, chain_graphs, export_detector, not_exportable_reason
 
@@ -100,8 +109,14 @@ def _prepare_out(out: Path) -> None:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[str] = ("fp32",),
                calib_images: str | Path | None = None, calib_count: int = 64, calib_method: str = "minmax",
-               data_root: str | Path | None = None, category: str | None = None) -> Path:
-    """Export the run at ``run_dir`` into a bundle at ``out_dir``; returns the bundle folder."""
+               data_root: str | Path | None = None, category: str | None = None, *, golden: bool = True,
+               golden_count: int = GOLDEN_IMAGES, golden_normal: int = GOLDEN_NORMAL,
+               golden_images: str | Path | None = None, sign: str | Path | None = None) -> Path:
+    """Export the run at ``run_dir`` into a bundle at ``out_dir``; returns the bundle folder.
+
+    ``golden``: write the golden outputs (``golden_count`` images, ``golden_normal`` of them
+    normal; :mod:`edgead.export.golden`). ``sign``: an Ed25519 private key file that signs the
+    finished bundle (:mod:`edgead.core.signing`)."""
     from edgead.training.checkpoint import load_run
 
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -137,8 +152,18 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
                                      "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
                                      "format": "QDQ (explicit quantisation)"})
 
-    manifest = build_manifest(detector, calibration.to_dict(), meta, run_dir, info, graphs, fallbacks, quantization)
+    golden_spec = None
+    if golden:
+        c = detector.config
+        golden_spec = write_golden(out, run_dir, meta, c.image_size, c.channels, n_images=golden_count,
+                                   n_normal=golden_normal, data_root=data_root, category=category,
+                                   folder=golden_images, n_val=calibration.n_images)
+    manifest = build_manifest(detector, calibration, meta, run_dir, info, graphs, fallbacks, quantization, golden_spec)
     write_manifest(out, manifest)
+    if sign is not None:
+        from edgead.core.signing import sign_bundle
+
+        sign_bundle(out, sign)
     return out
 
 
@@ -166,36 +191,33 @@ def assemble_int8(out: Path, components: list[dict[str, Any]], images: np.ndarra
     return {"components": selected["components"], "detector_check": check}
 
 
-def build_manifest(detector: Detector, calibration: dict[str, Any], meta: dict[str, Any], run_dir: Path,
+def build_manifest(detector: Detector, calibration: Calibration, meta: dict[str, Any], run_dir: Path,
                    info: dict[str, Any], graphs: dict[str, dict[str, str]], fallbacks: dict[str, dict[str, str]],
-                   quantization: dict[str, Any]) -> dict[str, Any]:
+                   quantization: dict[str, Any], golden: GoldenSpec | None = None) -> Manifest:
     c = detector.config
     shapes = info["shapes"]
     mean, std, text = input_normalization(detector)
-    manifest: dict[str, Any] = {
-        "detector": detector.name,
+    extra: dict[str, Any] = {
         "edgead_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": c.to_dict(),
-        "source_run": str(run_dir),
+        "source_run": str(run_dir),  # provenance only: certification never needs the run
         "data": {k: v for k, v in (meta.get("data") or {}).items() if k != "val_files"},
-        "input": {"name": IMAGE, "shape": list(shapes[IMAGE]), "dtype": "float32", "color": "RGB",
-                  "range": [0, 1], "resize": _resize_rule(), "mean": mean, "std": std, "normalization": text},
-        "outputs": [{"name": n, "shape": list(shapes[n]), "dtype": "float32"} for n in OUTPUT_NAMES],
-        "calibration": calibration,
-        "components": info["components"],
-        "graphs": graphs,
-        "precision_fallbacks": fallbacks,
         "quantization": quantization,
-        "parity": {},
     }
-    if c.channels == 1:
-        manifest["input"]["color"] = "GRAY"
     if getattr(c, "scorer", None) == "vgg":
         weights = c.vgg_weights
-        manifest["scorer_weights"] = {"source": weights or "random init (seeded)",
-                                      "sha256": sha256_file(weights) if weights and Path(weights).is_file() else None}
-    return manifest
+        extra["scorer_weights"] = {"source": weights or "random init (seeded)",
+                                   "sha256": sha256_file(weights) if weights and Path(weights).is_file() else None}
+    return Manifest(
+        detector=detector.name,
+        input=InputSpec(IMAGE, tuple(shapes[IMAGE]), "float32", "GRAY" if c.channels == 1 else "RGB", (0.0, 1.0),
+                        _resize_rule(), tuple(mean), tuple(std), text),
+        outputs=tuple({"name": n, "shape": list(shapes[n]), "dtype": "float32"} for n in OUTPUT_NAMES),
+        calibration=calibration,
+        components=tuple(ComponentSpec(x["name"], tuple(x["inputs"]), tuple(x["outputs"]), x.get("shapes", {}))
+                         for x in info["components"]),
+        graphs=graphs, files={}, golden=golden, precision_fallbacks=fallbacks, extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,11 +230,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-method", default="minmax", choices=sorted(CALIB_METHODS))
     parser.add_argument("--data", help="MVTec root for calibration when the run's is elsewhere")
     parser.add_argument("--category", help="category under --data")
+    parser.add_argument("--golden-count", type=int, default=GOLDEN_IMAGES,
+                        help=f"images in the golden outputs (default {GOLDEN_IMAGES})")
+    parser.add_argument("--golden-normal", type=int, default=GOLDEN_NORMAL,
+                        help=f"of which normal, from the validation split (default {GOLDEN_NORMAL})")
+    parser.add_argument("--golden-images", help="folder of normal images for the golden outputs "
+                        "(default: the run's validation split)")
+    parser.add_argument("--no-golden", action="store_true", help="no golden outputs: the bundle can then be "
+                        "certified only against its training run (--against-run)")
+    parser.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM) that signs the bundle "
+                        "(`edgead keygen --out NAME`)")
     parser.add_argument("--out", required=True, help="bundle folder to write")
     args = parser.parse_args(argv)
     try:
         out = export_run(args.run, args.out, args.precision, args.calib_images, args.calib_count,
-                         args.calib_method, args.data, args.category)
+                         args.calib_method, args.data, args.category, golden=not args.no_golden,
+                         golden_count=args.golden_count, golden_normal=args.golden_normal,
+                         golden_images=args.golden_images, sign=args.sign)
     except (ExportError, ValueError, OSError, RuntimeError) as exc:
         print(f"edgead export: error: {exc}", file=sys.stderr)
         return 2
@@ -220,10 +254,15 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = load_bundle(out)
     print(f"bundle written: {out}")
-    for graph, by_precision in bundle.manifest["graphs"].items():
+    if golden := bundle.spec.golden:
+        print(f"  golden outputs: {golden.n_images} images ({golden.n_normal} normal: {golden.normal_source}; "
+              f"{golden.n_anomalous} anomalous: {golden.anomaly_source}), {golden.size_mb:.1f} MB")
+    if args.sign:
+        print(f"  signed with {args.sign} (signature.json)")
+    for graph, by_precision in bundle.spec.graphs.items():
         print(f"  {graph:<14} " + "  ".join(f"{p}={f}" for p, f in by_precision.items()))
     reports = bundle.manifest.get("quantization", {}).get("int8", {}).get("components", {})
-    for precision, comps in bundle.manifest["precision_fallbacks"].items():
+    for precision, comps in bundle.spec.precision_fallbacks.items():
         for comp, used in comps.items():
             trial = reports.get(comp, {}).get("trials", {}).get(precision, {})
             why = trial.get("reason") or "failed its tolerance (see manifest quantization)"

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgead.core.bundle import load_bundle, write_manifest
+from edgead.core.bundle import load_bundle
 from edgead.runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +25,12 @@ SIZE = 32
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
-    """A random-init SSIM-AE at 32², calibrated on synthetic normal parts, exported to ONNX and
-    certified: the same path a real bundle takes, in a few seconds."""
+    """A random-init SSIM-AE at 32², calibrated on synthetic normal parts, exported to ONNX with its
+    golden outputs and certified on this device: the same path a real bundle takes, in seconds."""
     pytest.importorskip("torch")
-    from edgead.bench import certify_against_run
+    from edgead.certify.parity import certify_golden
     from edgead.data.images import to_model_input
-    from edgead.data.synth import Conveyor, sample
+    from edgead.data.synth import sample
     from edgead.models import create
     from edgead.training.checkpoint import save_run
     from edgead.training.trainer import calibrate_detector
@@ -42,11 +42,8 @@ def bundle(tmp_path_factory) -> Path:
     save_run(tmp / "run", detector, {"data": {"layout": "synthetic", "category": "washer"}},
              calibrate_detector(detector, val))
     out = export_run(tmp / "run", tmp / "bundle", precisions=["fp32"])
-    parts = [Conveyor("washer", size=SIZE, seed=5, defect_rate=0.5)[i] for i in range(8)]
-    images = np.concatenate([val, np.stack([to_model_input(p[0], SIZE, 3) for p in parts])])
-    labels = np.r_[np.zeros(8, int), [int(p[2] is not None) for p in parts]]
-    report = certify_against_run(out, images, None, labels, tmp / "run", precisions=("fp32",))
-    assert report["results"]["onnxruntime/fp32"]["pass"]
+    report = certify_golden(out, precisions=("fp32",))
+    assert report["results"]["onnxruntime/fp32"]["pass"], report["results"]["onnxruntime/fp32"]["checks"]
     return Path(out)
 
 
@@ -216,16 +213,24 @@ def test_tampered_bundle_is_refused_unless_allowed(bundle, tmp_path, capsys):
 
 
 def test_bundle_without_parity_certificate_is_refused_unless_allowed(bundle, tmp_path, capsys):
-    b = copy_bundle(bundle, tmp_path)
-    manifest = load_bundle(b).manifest
-    write_manifest(b, {**manifest, "parity": {}})
+    from edgead.certify.certificate import write_certificate
+    from edgead.engines import open_engine
+
+    b = tmp_path / "bundle"
+    shutil.copytree(bundle, b, ignore=shutil.ignore_patterns("*.cert.json"))
     args = ["synthetic://washer", "--model", str(b), "--frames", "3", "--results", str(tmp_path / "r")]
-    assert main(args) == 4
+    assert main(args + ["--no-certify"]) == 4
     assert "no parity certificate for onnxruntime/fp32" in capsys.readouterr().err
-    assert main(args + ["--allow-unverified"]) == 0
-    # A certificate for another precision does not count.
-    write_manifest(b, {**manifest, "parity": {"onnxruntime/fp32": {"pass": False}}})
+    assert main(args + ["--no-certify", "--allow-unverified"]) == 0
+    # A failed certificate of this device is refused too (and not silently re-made).
+    engine = open_engine(load_bundle(b), "onnxruntime", "fp32")
+    write_certificate(load_bundle(b), engine, "fp32", {"pass": False, "checks": {"map_max_abs": False}})
+    engine.close()
+    capsys.readouterr()
     assert main(args) == 4
+    assert "FAILED its parity certificate on this device (map_max_abs)" in capsys.readouterr().err
+    # A certificate for another precision does not count.
+    assert main(args + ["--precision", "fp16"]) == 4
 
 
 def test_not_a_bundle(tmp_path, capsys):

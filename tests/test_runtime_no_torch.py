@@ -42,7 +42,7 @@ def test_runtime_imports_and_runs_without_torch(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     calibration = calibrate(rng.random(8), rng.random((8, 32, 32)))
     save_run(tmp_path / "run", detector, {"data": {"layout": "synthetic"}}, calibration)
-    bundle = export_run(tmp_path / "run", tmp_path / "bundle")
+    bundle = export_run(tmp_path / "run", tmp_path / "bundle", golden=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(bundle)], capture_output=True, text=True, env=env,
                           timeout=120)

@@ -9,7 +9,12 @@ TensorRT cannot be installed here, so ``edgead/engines/tensorrt_engine.py`` is c
   anything unclassified fails, so a misspelt call or a new TensorRT call can't slip past, and a
   ``TRT_METHODS`` entry the source no longer uses fails too, so the table can't go stale;
 - none of the APIs removed in TensorRT 10 (bindings, ``execute_async_v2``...) nor INT8
-  calibrators nor pycuda appear.
+  calibrators nor pycuda appear;
+- no name removed in TensorRT 11 (NVIDIA's "TensorRT 10.x to 11.x Python API" migration page:
+  the weak-typing ``BuilderFlag``s, calibration and quantisation flags, the algorithm selector,
+  ``platform_has_fast_*``, ``device_memory_size``...) is used on the TensorRT 11 path: only
+  ``_weak_precision_flags`` may name them, and it is called only under ``if not strong:``, where
+  ``strong`` comes from ``typing_mode`` (which is True on 11).
 
 The CUDA side is checked the same way against the installed cuda-python (``cuda.bindings.runtime``)
 and torch, when those are importable.
@@ -79,6 +84,7 @@ NOT_TRT = {
     "dev_in", "dev_out", "fill", "upload", "download", "wait", "timings", "bind", "launch", "close",
     "free", "inputs", "outputs", "compute_capability", "stem", "host_inputs",
     "warning", "encode", "_release", "setdefault", "update",
+    "split", "plan_sha256", "backend_version", "device_name",  # version parsing; what a device certificate is keyed by (our attributes)
 }
 
 # removed in TensorRT 10 (REFERENCES.md), plus the INT8 calibrator API (removed in TensorRT 11)
@@ -88,6 +94,16 @@ FORBIDDEN_ATTRS = {
 }
 FORBIDDEN_PATTERNS = (re.compile(r"binding", re.I), re.compile(r"^IInt8\w*Calibrator"))
 FORBIDDEN_MODULES = ("pycuda", "cuda.cudart", "cudart")
+
+# Removed in TensorRT 11 (NVIDIA, "Migrating Python Code from TensorRT 10.x to 11.x": removed APIs).
+TRT11_REMOVED_FLAGS = {"FP16", "INT8", "FP8", "BF16", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
+                       "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO"}
+TRT11_REMOVED_ATTRS = {"int8_calibrator", "set_calibration_profile", "get_calibration_profile", "set_quantization_flag",
+                       "get_quantization_flag", "quantization_flags", "clear_quantization_flag", "device_memory_size",
+                       "device_memory_size_for_profile", "platform_has_fast_fp16", "platform_has_fast_int8",
+                       "algorithm_selector"}
+TRT11_REMOVED_NAMES = re.compile(r"^(IInt8\w*Calibrator|IAlgorithm\w*|CalibrationAlgoType|QuantizationFlag)$")
+WEAK_TYPING_ONLY = {"_weak_precision_flags"}  # the one function allowed to name removed flags
 
 
 # ---------------------------------------------------------------- stubs
@@ -262,7 +278,88 @@ def problems(source: str, stubs: Stubs) -> list[str]:
     return out
 
 
+def _removed_in_11(node: ast.AST) -> set[str]:
+    found = set()
+    for sub in ast.walk(node):
+        chain = _chain(sub) if isinstance(sub, ast.Attribute) else None
+        if chain and chain[0] == "BuilderFlag" and len(chain) > 1 and chain[1] in TRT11_REMOVED_FLAGS:
+            found.add(f"BuilderFlag.{chain[1]}")
+        if isinstance(sub, ast.Attribute) and (sub.attr in TRT11_REMOVED_ATTRS or TRT11_REMOVED_NAMES.match(sub.attr)):
+            found.add(sub.attr)
+        if isinstance(sub, ast.Name) and TRT11_REMOVED_NAMES.match(sub.id):
+            found.add(sub.id)
+    return found
+
+
+def _guarded(call: ast.Call, parents: dict[ast.AST, ast.AST]) -> bool:
+    """``call`` sits in the body of ``if not X:`` where X = typing_mode(...) in the same function."""
+    node: ast.AST = call
+    while node in parents:
+        parent = parents[node]
+        if (isinstance(parent, ast.If) and node in parent.body and isinstance(parent.test, ast.UnaryOp)
+                and isinstance(parent.test.op, ast.Not) and isinstance(parent.test.operand, ast.Name)):
+            name, function = parent.test.operand.id, parent
+            while function in parents and not isinstance(function, ast.FunctionDef):
+                function = parents[function]
+            return any(isinstance(a, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in a.targets)
+                       and isinstance(a.value, ast.Call) and getattr(a.value.func, "id", "") == "typing_mode"
+                       for a in ast.walk(function))
+        node = parent
+    return False
+
+
+def trt11_problems(source: str) -> list[str]:
+    """Every use of a name removed in TensorRT 11 that the 11 path could reach."""
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    out = []
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for fn in functions:
+        if fn.name not in WEAK_TYPING_ONLY:
+            direct = _removed_in_11(fn) - set().union(*(_removed_in_11(f) for f in ast.walk(fn)
+                                                         if f is not fn and isinstance(f, ast.FunctionDef)
+                                                         and f.name in WEAK_TYPING_ONLY))
+            out += [f"{fn.name} uses {name}, removed in TensorRT 11" for name in sorted(direct)]
+    top = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    top += [base for n in ast.walk(tree) if isinstance(n, ast.ClassDef) for base in n.bases]
+    out += [f"module level uses {name}, removed in TensorRT 11" for n in top for name in sorted(_removed_in_11(n))]
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+        if getattr(call.func, "id", None) in WEAK_TYPING_ONLY and not _guarded(call, parents):
+            out.append(f"{call.func.id} called outside `if not strong:` (strong = typing_mode(...))")
+    return sorted(set(out))
+
+
 # ---------------------------------------------------------------- tests
+def test_no_name_removed_in_tensorrt11_on_the_11_path():
+    assert trt11_problems(TRT_SOURCE.read_text()) == []
+    # and the weak-typing function does use them (else this test would check nothing)
+    tree = ast.parse(TRT_SOURCE.read_text())
+    weak = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_weak_precision_flags")
+    assert _removed_in_11(weak) == {"BuilderFlag.FP16", "BuilderFlag.INT8"}
+
+
+@pytest.mark.parametrize("snippet, expected", [
+    ("def build(trt, config):\n    config.set_flag(trt.BuilderFlag.FP16)", "build uses BuilderFlag.FP16"),
+    ("def build(trt, config):\n    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)",
+     "build uses BuilderFlag.OBEY_PRECISION_CONSTRAINTS"),
+    ("def build(config, c):\n    config.int8_calibrator = c", "build uses int8_calibrator"),
+    ("def ok(builder):\n    return builder.platform_has_fast_fp16", "ok uses platform_has_fast_fp16"),
+    ("def ok(engine):\n    return engine.device_memory_size", "ok uses device_memory_size"),
+    ("class S(trt.IAlgorithmSelector):\n    pass", "module level uses IAlgorithmSelector"),
+    ("def build(trt, config):\n    _weak_precision_flags(trt, config, 'fp16')", "_weak_precision_flags called outside"),
+    ("def build(trt, config, strong):\n    if not strong:\n        _weak_precision_flags(trt, config, 'fp16')",
+     "_weak_precision_flags called outside"),  # strong does not come from typing_mode
+])
+def test_the_tensorrt11_checker_catches_mistakes(snippet, expected):
+    assert any(p.startswith(expected) for p in trt11_problems(snippet)), trt11_problems(snippet)
+
+
+def test_the_tensorrt11_checker_accepts_the_guarded_call():
+    good = ("def build(trt, config):\n    strong = typing_mode(trt)\n    if not strong:\n"
+            "        _weak_precision_flags(trt, config, 'fp16')\n")
+    assert trt11_problems(good) == []
+
+
 def test_trt_names_exist_in_the_stubs(stubs):
     assert problems(TRT_SOURCE.read_text(), stubs) == []
 

@@ -31,9 +31,9 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from edgead.engines import cuda_rt, tensorrt_engine  # noqa: E402
 from edgead.core.engine import Engine, EngineError  # noqa: E402
 from edgead.core.wiring import Node  # noqa: E402
+from edgead.engines.tensorrt_chain import TensorRTChain  # noqa: E402
 from edgead.engines.tensorrt_engine import (  # noqa: E402
     BUILD_MESSAGE,
-    TensorRTChain,
     TensorRTEngine,
     build_engine,
     engine_cache_path,
@@ -206,6 +206,13 @@ class NetworkDefinitionCreationFlag(enum.IntEnum):
 class BuilderFlag(enum.IntEnum):
     FP16 = 0
     INT8 = 1
+    TF32 = 2
+
+
+class BuilderFlag11(enum.IntEnum):
+    """TensorRT 11: FP16, INT8, BF16, FP8, INT4, FP4, OBEY/PREFER_PRECISION_CONSTRAINTS are gone."""
+
+    TF32 = 2
 
 
 class MemoryPoolType(enum.IntEnum):
@@ -231,8 +238,9 @@ _LAYER = {"QuantizeLinear": LayerType.QUANTIZE, "DequantizeLinear": LayerType.DE
 class FakeTensorRT:
     """State of the fake; ``module`` is what ``import tensorrt`` returns."""
 
-    def __init__(self, cuda: FakeCudaRuntime) -> None:
-        self.cuda = cuda
+    def __init__(self, cuda: FakeCudaRuntime, version: str = "10.3.0") -> None:
+        self.cuda, self.version = cuda, version
+        self.major = int(version.split(".")[0])
         self.builds: list[dict[str, Any]] = []
         self.timing_cache_in: list[bytes] = []
         self.unsupported_ops: set[str] = set()
@@ -244,7 +252,7 @@ class FakeTensorRT:
     def _module(self) -> types.ModuleType:
         fake = self
         m = types.ModuleType("tensorrt")
-        m.__version__ = "10.3.0"
+        m.__version__ = self.version
 
         class Logger:
             INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = list(Severity)
@@ -375,6 +383,7 @@ class FakeTensorRT:
 
             def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
                 strongly_typed = bool(network.flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+                strongly_typed = strongly_typed or fake.major >= 11  # 11: every network is strongly typed
                 if strongly_typed and config.flags:
                     return None  # TensorRT refuses precision flags on a strongly typed network
                 fake.builds.append({"flags": set(config.flags), "strongly_typed": strongly_typed,
@@ -467,7 +476,8 @@ class FakeTensorRT:
 
         for name, value in dict(
             Logger=Logger, Builder=Builder, OnnxParser=OnnxParser, Runtime=Runtime,
-            NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, BuilderFlag=BuilderFlag,
+            NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag,
+            BuilderFlag=BuilderFlag11 if self.major >= 11 else BuilderFlag,
             MemoryPoolType=MemoryPoolType, TensorIOMode=TensorIOMode, DataType=DataType, LayerType=LayerType,
             nptype=lambda t: _NP[t],
         ).items():

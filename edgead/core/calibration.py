@@ -51,8 +51,36 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def problem(self) -> str | None:
+        """Why these values cannot have come from :func:`calibrate` (None when they can).
+
+        Thresholds are quantiles of the validation values, so they are finite and lie inside the
+        validation range: a NaN threshold would pass every part, one above every validation
+        score (a hand-edited 99) would pass almost every part. Both are refused, whatever the
+        checksums say.
+        """
+        numbers = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+        bad = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+               or not np.isfinite(v)]
+        if bad:
+            return f"calibration values {bad} are not finite numbers"
+        if not self.score_min <= self.image_threshold <= self.score_max:
+            return (f"image_threshold {self.image_threshold!r} lies outside the validation scores "
+                    f"[{self.score_min!r}, {self.score_max!r}] it is a quantile of")
+        if not self.map_min <= self.pixel_threshold <= self.map_max:
+            return f"pixel_threshold {self.pixel_threshold!r} / map range [{self.map_min!r}, {self.map_max!r}] disagree"
+        if not (0 < self.quantile < 1 and 0 < self.pixel_quantile < 1 and self.sigma >= 0 and self.n_images >= 2):
+            return "quantiles must lie in (0, 1), sigma >= 0 and n_images >= 2"
+        return None
+
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Calibration":
+    def from_dict(cls, values: dict[str, Any], strict: bool = False) -> "Calibration":
+        """``strict`` (bundles): an unknown or missing key, the sigma included, is a TypeError."""
+        if strict:
+            names = {f.name for f in dataclasses.fields(cls)}
+            missing, unknown = sorted(names - {"source"} - set(values)), sorted(set(values) - names)
+            if missing or unknown:
+                raise TypeError(f"missing {missing}, unknown {unknown}")
         return cls(**values)
 
 

@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from edgead.core.contract import ANOMALY_MAP, IMAGE, SCORE
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -99,3 +101,15 @@ class SlottedEngine:
             got = tuple(feeds[spec.name].shape)
             if got != spec.shape:
                 raise EngineError(f"input {spec.name!r} has shape {got}, engine expects {spec.shape}")
+
+
+def run_batch(engine: Engine, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Score (N,) float64 and raw map (N, H, W) float32 of ``engine`` on images (N, C, H, W),
+    one image at a time: the one loop that parity, ``edgead eval`` on a bundle and the station's
+    own certification share, so they measure the same thing."""
+    scores, maps = [], []
+    for image in images:
+        out = engine.run({IMAGE: image[None].astype(np.float32, copy=False)})
+        scores.append(float(np.asarray(out[SCORE]).reshape(-1)[0]))
+        maps.append(np.array(out[ANOMALY_MAP], np.float32).reshape(images.shape[-2:]))
+    return np.array(scores, np.float64), np.stack(maps)

@@ -1,12 +1,25 @@
-"""TensorRT 10 backend: build an engine from ONNX on the target device, cache it, run it on slots.
+"""TensorRT backend (10.x and 11.x): build an engine from ONNX on the target device, cache it,
+run it on slots.
 
-Only TensorRT 10 APIs: named I/O tensors (``num_io_tensors``/``get_tensor_*``),
-``set_input_shape``/``set_tensor_address``/``execute_async_v3``, ``build_serialized_network``,
+Only named-tensor APIs: ``num_io_tensors``/``get_tensor_*``, ``set_input_shape``/
+``set_tensor_address``/``execute_async_v3``, ``build_serialized_network``,
 ``set_memory_pool_limit``. No bindings API, no INT8 calibrator: INT8 comes only from explicit
 Q/DQ nodes in the ONNX. Data moves through :mod:`edgead.engines.cuda_rt` (cuda-python), not pycuda.
 
+Two build paths (:func:`typing_mode`):
+
+- **strongly typed**, always on TensorRT 11 (which removed weak typing with ``BuilderFlag.FP16``/
+  ``INT8``/..., the calibrators and ``OBEY_PRECISION_CONSTRAINTS``) and on request on 10.x: every
+  precision comes from the graph's own types. FP16 is the bundle's FP16 ONNX (FP32 islands stay
+  FP32 exactly), INT8 its Q/DQ ONNX. No precision flag is ever set.
+- **weakly typed**, the default on 10.x (JetPack 6 ships 10.3): the same graphs, plus the flag
+  10.x needs: ``FP16`` for the FP16 graph, ``FP16 + INT8`` for the Q/DQ graph (without INT8 a
+  weakly typed 10.x build stops with "int8 is not configured", NVIDIA/TensorRT#4021). Only
+  :func:`_weak_precision_flags` names those flags, and only this path calls it.
+
 ``tensorrt`` is imported lazily, so this module imports on machines without it.
-tests/test_tensorrt_api_surface.py checks every TensorRT name used here against the stubs.
+tests/test_tensorrt_api_surface.py checks every TensorRT name used here against the stubs, and
+that no name removed in TensorRT 11 is reachable on the strongly typed path.
 """
 
 from __future__ import annotations
@@ -21,9 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edgead.core.contract import IMAGE, OUTPUT_NAMES
 from edgead.core.engine import EngineError, TensorSpec
-from edgead.core.wiring import Node, WiringError, check_wiring, run_wiring
 from edgead.engines import cuda_rt
 from edgead.engines.cuda_slotted import CudaSlottedEngine
 
@@ -108,27 +119,44 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------- build
+def major_version(trt: Any) -> int:
+    try:
+        return int(str(trt.__version__).split(".")[0])
+    except ValueError:
+        raise EngineError(f"cannot read the TensorRT version {trt.__version__!r}") from None
+
+
+def typing_mode(trt: Any, strongly_typed: bool | None = None) -> bool:
+    """True for a strongly typed build: always on TensorRT 11+, on request (default off) on 10.x."""
+    if major_version(trt) >= 11:
+        if strongly_typed is False:
+            raise EngineError(f"TensorRT {trt.__version__} has no weakly typed networks; every build is "
+                              "strongly typed (precision from the ONNX graph's types)")
+        return True
+    return bool(strongly_typed)
+
+
 def build_engine(
     onnx_path: str | Path, precision: str = "fp16", workspace_bytes: int = 1 << 30,
-    timing_cache_path: str | Path | None = None, *, strongly_typed: bool = False,
+    timing_cache_path: str | Path | None = None, *, strongly_typed: bool | None = None,
     input_shapes: Shapes | None = None,
 ) -> bytes:
     """Parse the ONNX and build a serialised plan.
 
-    Precision: fp16 sets ``BuilderFlag.FP16``. int8 needs Q/DQ nodes in the ONNX; in a weakly
-    typed TensorRT 10 network a Q/DQ graph also needs ``BuilderFlag.INT8`` (else the build stops
-    with "int8 is not configured", NVIDIA/TensorRT#4021), and FP16 lets the unquantised layers
-    run in half precision. No calibrator is ever set, so the Q/DQ scales are the only INT8 source.
-    ``strongly_typed`` takes every precision from the graph's types and sets no precision flag
-    (TensorRT rejects them there). Both flags are deprecated in 10.12 and gone in TensorRT 11.
+    The ONNX is the bundle's graph of ``precision`` (FP16 graph, Q/DQ graph). ``strongly_typed``
+    (None: TensorRT 11 yes, 10.x no, see :func:`typing_mode`) takes every precision from the
+    graph's types; the weakly typed 10.x build adds the precision flags. No calibrator is ever
+    set, so the Q/DQ scales are the only INT8 source.
     """
     if precision not in PRECISIONS:
         raise EngineError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     trt = _trt()
+    strong = typing_mode(trt, strongly_typed)
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)  # explicit batch is always on in TensorRT 10
+    # TensorRT 11 accepts and ignores STRONGLY_TYPED (strong typing is unconditional there); 10.x needs it.
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0
+    network = builder.create_network(flags)  # explicit batch is always on since TensorRT 10
     parser = trt.OnnxParser(network, logger)
     parsed = parser.parse_from_file(str(onnx_path))
     if not parsed or parser.num_errors:
@@ -139,10 +167,8 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if not strongly_typed and precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if not strongly_typed and precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
+    if not strong:
+        _weak_precision_flags(trt, config, precision)
     _add_fixed_profile(builder, network, config, input_shapes)
     cache = _attach_timing_cache(config, timing_cache_path)  # keep alive until the build ends
 
@@ -153,6 +179,15 @@ def build_engine(
         _write_atomic(Path(timing_cache_path), bytes(config.get_timing_cache().serialize()))
     del cache
     return bytes(plan)
+
+
+def _weak_precision_flags(trt: Any, config: Any, precision: str) -> None:
+    """TensorRT 10.x weak typing only (these flags do not exist in 11): FP16 lets layers run in
+    half precision; INT8 lets the Q/DQ layers run as INT8 kernels."""
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
 
 
 def _has_qdq(trt: Any, network: Any) -> bool:
@@ -262,86 +297,10 @@ class TensorRTEngine(CudaSlottedEngine):
         self._parts = []
 
 
-class TensorRTChain(TensorRTEngine):
-    """A detector's component plans run back to back on the device, following its wiring.
-
-    ``wiring`` lists the components in order (name, inputs, outputs: the manifest's
-    ``components``). Each component's inputs are bound by name to the device buffer of any
-    earlier tensor (the image, or any earlier component's output: a head reads ``image`` as well
-    as ``reconstruction``), through the same interpreter that runs the wiring everywhere else
-    (:func:`edgead.core.wiring.run_wiring`). Only ``image`` is uploaded and only ``score`` and
-    ``anomaly_map`` are downloaded; every other tensor stays on the device.
-    """
-
-    def __init__(self, plans: Mapping[str, bytes], wiring: Sequence[Node], precision: str = "fp32",
-                 num_slots: int = 2) -> None:
-        self.precision = precision
-        self._parts, self._scratch = [], []
-        missing = [n.name for n in wiring if n.name not in plans]
-        if missing:
-            raise EngineError(f"no TensorRT plan for component(s) {missing}")
-        try:
-            self._parts = [_Component(plans[n.name], int(num_slots)) for n in wiring]
-            specs = self._check_wiring(wiring)
-            self._open_slots([specs[IMAGE]], [specs[o] for o in OUTPUT_NAMES], num_slots)
-            for slot in range(self.num_slots):
-                self._bind_slot(slot, wiring)
-        except BaseException:
-            self.close()
-            raise
-
-    def _check_wiring(self, wiring: Sequence[Node]) -> dict[str, TensorSpec]:
-        """Every tensor's spec, checking that each plan's I/O matches the wiring it is placed in."""
-        try:
-            check_wiring(wiring, [IMAGE], OUTPUT_NAMES)
-        except WiringError as exc:
-            raise EngineError(f"TensorRT chain: {exc}") from exc
-        specs: dict[str, TensorSpec] = {}
-        for node, part in zip(wiring, self._parts):
-            declared = (sorted(node.inputs), sorted(node.outputs))
-            actual = (sorted(s.name for s in part.inputs), sorted(s.name for s in part.outputs))
-            if declared != actual:
-                raise EngineError(f"component {node.name!r}: plan I/O {actual[0]} -> {actual[1]} does not match "
-                                  f"the wiring {declared[0]} -> {declared[1]}")
-            for spec in part.inputs:
-                if spec.name in specs and specs[spec.name] != spec:
-                    raise EngineError(f"component {node.name!r} input {spec.name!r} is {spec}, upstream wrote "
-                                      f"{specs[spec.name]}")
-                specs.setdefault(spec.name, spec)
-            specs.update({spec.name: spec for spec in part.outputs})
-        return specs
-
-    def _bind_slot(self, slot: int, wiring: Sequence[Node]) -> None:
-        s = self.slots[slot]
-        downloaded = {name: buf.ptr for name, buf in s.dev_out.items()}
-        parts = dict(zip((n.name for n in wiring), self._parts))
-
-        def bind(node: Node, input_ptrs: list[int]) -> tuple[int, ...]:
-            part = parts[node.name]
-            out_ptrs = []
-            for spec in part.outputs:
-                if spec.name in downloaded:
-                    out_ptrs.append(downloaded[spec.name])
-                else:
-                    self._scratch.append(cuda_rt.DeviceBuffer(cuda_rt.spec_nbytes(spec)))
-                    out_ptrs.append(self._scratch[-1].ptr)
-            part.bind(slot, {**dict(zip(node.inputs, input_ptrs)), **{sp.name: p for sp, p in zip(part.outputs, out_ptrs)}})
-            by_name = dict(zip((sp.name for sp in part.outputs), out_ptrs))
-            return tuple(by_name[name] for name in node.outputs)
-
-        run_wiring(wiring, {IMAGE: s.dev_in[IMAGE].ptr}, bind)
-
-    def _release(self) -> None:
-        for buf in self._scratch:
-            buf.free()
-        self._scratch = []
-        super()._release()
-
-
 # ---------------------------------------------------------------- cache + build
 def cached_plan(
     onnx_path: str | Path, precision: str = "fp16", *, workspace_bytes: int = 1 << 30,
-    input_shapes: Shapes | None = None, strongly_typed: bool = False,
+    input_shapes: Shapes | None = None, strongly_typed: bool | None = None,
     timing_cache_path: str | Path | None = None, rebuild: bool = False,
 ) -> bytes:
     """The plan for this ONNX on this GPU and TensorRT: from the cache when its key matches,
@@ -349,6 +308,7 @@ def cached_plan(
     trt = _trt()
     onnx_path, dev = Path(onnx_path), cuda_rt.device_info()
     sha = sha256_file(onnx_path)
+    strongly_typed = typing_mode(trt, strongly_typed)
     key = cache_key(sha, precision, trt.__version__, dev.name, dev.compute_capability, input_shapes, strongly_typed)
     path = engine_cache_path(onnx_path, precision, trt.__version__, dev.name, dev.compute_capability, input_shapes, sha)
     meta = sidecar_path(path)
@@ -365,12 +325,20 @@ def cached_plan(
 
 
 def load_or_build(onnx_path: str | Path, precision: str = "fp16", *, num_slots: int = 2, **build: Any) -> TensorRTEngine:
-    """A ready :class:`TensorRTEngine`; a cached plan that fails to deserialise is rebuilt once."""
+    """A ready :class:`TensorRTEngine`; a cached plan that fails to deserialise is rebuilt once.
+
+    The engine records what a device certificate is keyed by: ``plan_sha256`` (the engine
+    file), ``backend_version``, ``device_name`` and ``compute_capability``."""
     try:
-        return TensorRTEngine(cached_plan(onnx_path, precision, **build), precision, num_slots, build.get("input_shapes"))
+        plan = cached_plan(onnx_path, precision, **build)
+        engine = TensorRTEngine(plan, precision, num_slots, build.get("input_shapes"))
     except StalePlanError as exc:
         if build.get("rebuild"):
             raise
         log.warning("cached engine for %s is unusable (%s); rebuilding", onnx_path, exc)
         plan = cached_plan(onnx_path, precision, **{**build, "rebuild": True})
-        return TensorRTEngine(plan, precision, num_slots, build.get("input_shapes"))
+        engine = TensorRTEngine(plan, precision, num_slots, build.get("input_shapes"))
+    dev = cuda_rt.device_info()
+    engine.plan_sha256 = hashlib.sha256(plan).hexdigest()
+    engine.backend_version, engine.device_name, engine.compute_capability = _trt().__version__, dev.name, dev.compute_capability
+    return engine

@@ -41,7 +41,7 @@ frame_error, stop, summary). The summary counts captured = inspected + dropped +
 
 exit codes: 0 clean end (end of stream, --frames reached, window closed); 1 internal error;
 2 bad usage; 3 input source error (bad URI, missing device/file, camera lost for good);
-4 model refused or unusable (checksums, parity certificate, engine); 5 the run finished but at
+4 model refused or unusable (checksums, signature, device certificate, engine); 5 the run finished but at
 least one frame got an ERROR verdict; 130 stopped by SIGINT (Ctrl-C); 143 stopped by SIGTERM.
 A source or internal failure outranks a signal, which outranks frame errors.
 
@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads of the onnxruntime engine (default: onnxruntime's own choice)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="run a bundle that fails its checksums or has no passing parity certificate")
+    cert = p.add_mutually_exclusive_group()
+    cert.add_argument("--certify", dest="certify", action="store_const", const="always", default="auto",
+                      help="certify the engine on this device against the bundle's golden outputs before the "
+                           "first frame (default: only when the bundle has no certificate for this "
+                           "backend/precision yet)")
+    cert.add_argument("--no-certify", dest="certify", action="store_const", const="never",
+                      help="never certify here: refuse an engine without a certificate of this device")
+    p.add_argument("--trust", metavar="KEYS",
+                   help="Ed25519 public key (.pub) or folder of keys: refuse a bundle not signed by one of them")
     src = p.add_argument_group("input")
     src.add_argument("--camera", type=int, metavar="N", help="V4L2 camera /dev/videoN (NOT CSI; use csi://N)")
     src.add_argument("--input-width", type=int, metavar="W",
@@ -203,7 +212,7 @@ def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callab
              stack: ExitStack) -> int:
     from edgead.core.bundle import BundleError
     from edgead.core.engine import EngineError
-    from edgead.runtime.infer import BundleRefused, describe_engine, load_checked_bundle, open_bundle_engine
+    from edgead.runtime.infer import BundleRefused, describe_engine, open_certified_engine
     from edgead.runtime.log import JsonlLog, LogError
     from edgead.runtime.native import describe as describe_native
     from edgead.runtime.pipeline import Backoff, Pipeline, PipelineConfig
@@ -213,9 +222,11 @@ def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callab
 
     warnings: list[str] = []  # an unverified bundle run anyway: the station view shows it as a banner
     try:  # the model first: a refused bundle should fail before a camera is grabbed
-        bundle = load_checked_bundle(args.model, args.backend, args.precision, args.allow_unverified,
-                                     warn=lambda message: (warnings.append(message), say(message)))
-        engine = stack.enter_context(closing(open_bundle_engine(bundle, args.backend, args.precision, args.threads)))
+        bundle, engine, certificate = open_certified_engine(
+            args.model, args.backend, args.precision, threads=args.threads, allow_unverified=args.allow_unverified,
+            trust=args.trust, certify=args.certify, warn=lambda message: (warnings.append(message), say(message)),
+            say=say)
+        stack.enter_context(closing(engine))
     except (BundleRefused, BundleError, EngineError) as err:
         raise _Refused(str(err), EXIT_MODEL) from err
     results = Path(args.results or "edgead-results")
@@ -241,7 +252,7 @@ def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callab
                           stats=lambda: running[0].stats.summary() if running else None, view_token=args.view_token,
                           run={"model": str(bundle.root), "detector": bundle.detector, "backend": args.backend,
                                "precision": args.precision, "input": uri, "threshold": cal.image_threshold,
-                               "certified": bool((bundle.parity(args.backend, args.precision) or {}).get("pass")),
+                               "certified": certificate["status"] == "certified", "certificate": certificate,
                                "warnings": warnings})
     try:
         sinks = _open_sinks(args, outputs, context, stack)

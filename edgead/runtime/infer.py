@@ -1,12 +1,23 @@
 """Stage 3: the engine. Opening a bundle safely, and checking what the engine returns.
 
-A station runs only what was verified: a bundle whose files fail their SHA-256, or that has no
-passing parity certificate for the chosen backend/precision, is refused unless the operator
-says ``--allow-unverified``.
+A station runs only what was verified on it:
+
+1. the bundle's manifest digest and every file's SHA-256 match (:func:`load_bundle`), and its
+   calibration is sane (a NaN or out-of-range threshold never loads);
+2. with ``--trust KEYS``, the bundle is signed by one of those keys (never overridable);
+3. the engine has a passing certificate of **this** device, backend version and engine file
+   (:mod:`edgead.certify.certificate`). A bundle with no certificate at all for the backend and
+   precision is certified here, against its golden outputs, before the first frame (``certify``
+   "auto", the default); ``--certify`` re-certifies always, ``--no-certify`` never. A certificate
+   of another device is refused, naming both devices and the command to run.
+
+``--allow-unverified`` runs a bundle that fails its checksums or has no passing certificate,
+with a warning; it never overrides a failed signature check.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -16,33 +27,43 @@ from edgead.core.contract import ANOMALY_MAP as MAP
 from edgead.core.contract import SCORE
 from edgead.core.engine import Engine, EngineError
 
+CERTIFY_MODES = ("auto", "always", "never")
 
 
 class BundleRefused(RuntimeError):
-    """The bundle is tampered with or uncertified; the message says why and how to override."""
+    """The bundle is tampered with, untrusted or uncertified; the message says why and what to do."""
 
 
-def load_checked_bundle(path: str, backend: str, precision: str, allow_unverified: bool = False,
-                        warn: Callable[[str], None] = print) -> Bundle:
-    """Load ``path`` and require checksums + a passing ``backend/precision`` parity certificate."""
+def _verified_bundle(path: str, allow_unverified: bool, warn: Callable[[str], None]) -> Bundle:
     try:
-        bundle = load_bundle(path, verify=True)
+        return load_bundle(path, verify=True)
     except BundleError as err:
         tampered = "checksum" in str(err) or "missing from the bundle" in str(err)
         if not (allow_unverified and tampered):  # a non-bundle stays an error whatever the flag
-            hint = "" if allow_unverified else " (override with --allow-unverified at your own risk)"
+            hint = "" if allow_unverified or not tampered else " (override with --allow-unverified at your own risk)"
             raise BundleRefused(f"refusing bundle: {err}{hint}") from err
         warn(f"WARNING: {err}; running anyway (--allow-unverified)")
-        bundle = load_bundle(path, verify=False)
-    cert = bundle.parity(backend, precision)
-    if not cert or not cert.get("pass"):
-        why = "has no parity certificate" if not cert else "FAILED its parity certificate"
-        have = ", ".join(k for k, v in bundle.manifest.get("parity", {}).items() if v.get("pass")) or "none"
-        msg = (f"{bundle.root}: bundle {why} for {backend}/{precision} (certified: {have}); "
-               f"certify it on this device first")
-        if not allow_unverified:
-            raise BundleRefused(f"refusing bundle: {msg} (override with --allow-unverified)")
-        warn(f"WARNING: {msg}; running anyway (--allow-unverified)")
+        return load_bundle(path, verify=False)
+
+
+def _check_trust(bundle: Bundle, trust: str | None) -> None:
+    if trust is None:
+        return
+    from edgead.core.signing import SignatureError, trusted_keys, verify_signature
+
+    try:
+        verify_signature(bundle.root, bundle.digest, trusted_keys(trust))
+    except SignatureError as err:
+        raise BundleRefused(f"refusing bundle: {err}") from err
+
+
+def load_checked_bundle(path: str, backend: str, precision: str, allow_unverified: bool = False,
+                        warn: Callable[[str], None] = print, trust: str | None = None) -> Bundle:
+    """Load ``path``: checksums, sanity, and (with ``trust``) the signature. The certificate is
+    checked once the engine is open (:func:`open_certified_engine`): it is bound to the engine."""
+    bundle = _verified_bundle(path, allow_unverified, warn)
+    _check_trust(bundle, trust)
+    bundle.graph_path("detector", precision)  # a missing precision is a clear BundleError now
     return bundle
 
 
@@ -61,6 +82,82 @@ def open_bundle_engine(bundle: Bundle, backend: str, precision: str, threads: in
         raise
     except Exception as err:  # noqa: BLE001 - a backend's own exception becomes an EngineError
         raise EngineError(f"cannot open {backend}/{precision} engine of {bundle.root}: {err}") from err
+
+
+def _certify_here(bundle: Bundle, engine: Engine, precision: str, say: Callable[[str], Any]) -> dict[str, Any]:
+    """Certify the open engine against the bundle's golden outputs; write this device's certificate."""
+    from edgead.certify.certificate import device_of, write_certificate
+    from edgead.certify.parity import certify_engine, summary
+    from edgead.core.golden import read_golden
+
+    try:
+        golden = read_golden(bundle.root, bundle.spec.golden)
+    except BundleError as err:
+        raise BundleRefused(f"refusing bundle: cannot certify it here: {err}") from err
+    device = device_of(engine)
+    say(f"edgead-run: certifying {device.backend}/{precision} on {device.label} against {golden.description}...")
+    started = time.monotonic()
+    stats = certify_engine(bundle, engine, precision, golden.images, golden.masks, golden.labels, golden.reference,
+                           golden.reference64)
+    report = {"data": golden.description, "n_images": len(golden.images), "n_anomalous": int(golden.labels.sum()),
+              "reference": golden.spec.reference}
+    path = write_certificate(bundle, engine, precision, summary(stats, report))
+    end, failed = stats["end"], [k for k, ok in stats["checks"].items() if ok is False]
+    say(f"edgead-run: certification {'PASS' if stats['pass'] else 'FAIL (' + ', '.join(failed) + ')'} in "
+        f"{time.monotonic() - started:.1f} s: {end['n_decisive']} decisive images, "
+        f"{end['n_flips_outside_band']} verdict flips outside the band, {end['n_flips_in_band']} inside it "
+        f"(±{end['band']:.3g}), map max |Δ| {stats[MAP]['max_abs']:.2e}; certificate {path.name}")
+    return stats
+
+
+def check_certificate(bundle: Bundle, engine: Engine, backend: str, precision: str, certify: str = "auto",
+                      allow_unverified: bool = False, warn: Callable[[str], None] = print,
+                      say: Callable[[str], Any] = print) -> dict[str, str]:
+    """Require a passing certificate of this device for ``engine``; certify first when ``certify``
+    is "always", or "auto" and the bundle has no certificate at all for ``backend/precision``.
+    Returns the engine's status for the sinks: {"status": "certified"|"unverified", "detail"}."""
+    from edgead.certify.certificate import CertificateError, device_of, find_certificate
+
+    if certify not in CERTIFY_MODES:
+        raise ValueError(f"certify must be one of {CERTIFY_MODES}, got {certify!r}")
+    try:
+        finding = find_certificate(bundle, engine, precision)
+        wanted = certify == "always" or (certify == "auto" and finding.none_at_all)
+        if wanted and not bundle.verified:
+            warn("WARNING: not certifying a bundle that failed its checksums")
+        elif wanted:
+            _certify_here(bundle, engine, precision, say)
+            finding = find_certificate(bundle, engine, precision)
+    except CertificateError as err:
+        raise BundleRefused(f"refusing bundle: {err}") from err
+    if finding.problem is None:
+        return {"status": "certified", "detail": f"{backend}/{precision} certified on {device_of(engine).label}"}
+    here = device_of(engine).label
+    command = (f"certify here: `edgead-run --model {bundle.root} --backend {backend} --precision {precision} "
+               f"--certify ...` or `edgead bench parity {bundle.root} --backend {backend} --precision {precision}`")
+    made = " and ".join(finding.others)
+    elsewhere = f": its certificate was made on {made}, this is {here}" if finding.others else ""
+    msg = f"{bundle.root}: bundle {finding.problem}{elsewhere}; {command}"
+    if not allow_unverified:
+        raise BundleRefused(f"refusing bundle: {msg} (override with --allow-unverified)")
+    warn(f"WARNING: {msg}; running anyway (--allow-unverified)")
+    return {"status": "unverified", "detail": msg}
+
+
+def open_certified_engine(path: str, backend: str, precision: str, *, threads: int | None = None,
+                          allow_unverified: bool = False, trust: str | None = None, certify: str = "auto",
+                          warn: Callable[[str], None] = print,
+                          say: Callable[[str], Any] = print) -> tuple[Bundle, Engine, dict[str, str]]:
+    """Everything a station checks before its first frame; returns the bundle, its open engine
+    and the engine's certificate status (see :func:`check_certificate`)."""
+    bundle = load_checked_bundle(path, backend, precision, allow_unverified, warn, trust)
+    engine = open_bundle_engine(bundle, backend, precision, threads)
+    try:
+        status = check_certificate(bundle, engine, backend, precision, certify, allow_unverified, warn, say)
+    except BaseException:
+        engine.close()
+        raise
+    return bundle, engine, status
 
 
 def take_outputs(outputs: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:

@@ -114,12 +114,12 @@ class NgStrip:
 def describe_run(run: dict[str, Any]) -> dict[str, Any]:
     """Run facts for the page: bundle, engine, certificate status, calibration and banners.
 
-    The certificate comes from ``run["certificate"]`` when the caller gives it, else from the
-    bundle's manifest (the parity certificate of this backend/precision). Start-up warnings (a
-    bundle run with ``--allow-unverified``) become banners."""
+    The certificate status is the one edgead-run established for this device before the first
+    frame (``run["certificate"]``). Start-up warnings (a bundle run with ``--allow-unverified``)
+    become banners."""
     info = {k: run.get(k) for k in ("model", "detector", "backend", "precision", "input")}
     manifest = _manifest(run.get("model"))
-    certificate = run.get("certificate") or _certificate(manifest, run.get("backend"), run.get("precision"))
+    certificate = run.get("certificate") or {"status": "unknown", "detail": "no certificate status given"}
     if isinstance(certificate, str):
         certificate = {"status": certificate}
     banners = [{"kind": "unverified", "text": w.removeprefix("WARNING: ")} for w in run.get("warnings") or []]
@@ -150,20 +150,6 @@ def _manifest(model: str | None) -> dict[str, Any] | None:
         return load_bundle(model, verify=False).manifest  # the run verified the checksums already
     except (BundleError, OSError):
         return None
-
-
-def _certificate(manifest: dict[str, Any] | None, backend: str | None, precision: str | None) -> dict[str, Any]:
-    key = f"{backend}/{precision}"
-    if manifest is None:
-        return {"status": "unknown", "detail": "no bundle manifest to read"}
-    cert = manifest.get("parity", {}).get(key)
-    if not cert:
-        return {"status": "missing", "detail": f"no parity certificate for {key}"}
-    facts = {k: cert[k] for k in ("date", "verdict_agreement", "score_max_abs", "n_images") if k in cert}
-    if not cert.get("pass"):
-        return {"status": "failed", "detail": f"{key} FAILED its parity certificate", **facts}
-    return {"status": "certified", "detail": f"{key} passed parity" + (f" on {cert['date']}" if "date" in cert else ""),
-            **facts}
 
 
 # -- the status message --------------------------------------------------------------------------
