@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pytest
+
+from bundles import tiny_bundle
 
 LOOPBACK = "127.0.0.1"
 SIZE = 32
@@ -50,36 +51,9 @@ def port_open(port: int) -> bool:
 
 # -- the bundle ----------------------------------------------------------------------------------
 
-_BUNDLE: list[Path] = []
-
-
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init SSIM-AE at 32², calibrated on normal synthetic metal parts, exported and
-    certified (as in test_runtime_e2e); built once per session."""
-    if _BUNDLE:
-        return _BUNDLE[0]
-    pytest.importorskip("torch")
-    from edgead.bench import certify_against_run
-    from edgead.data.images import to_model_input
-    from edgead.data.synth import Conveyor, sample
-    from edgead.export.bundle_writer import export_run
-    from edgead.models import create
-    from edgead.training.checkpoint import save_run
-    from edgead.training.trainer import calibrate_detector
-
-    tmp = tmp_path_factory.mktemp("line_bundle")
-    detector = create("ssim_ae", image_size=SIZE, channels=3, width=8, latent_dim=16).eval()
-    val = np.stack([to_model_input(sample(CATEGORY, i, size=SIZE, stream="val")[0], SIZE, 3) for i in range(16)])
-    save_run(tmp / "run", detector, {"data": {"layout": "synthetic", "category": CATEGORY}},
-             calibrate_detector(detector, val))
-    out = export_run(tmp / "run", tmp / "bundle", precisions=["fp32"])
-    parts = [Conveyor(CATEGORY, size=SIZE, seed=5, defect_rate=0.5)[i] for i in range(8)]
-    images = np.concatenate([val[:8], np.stack([to_model_input(p[0], SIZE, 3) for p in parts])])
-    labels = np.r_[np.zeros(8, int), [int(p[2] is not None) for p in parts]]
-    report = certify_against_run(out, images, None, labels, tmp / "run", precisions=("fp32",))
-    assert report["results"]["onnxruntime/fp32"]["pass"]
-    _BUNDLE.append(Path(out))
-    return _BUNDLE[0]
+def line_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' small certified bundle (tests/bundles.py) on the line tests' category, once."""
+    return tiny_bundle(tmp_path_factory.getbasetemp() / "line_bundle", CATEGORY, n_val=16)
 
 
 def read_log(path: Path) -> list[dict]:

@@ -14,7 +14,7 @@ pytest.importorskip("paho.mqtt")
 pytest.importorskip("pymodbus")
 
 from line_support import (LOOPBACK, SIZE, HeldSource, ModbusServer, Mosquitto, Subscriber, free_port,  # noqa: E402
-                          link_events, pipeline_for, read_log, run_context, tiny_bundle, wait_until)
+                          link_events, pipeline_for, read_log, run_context, line_bundle, wait_until)
 
 from edgead.runtime.cli import main  # noqa: E402
 from edgead.runtime.sinks import open_sink  # noqa: E402
@@ -22,7 +22,7 @@ from edgead.runtime.sinks import open_sink  # noqa: E402
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory)
+    return line_bundle(tmp_path_factory)
 
 
 def settled(pipeline, frames: int):

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("pymodbus")
 
-from line_support import LOOPBACK, SIZE, ModbusServer, read_log, run_context, tiny_bundle  # noqa: E402
+from line_support import LOOPBACK, SIZE, ModbusServer, read_log, run_context, line_bundle  # noqa: E402
 
 from edgead.runtime.cli import main  # noqa: E402
 from edgead.runtime.pipeline import Frame  # noqa: E402
@@ -22,7 +22,7 @@ from edgead.runtime.sinks import SinkError, open_sink  # noqa: E402
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory)
+    return line_bundle(tmp_path_factory)
 
 
 @pytest.fixture

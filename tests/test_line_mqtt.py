@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("paho.mqtt")
 
 from line_support import (LOOPBACK, SIZE, Mosquitto, Subscriber, make_ca_and_server_cert, read_log,  # noqa: E402
-                          run_context, tiny_bundle, wait_until)
+                          run_context, line_bundle, wait_until)
 
 from edgead.runtime.cli import main  # noqa: E402
 from edgead.runtime.pipeline import Frame  # noqa: E402
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory)
+    return line_bundle(tmp_path_factory)
 
 
 @pytest.fixture

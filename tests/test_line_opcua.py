@@ -14,7 +14,7 @@ asyncua = pytest.importorskip("asyncua")
 
 from asyncua import Client, ua  # noqa: E402
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256  # noqa: E402
-from line_support import LOOPBACK, HeldSource, free_port, pipeline_for, read_log, run_context, tiny_bundle  # noqa: E402
+from line_support import LOOPBACK, HeldSource, free_port, pipeline_for, read_log, run_context, line_bundle  # noqa: E402
 
 from edgead.runtime.line import opcua_security as sec  # noqa: E402
 from edgead.runtime.line.opcua import NAMESPACE  # noqa: E402
@@ -23,7 +23,7 @@ from edgead.runtime.sinks import SinkError, open_sink  # noqa: E402
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory)
+    return line_bundle(tmp_path_factory)
 
 
 async def station_nodes(client: Client, station: str) -> dict[str, object]:

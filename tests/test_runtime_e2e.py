@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from edgead.core.bundle import load_bundle
+from bundles import tiny_bundle
 from edgead.runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,26 +26,7 @@ SIZE = 32
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
-    """A random-init SSIM-AE at 32², calibrated on synthetic normal parts, exported to ONNX with its
-    golden outputs and certified on this device: the same path a real bundle takes, in seconds."""
-    pytest.importorskip("torch")
-    from edgead.certify.parity import certify_golden
-    from edgead.data.images import to_model_input
-    from edgead.data.synth import sample
-    from edgead.models import create
-    from edgead.training.checkpoint import save_run
-    from edgead.training.trainer import calibrate_detector
-    from edgead.export.bundle_writer import export_run
-
-    tmp = tmp_path_factory.mktemp("runtime_bundle")
-    detector = create("ssim_ae", image_size=SIZE, channels=3, width=8, latent_dim=16).eval()
-    val = np.stack([to_model_input(sample("washer", i, size=SIZE, stream="val")[0], SIZE, 3) for i in range(8)])
-    save_run(tmp / "run", detector, {"data": {"layout": "synthetic", "category": "washer"}},
-             calibrate_detector(detector, val))
-    out = export_run(tmp / "run", tmp / "bundle", precisions=["fp32"])
-    report = certify_golden(out, precisions=("fp32",))
-    assert report["results"]["onnxruntime/fp32"]["pass"], report["results"]["onnxruntime/fp32"]["checks"]
-    return Path(out)
+    return tiny_bundle(tmp_path_factory.mktemp("runtime_bundle"), "washer")
 
 
 def env() -> dict[str, str]:

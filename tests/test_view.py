@@ -401,30 +401,24 @@ def test_loopback_view_refuses_other_hosts_and_cross_site_websockets(view):
 
 # -- the bundle, banners ----------------------------------------------------------------------------
 
-def fake_bundle(tmp_path: Path, parity: dict) -> Path:
-    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "detector": "ssim_ae",
-                                                        "calibration": CAL.to_dict(), "parity": parity}))
-    return tmp_path
-
-
 def test_certificate_status_and_unverified_banner(tmp_path):
-    model = fake_bundle(tmp_path, {"onnxruntime/fp32": {"pass": True, "date": "2026-11-20", "verdict_agreement": 1.0},
-                                   "onnxruntime/int8": {"pass": False}})
-    run = {"model": str(model), "detector": "ssim_ae", "backend": "onnxruntime", "input": "synthetic://metal"}
-    ok = describe_run({**run, "precision": "fp32"})
-    assert ok["certificate"]["status"] == "certified" and ok["banners"] == [] and ok["threshold"] == 0.5
-    assert describe_run({**run, "precision": "int8"})["certificate"]["status"] == "failed"
-    missing = describe_run({**run, "precision": "fp16"})
-    assert missing["certificate"]["status"] == "missing" and "UNVERIFIED ENGINE" in missing["banners"][0]["text"]
-    warned = describe_run({**run, "precision": "fp16", "warnings": ["WARNING: bundle has no parity certificate"]})
-    assert [b["text"] for b in warned["banners"]] == ["bundle has no parity certificate"]
-    given = describe_run({**run, "precision": "fp16", "certificate": {"status": "certified", "detail": "device X"}})
-    assert given["certificate"]["detail"] == "device X" and given["banners"] == []
+    run = {"model": str(tmp_path), "detector": "ssim_ae", "backend": "onnxruntime",
+           "input": "synthetic://metal", "precision": "fp32", "calibration": CAL.to_dict()}
+    certified = {"status": "certified", "detail": "onnxruntime/fp32 certified on device X"}
+    ok = describe_run({**run, "certificate": certified})
+    assert ok["certificate"] == certified and ok["banners"] == []
+    unverified = describe_run({**run, "certificate": {"status": "unverified", "detail": "no certificate here"}})
+    assert unverified["banners"][0]["text"] == "UNVERIFIED ENGINE: no certificate here"
+    warned = describe_run({**run, "certificate": {"status": "unverified", "detail": "x"},
+                           "warnings": ["WARNING: bundle has no certificate of this device"]})
+    assert [b["text"] for b in warned["banners"]] == ["bundle has no certificate of this device"]
+    assert describe_run(run)["certificate"]["status"] == "unknown" and describe_run(run)["banners"] == []
 
-    sink = open_sink("http://127.0.0.1:0", SinkContext(run={**run, "precision": "fp16"}))
+    sink = open_sink("http://127.0.0.1:0", SinkContext(run={**run, "certificate": {"status": "unverified",
+                                                                                   "detail": "no certificate"}}))
     try:
         status = status_of(sink)
-        assert status["run"]["certificate"]["status"] == "missing" and status["run"]["detector"] == "ssim_ae"
+        assert status["run"]["certificate"]["status"] == "unverified" and status["run"]["detector"] == "ssim_ae"
         assert [b["kind"] for b in status["banners"]] == ["unverified"]
         feed(sink, range(3), score=-5.0)  # far below every validation score: passes as OK
         assert [b["kind"] for b in status_of(sink)["banners"]] == ["unverified", "range"]
@@ -457,19 +451,18 @@ def test_an_unverified_bundle_run_anyway_shows_a_banner(bundle, tmp_path, monkey
 
     uncertified = tmp_path / "bundle"
     shutil.copytree(bundle, uncertified)
-    manifest = json.loads((uncertified / "manifest.json").read_text())
-    manifest["parity"] = {}  # the manifest is not among its own checksummed files
-    (uncertified / "manifest.json").write_text(json.dumps(manifest))
+    for certificate in uncertified.glob("*.cert.json"):  # certificates sit beside the graphs, outside the checksums
+        certificate.unlink()
     opened = []
     real = view.open_view_sink
     monkeypatch.setattr(view, "open_view_sink", lambda uri, context: opened.append(real(uri, context)) or opened[-1])
     rc = main(["synthetic://metal?size=64", "--model", str(uncertified), "--output", "http://127.0.0.1:0",
-               "--frames", "4", "--results", str(tmp_path / "r"), "--quiet", "--allow-unverified"])
+               "--frames", "4", "--results", str(tmp_path / "r"), "--quiet", "--no-certify", "--allow-unverified"])
     status = opened[0].server.status()
-    assert rc == 0 and status["run"]["certificate"]["status"] == "missing"
+    assert rc == 0 and status["run"]["certificate"]["status"] == "unverified"
     assert [b["kind"] for b in status["banners"]] == ["unverified"]
     banner = status["banners"][0]["text"]  # the start-up warning itself
-    assert "no parity certificate" in banner and "--allow-unverified" in banner
+    assert "certificate" in banner and "--allow-unverified" in banner
 
 
 def test_help_documents_the_view(capsys):

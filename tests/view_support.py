@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from bundles import tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # the model's input; frames are larger and resized by the pipeline
@@ -20,34 +21,9 @@ URL = re.compile(r"station view on (http://\S+/)")
 
 
 def view_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init SSIM-AE at 32², calibrated on normal synthetic metal parts, exported to ONNX and
-    certified for onnxruntime/fp32, as tests/test_runtime_e2e.py builds one; shared through the
-    session's base temp folder, so both view test modules build it once."""
-    root = tmp_path_factory.getbasetemp() / "view_bundle"
-    bundle = root / "bundle"
-    if (bundle / "manifest.json").is_file():
-        return bundle
-    pytest.importorskip("torch")
-    from edgead.bench import certify_against_run
-    from edgead.data.images import to_model_input
-    from edgead.data.synth import Conveyor, sample
-    from edgead.export.bundle_writer import export_run
-    from edgead.models import create
-    from edgead.training.checkpoint import save_run
-    from edgead.training.trainer import calibrate_detector
-
-    root.mkdir(parents=True, exist_ok=True)
-    detector = create("ssim_ae", image_size=SIZE, channels=3, width=8, latent_dim=16).eval()
-    val = np.stack([to_model_input(sample(CATEGORY, i, size=SIZE, stream="val")[0], SIZE, 3) for i in range(8)])
-    save_run(root / "run", detector, {"data": {"layout": "synthetic", "category": CATEGORY}},
-             calibrate_detector(detector, val))
-    out = export_run(root / "run", bundle, precisions=["fp32"])
-    parts = [Conveyor(CATEGORY, size=SIZE, seed=5, defect_rate=0.5)[i] for i in range(8)]
-    images = np.concatenate([val, np.stack([to_model_input(p[0], SIZE, 3) for p in parts])])
-    labels = np.r_[np.zeros(8, int), [int(p[2] is not None) for p in parts]]
-    report = certify_against_run(out, images, None, labels, root / "run", precisions=("fp32",))
-    assert report["results"]["onnxruntime/fp32"]["pass"]
-    return Path(out)
+    """The tests' small certified bundle (tests/bundles.py) on metal, shared through the session's
+    base temp folder, so both view test modules build it once."""
+    return tiny_bundle(tmp_path_factory.getbasetemp() / "view_bundle", CATEGORY)
 
 
 def env(**extra: str) -> dict[str, str]:

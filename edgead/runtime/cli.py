@@ -253,6 +253,7 @@ def _inspect(args: argparse.Namespace, uri: str, outputs: list[str], say: Callab
                           run={"model": str(bundle.root), "detector": bundle.detector, "backend": args.backend,
                                "precision": args.precision, "input": uri, "threshold": cal.image_threshold,
                                "certified": certificate["status"] == "certified", "certificate": certificate,
+                               "calibration": cal.to_dict(),
                                "warnings": warnings})
     try:
         sinks = _open_sinks(args, outputs, context, stack)

@@ -118,14 +118,13 @@ def describe_run(run: dict[str, Any]) -> dict[str, Any]:
     frame (``run["certificate"]``). Start-up warnings (a bundle run with ``--allow-unverified``)
     become banners."""
     info = {k: run.get(k) for k in ("model", "detector", "backend", "precision", "input")}
-    manifest = _manifest(run.get("model"))
     certificate = run.get("certificate") or {"status": "unknown", "detail": "no certificate status given"}
     if isinstance(certificate, str):
         certificate = {"status": certificate}
     banners = [{"kind": "unverified", "text": w.removeprefix("WARNING: ")} for w in run.get("warnings") or []]
     if certificate.get("status") not in ("certified", "unknown") and not banners:
         banners.append({"kind": "unverified", "text": f"UNVERIFIED ENGINE: {certificate.get('detail', '')}".strip()})
-    calibration = (manifest or {}).get("calibration") or {}
+    calibration = run.get("calibration") or {}
     return {**info, "certificate": certificate, "banners": banners,
             "threshold": calibration.get("image_threshold"), "low_score": low_score(calibration)}
 
@@ -139,17 +138,6 @@ def low_score(calibration: dict[str, Any]) -> float | None:
     except (KeyError, TypeError, ValueError):
         return None
     return lo - max(hi - lo, 1e-12)
-
-
-def _manifest(model: str | None) -> dict[str, Any] | None:
-    if not model:
-        return None
-    from edgead.core.bundle import BundleError, load_bundle
-
-    try:
-        return load_bundle(model, verify=False).manifest  # the run verified the checksums already
-    except (BundleError, OSError):
-        return None
 
 
 # -- the status message --------------------------------------------------------------------------
