@@ -219,7 +219,7 @@ def test_bundle_without_parity_certificate_is_refused_unless_allowed(bundle, tmp
     b = copy_bundle(bundle, tmp_path)
     manifest = load_bundle(b).manifest
     write_manifest(b, {**manifest, "parity": {}})
-    args = ["synthetic://washer", "--model", str(b), "--frames", "3", "--results", str(tmp_path / "r")]
+    args = ["synthetic://washer", "--model", str(b), "--frames", "3", "--results", str(tmp_path / "r"), "--overwrite"]
     assert main(args) == 4
     assert "no parity certificate for onnxruntime/fp32" in capsys.readouterr().err
     assert main(args + ["--allow-unverified"]) == 0

@@ -21,13 +21,16 @@ POLICIES = ("latest", "block")
 @dataclass
 class Frame:
     """One captured frame: id, pixels as delivered, capture time (monotonic for ages, wall for
-    the log) and, from synthetic sources, the ground truth."""
+    the log), from synthetic sources the ground truth, and where it came from (``origin``: see
+    :mod:`edgead.runtime.sources`). ``image`` is None for a frame that could not be read (an
+    unreadable file): its verdict is ERROR."""
 
     id: int
-    image: np.ndarray
+    image: np.ndarray | None
     t_mono: float
     t_wall: float
     truth: Truth | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +137,7 @@ class PipelineConfig:
     max_frames: int | None = None  # stop after this many captured frames
     backoff: Backoff = field(default_factory=Backoff)
     stop_grace_s: float = 3.0  # how long a stop waits for a capture blocked in the driver
+    out_of_range: str = "flag"  # a score far outside the validation range: "flag" it, or make it "error"
 
 
 @dataclass
