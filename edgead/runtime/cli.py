@@ -124,11 +124,11 @@ class UsageError(ValueError):
 
 
 def _input_uri(args: argparse.Namespace) -> str:
-    from edgead.runtime.sources import camera_uri
-
     if args.camera is not None and args.input:
         raise UsageError(f"give either --camera {args.camera} or an input URI ({args.input}), not both")
     if args.camera is not None:
+        from edgead.runtime.sources import camera_uri
+
         return camera_uri(args.camera)
     if not args.input:
         raise UsageError("no input: give --camera N, an input URI or --demo (see --help)")
@@ -191,11 +191,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str], guard: SignalGuard) -> int:
     try:
         args = build_parser().parse_intermixed_args(argv)  # options may sit between INPUT and OUTPUT
-    except Interrupted as intr:
-        print(f"edgead-run: interrupted by {signal_name(intr.signum)} while reading the arguments", file=sys.stderr)
-        return exit_code(intr.signum)
+    except Interrupted:
+        guard.finishing()  # read them again, uninterrupted, to know where the summary goes
+        args = build_parser().parse_intermixed_args(argv)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     state = _State(args, guard, say)
+    if guard.first is not None:
+        return _interrupted(state, guard.first)
     try:
         if args.demo:
             from edgead.runtime.demo import DemoError, prepare_demo
@@ -230,20 +232,23 @@ def _run(state: _State) -> int:
     from edgead.runtime.results import ResultsError, check_outputs, fresh_root, plan
 
     args = state.args
+    state.uri = uri = args.input if args.camera is None else f"--camera {args.camera}"
+    try:  # before anything heavy: an interrupt from now on has a folder for its summary
+        results = args.results if state.explicit_results else None
+        state.plan = plan(results, args.log, args.save_ng, args.overwrite, default_root=fresh_root(args.demo))
+        check_outputs(args.output, list(args.output_opt or []), uri, args.overwrite)
+    except ResultsError as err:
+        raise UsageError(str(err)) from err
     state.uri = uri = _input_uri(args)
     outputs = _outputs(args)
     if not args.model:
         raise UsageError("no model: give --model BUNDLE (a folder made by `edgead export`) or use --demo")
-    try:
-        check_outputs(args.output, list(args.output_opt or []), uri, args.overwrite)
-        results = args.results if state.explicit_results else None
-        state.plan = plan(results, args.log, args.save_ng, args.overwrite, default_root=fresh_root(args.demo))
-    except ResultsError as err:
-        raise UsageError(str(err)) from err
     with ExitStack() as stack:
         try:
             return _inspect(state, uri, outputs, stack)
         except _Refused as err:
+            if state.guard.got is not None:  # e.g. "onnxruntime is not installed" from an interrupted import
+                return _interrupted(state, state.guard.got)
             print(f"edgead-run: {err}", file=sys.stderr)
             return err.code
         except Interrupted as intr:  # while starting: the log is still open here
@@ -283,6 +288,7 @@ def _inspect(state: _State, uri: str, outputs: list[str], stack: ExitStack) -> i
         raise _Refused(str(err), EXIT_MODEL) from err
     try:
         log = stack.enter_context(closing(_open_log(state)))
+        stack.callback(setattr, state, "log", None)  # closed from then on
     except (OSError, LogError) as err:
         raise _Refused(str(err), EXIT_USAGE) from err
     results = state.plan.folder
@@ -358,24 +364,34 @@ def _exit_code(result: Any, got_signal: int | None, summary: dict[str, Any]) -> 
 
 
 def _interrupted(state: _State, signum: int | None) -> int:
-    """A signal while starting: nothing was inspected, but the summary and the log say so."""
-    import signal as _signal
+    """A signal while starting: nothing was inspected, but the summary and the log say so. Only the
+    standard library from here: the signal may have cut an import short (numpy cannot load twice)."""
+    from edgead.runtime.results import ResultsError, append_events, fresh_root, plan
 
     state.guard.finishing()
-    signum = signum if signum is not None else int(_signal.SIGINT)
+    signum = signum if signum is not None else 2  # SIGINT
     code, reason = exit_code(signum), f"signal {signal_name(signum)} while starting"
     print(f"edgead-run: interrupted by {signal_name(signum)} while starting; nothing was inspected",
           file=sys.stderr)
-    if state.plan is None:  # the arguments were not checked yet: nowhere safe to write
-        return code
+    args = state.args
+    try:
+        state.plan = state.plan or plan(args.results if state.explicit_results else None, args.log, args.save_ng,
+                                        args.overwrite, default_root=fresh_root(args.demo))
+    except ResultsError:
+        return code  # the results folder was refused: nowhere safe to write
     frames = {"captured": 0, "inspected": 0, "dropped": 0, "errored": 0, "ng": 0, "ok": 0}
-    summary = {"model": state.args.model, "input": state.uri, "results": None, "stop_reason": reason,
+    summary = {"model": args.model, "input": state.uri or args.input, "results": None, "stop_reason": reason,
                "frames": frames, "balanced": True, "exit_code": code, "warnings": state.alerts.summary()}
     try:
-        log = _open_log(state)
+        if state.log is None:
+            state.plan.create()
         summary["results"] = str(state.plan.folder)
-        log.event("stop", reason=reason, exit_code=code)
-        log.event("summary", **summary)
+        events = [{"event": "stop", "reason": reason, "exit_code": code}, {"event": "summary", **summary}]
+        if state.log is not None:
+            for event in events:
+                state.log.event(event.pop("event"), **event)
+        else:
+            append_events(state.plan.log, [{"event": "warning", **w} for w in summary["warnings"]] + events)
         print(f"results: {state.plan.write_summary(summary)}")
     except OSError as err:
         print(f"edgead-run: cannot write the results: {err}", file=sys.stderr)

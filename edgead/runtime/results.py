@@ -75,6 +75,15 @@ class ResultsPlan:
         return path
 
 
+def append_events(path: Path, events: list[dict[str, Any]]) -> None:
+    """Event lines for the JSONL log with the standard library only: after an import cut short by
+    a signal, numpy (and so the log module) may not load again in this process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for event in events:
+            fh.write(json.dumps({**event, "t_wall": round(time.time(), 6)}, default=str) + "\n")
+
+
 def plan(results: str | None, log: str | None, save_ng: str | None, overwrite: bool,
          default_root: str = "edgead-results", now: float | None = None) -> ResultsPlan:
     """Decide the run's paths; raise :class:`ResultsError` for any that would overwrite."""
