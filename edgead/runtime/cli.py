@@ -39,6 +39,12 @@ captured = inspected + dropped + errored; an unreadable image is a captured fram
 Warnings (unverified bundle, scores out of the validation range, truncated video, failed output)
 are printed whatever --quiet says, and kept in the log and in summary.json.
 
+guards: a frame with a side under 8 px, or one the model (S x S) would upscale more than 4x (a side
+under S/4), is ERROR with its reason. A score more than one validation span (score_max - score_min)
+below score_min, or ten spans above score_max, is flagged "out_of_range" in its JSONL line and
+warned about; --out-of-range error makes it ERROR instead. A video that ends before the frame count
+its header declares is truncated: its last decoded frame is ERROR, and the summary says so.
+
 exit codes:
   0    clean end (end of stream, --frames reached, window closed), no ERROR frame
   1    internal error (a bug: rerun with --debug and report the traceback)

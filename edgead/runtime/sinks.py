@@ -9,8 +9,10 @@
     modbus://HOST:PORT      a coil/register pulse per NG         (extra ``line``)
 
 Every sink has ``write(frame, inspection, fps, record)``, where ``record`` is the frame's JSONL
-record, and ``close()``; a sink may also have ``summary() -> dict`` (its own counters, reported per
-sink in ``summary.json``). Sinks run in the sink stage's thread: a network sink queues and sends
+record, and ``close()``; a sink may also have ``finish()`` (called when the run ends, before the
+summary: complete and check the output) and ``summary() -> dict`` (its own counters, reported per
+sink in ``summary.json``). ``frame.image`` is None for a frame that could not be read (its verdict
+is ERROR); :func:`edgead.runtime.annotate.annotate` draws a placeholder for it. Sinks run in the sink stage's thread: a network sink queues and sends
 from its own thread, so a slow link never slows inspection.
 """
 
