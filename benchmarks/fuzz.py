@@ -46,10 +46,11 @@ FORMATS = (".png", ".jpg", ".bmp", ".tif", ".webp")
 CHECKED = {".png"}  # formats whose decoder checks integrity (CRC per chunk, Adler-32 of the pixels)
 
 
-def base_images(size: int = 48) -> dict[str, tuple[bytes, np.ndarray]]:
-    """One encoded image per format and the pixels it decodes to."""
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (size, size, 3), np.uint8)
+def base_images(size: int = 48, image: np.ndarray | None = None) -> dict[str, tuple[bytes, np.ndarray]]:
+    """One encoded image per format and the pixels it decodes to: ``image`` (a good part, so the
+    intact file gets its OK), or random pixels."""
+    if image is None:
+        image = np.random.default_rng(0).integers(0, 255, (size, size, 3), np.uint8)
     out = {}
     for ext in FORMATS:
         ok, buf = cv2.imencode(ext, image)
@@ -106,6 +107,12 @@ class Station:
         rows = [json.loads(line) for line in log_path.read_text().splitlines()]
         return result, [r for r in rows if "verdict" in r]
 
+    def run_one(self, tmp: Path, ext: str, payload: bytes) -> str:
+        folder = tmp / f"one{time.monotonic_ns()}"
+        folder.mkdir()
+        (folder / f"part{ext}").write_bytes(payload)
+        return self.run(folder)[1][0]["verdict"]
+
 
 def check_run(result: Any, rows: list[dict[str, Any]], files: list[Path]) -> list[str]:
     """Violations of the folder oracle (empty when the run is as it must be)."""
@@ -142,7 +149,7 @@ def image_verdict(station: Station, bases: dict, ext: str, payload: bytes, tmp: 
         return "decoded, intact", []
     if ext in CHECKED:
         return "violation", [f"{ext}: damaged pixels passed the decoder and got {verdict}"]
-    return "decoded, damaged", []
+    return f"decoded, damaged ({ext}): {verdict}", []
 
 
 FOLDER_ENTRIES = ("good_png", "good_jpg", "empty", "junk", "truncated_png", "dir_named_png", "broken_link",
@@ -272,14 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folders", type=int, default=200, help="folders of good and bad entries")
     p.add_argument("--manifests", type=int, default=1000, help="mutated bundle manifests")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--category", default="metal", help="synthetic category of the good part that is mutated")
     p.add_argument("--out", default="results/fuzz_cpu.json")
     args = p.parse_args(argv)
 
     bundle = load_checked_bundle(args.model, "onnxruntime", "fp32", allow_unverified=True, warn=print)
     engine = open_bundle_engine(bundle, "onnxruntime", "fp32", args.threads)
-    station, bases, tally = Station(bundle, engine), base_images(), {}
+    from edgead.data.synth import Conveyor
+
+    part = Conveyor(args.category, size=int(bundle.input_shape[-1]), seed=1, defect_rate=0.0)[0][0]
+    station, bases, tally = Station(bundle, engine), base_images(image=part), {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        intact = {ext: station.run_one(tmp, ext, data) for ext, (data, _) in bases.items()}
+        print(f"the unmutated good part ({args.category}) gets: {intact}")
         fuzz("image_files", image_cases(bases), lambda c: image_verdict(station, bases, c[0], c[1], tmp),
              args.images, tally)
         kinds = st.lists(st.sampled_from(FOLDER_ENTRIES), min_size=1, max_size=12)
@@ -290,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         fuzz("manifests", mutated_manifest(json.loads(original)),
              lambda payload: manifest_verdict(copy, original, payload), args.manifests, tally)
     engine.close()
-    out = {"machine": describe(), "model": str(bundle.root), "tool": "hypothesis", "results": tally,
+    out = {"machine": describe(), "model": str(bundle.root), "tool": "hypothesis", "base_part": args.category,
+           "base_verdicts": intact, "results": tally,
            "total_cases": sum(t["cases"] for t in tally.values())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -43,9 +43,9 @@ def test_mutated_image_file_is_an_error_or_a_verdict_on_real_pixels(station, cas
     with tempfile.TemporaryDirectory() as tmp:
         outcome, violations = image_verdict(station, BASES, ext, payload, Path(tmp))
     assert not violations, violations
-    assert outcome in ("error", "decoded, intact", "decoded, damaged")
+    assert outcome in ("error", "decoded, intact") or outcome.startswith("decoded, damaged")
     if ext == ".png":
-        assert outcome != "decoded, damaged"
+        assert not outcome.startswith("decoded, damaged")
 
 
 @FUZZ
