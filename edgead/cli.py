@@ -10,6 +10,8 @@ import importlib
 import json
 import sys
 
+from edgead.core.cli_support import EDGEAD_EPILOG, UsageError, fail, fraction, pop_flag, positive_float, positive_int
+
 # Subcommands that live in their own modules: "module:function", each function(argv) -> int.
 DELEGATED = {
     "export": "edgead.export.bundle_writer:main",
@@ -25,7 +27,7 @@ def _parse_kv(pairs: list[str]) -> dict[str, object]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -45,8 +47,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from edgead.models.base import TrainConfig
+    from edgead.models.registry import available
+    from edgead.training.run_dir import prepare_run_dir
     from edgead.training.trainer import train_run
 
+    if args.model not in (names := available()):
+        raise UsageError(f"--model {args.model}: unknown detector; choose one of {', '.join(names)}")
+    prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     config = _parse_kv(args.set)
     if args.scorer is not None:  # else the detector's own default (ssim for the SSIM-AE, l1 otherwise)
         config["scorer"] = args.scorer
@@ -104,15 +111,15 @@ def _data_source(args: argparse.Namespace):
     from edgead.data.source import DataSource
 
     if args.data and args.normal_dir:
-        raise SystemExit("edgead: give either --data ROOT --category C (MVTec layout) or --normal-dir DIR "
+        raise UsageError("give either --data ROOT --category C (MVTec layout) or --normal-dir DIR "
                          "(Folder layout), not both")
     if args.data:
         if not args.category:
-            raise SystemExit(f"edgead: --data {args.data} needs --category (a folder under it)")
+            raise UsageError(f"--data {args.data} needs --category (a folder under it)")
         return DataSource.mvtec(args.data, args.category)
     if args.normal_dir:
         return DataSource.folder(args.normal_dir, args.abnormal_dir, args.mask_dir, args.normal_test_dir)
-    raise SystemExit("edgead: no data: give --data ROOT --category C (MVTec layout) or --normal-dir DIR "
+    raise UsageError("no data: give --data ROOT --category C (MVTec layout) or --normal-dir DIR "
                      "(Folder layout)")
 
 
@@ -126,17 +133,18 @@ def _detector_help() -> str:
 
 def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
     """The parser; ``list_detectors=False`` skips importing every detector (torch) for the train help."""
-    parser = argparse.ArgumentParser(prog="edgead", description=__doc__,
+    parser = argparse.ArgumentParser(prog="edgead", description=__doc__, epilog=EDGEAD_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="generate the synthetic inspection data set (MVTec layout)")
     p.add_argument("--out", default="data/synth")
     p.add_argument("--categories", nargs="*", default=None, help="default: all")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--n-train", type=int, default=200)
-    p.add_argument("--n-test-good", type=int, default=40)
-    p.add_argument("--n-test-per-defect", type=int, default=8)
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--n-train", type=positive_int, default=200)
+    p.add_argument("--n-test-good", type=positive_int, default=40)
+    p.add_argument("--n-test-per-defect", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
@@ -144,27 +152,28 @@ def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_data_arguments(p, test=False)
     p.add_argument("--model", default="patchcore", metavar="NAME", help="detector (listed below; default patchcore)")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--image-size", type=positive_int, default=128)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--epochs", type=positive_int, default=15)
     p.add_argument("--stage-epochs", nargs="*", default=[], metavar="STAGE=N",
                    help="epochs per stage of a multi-stage method, e.g. gan=20 encoder=10")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="default: the method's reference rate")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--latent-dim", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=None, help="default: the method's reference rate")
+    p.add_argument("--width", type=positive_int, default=None)
+    p.add_argument("--latent-dim", type=positive_int, default=None)
     p.add_argument("--scorer", default=None, choices=["l1", "ssim", "vgg"],
                    help="map function of reconstruction detectors (default: the detector's own; "
                         "ssim for the SSIM-AE, vgg for UTAD, l1 for the others)")
     p.add_argument("--vgg-weights", default=None, help="VGG-19 state dict (torchvision or normalised-VGG layout)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other detector config fields")
-    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--val-fraction", type=fraction, default=0.15)
     p.add_argument("--augment", action="store_true", help="random flips and small rotations")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
+    p.add_argument("--out", required=True, help="run folder: new or empty, unless --resume or --overwrite")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run, or an engine of a bundle, on the test split")
@@ -187,7 +196,24 @@ def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = pop_flag(list(sys.argv[1:] if argv is None else argv), "--debug")
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print(f"{_prog(argv)}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line naming the file and the fix; --debug for more
+        return fail(_prog(argv), err, debug)
+
+
+def _prog(argv: list[str]) -> str:
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    if words[:1] == ["bench"]:
+        return "edgead " + " ".join(words[:2])
+    return "edgead" + (f" {words[0]}" if words else "")
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] in (["export"], ["keygen"]):
         return _delegate(argv[0], argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and f"bench {argv[1]}" in DELEGATED:

@@ -34,7 +34,7 @@ def edit(bundle: Path, change, reseal: bool = False) -> None:
 
 def args(bundle: Path, tmp_path: Path, *extra: str) -> list[str]:
     return ["synthetic://washer", "--model", str(bundle), "--frames", "3", "--results", str(tmp_path / "r"),
-            "--headless", *extra]
+            "--headless", "--overwrite", *extra]
 
 
 def parity(bundle: Path) -> int:

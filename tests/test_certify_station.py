@@ -47,7 +47,7 @@ def child_env() -> dict[str, str]:
 
 def run_args(bundle: Path, tmp_path: Path, *extra: str) -> list[str]:
     return ["synthetic://washer", "--model", str(bundle), "--frames", "3", "--results", str(tmp_path / "r"),
-            "--headless", *extra]
+            "--headless", "--overwrite", *extra]
 
 
 # -- the golden outputs --------------------------------------------------------------------------

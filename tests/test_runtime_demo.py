@@ -40,7 +40,9 @@ def test_demo_builds_once_then_reuses_the_bundle(demo_cache, tmp_path):
     assert "building the demo bundle" in first.stderr
     assert "TORCH_LOADED False" in first.stdout  # the runtime process itself never imported torch
 
-    summary = json.loads((tmp_path / "edgead-demo" / "summary.json").read_text())
+    runs = list((tmp_path / "edgead-demo").glob("*/summary.json"))  # each run: a fresh timestamped folder
+    assert len(runs) == 1
+    summary = json.loads(runs[0].read_text())
     f = summary["frames"]
     assert f["captured"] == 80 and f["captured"] == f["inspected"] + f["dropped"] + f["errored"]
     assert f["errored"] == 0 and summary["stop_reason"] == "frame limit"

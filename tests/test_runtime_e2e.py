@@ -200,7 +200,7 @@ def test_bundle_without_parity_certificate_is_refused_unless_allowed(bundle, tmp
 
     b = tmp_path / "bundle"
     shutil.copytree(bundle, b, ignore=shutil.ignore_patterns("*.cert.json"))
-    args = ["synthetic://washer", "--model", str(b), "--frames", "3", "--results", str(tmp_path / "r")]
+    args = ["synthetic://washer", "--model", str(b), "--frames", "3", "--results", str(tmp_path / "r"), "--overwrite"]
     assert main(args + ["--no-certify"]) == 4
     assert "no parity certificate for onnxruntime/fp32" in capsys.readouterr().err
     assert main(args + ["--no-certify", "--allow-unverified"]) == 0

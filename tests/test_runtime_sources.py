@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgead.runtime.sources import (CSI_PIPELINE, CaptureSource, EndOfStream, ImageListSource, InputOptions,
+from edgead.runtime.sources import (CSI_PIPELINE, CaptureSource, EndOfStream, FrameError, ImageListSource, InputOptions,
                                     SourceError, SourceLost, SyntheticSource, camera_uri, csi_pipeline,
                                     has_gstreamer, open_source)
 
@@ -80,11 +80,17 @@ def test_glob(folder):
     assert [int(f[0][0, 0, 0]) for f in frames] == [50, 100]
 
 
-def test_folder_skips_unreadable_image_with_event(folder):
+def test_folder_unreadable_image_is_a_frame_error_naming_it(folder):
     (folder / "01.png").write_bytes(b"garbage")
-    skipped = []
-    frames = read_all(open_source(str(folder), on_skip=lambda p, e: skipped.append(p)))
-    assert len(frames) == 2 and skipped and skipped[0].endswith("01.png")
+    source = open_source(str(folder))
+    source.open()
+    assert int(source.read()[0][0, 0, 0]) == 0 and source.origin()["source"].endswith("00.png")
+    with pytest.raises(FrameError, match="01.png: cannot decode") as err:
+        source.read()  # not skipped: the capture stage makes it an ERROR frame
+    assert err.value.origin == {"source": str(folder / "01.png"), "source_kind": "image"} and err.value.image is None
+    assert int(source.read()[0][0, 0, 0]) == 100
+    with pytest.raises(EndOfStream):
+        source.read()
 
 
 def test_synthetic_with_ground_truth():

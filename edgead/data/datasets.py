@@ -124,7 +124,24 @@ def mvtec_samples(
             if not mask.is_file():
                 raise DatasetError(f"test image {p} has no mask: expected {mask}")
             samples.append(Sample(p, 1, defect, mask))
+    _refuse_orphan_masks(cat_dir, {s.mask_path for s in samples if s.mask_path is not None})
     return samples
+
+
+def _refuse_orphan_masks(cat_dir: Path, used: set[Path]) -> None:
+    """A mask under ground_truth/ that no test image claims means a missing or misnamed image:
+    the test set is not what its author thinks, so it is an error naming the mask."""
+    truth = cat_dir / "ground_truth"
+    if not truth.is_dir():
+        return
+    orphans = sorted(m for d in _subdirs(truth) for m in _list_images(truth / d) if m not in used)
+    if orphans:
+        first = orphans[0]
+        image = cat_dir / "test" / first.parent.name / (first.stem.removesuffix("_mask") + ".png")
+        raise DatasetError(
+            f"mask {first} matches no test image (expected {image}, any image suffix)"
+            + (f" ({len(orphans) - 1} more unmatched masks)" if len(orphans) > 1 else "")
+            + "; add the image or remove the mask")
 
 
 # ------------------------------------------------------------------ Folder (anomalib style)

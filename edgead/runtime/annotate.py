@@ -11,6 +11,7 @@ from edgead.runtime.postprocess_stage import Inspection
 from edgead.runtime.preprocess import to_bgr8
 
 COLORS = {OK: (0, 200, 0), NG: (0, 0, 255), ERROR: (0, 200, 255)}  # BGR
+PLACEHOLDER_HW = (120, 160)  # the picture of an unreadable frame
 
 
 def _heatmap(image_bgr: np.ndarray, frame_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -18,8 +19,9 @@ def _heatmap(image_bgr: np.ndarray, frame_map: np.ndarray, vmin: float, vmax: fl
 
 
 def annotate(image: np.ndarray, inspection: Inspection, fps: float, vmin: float, vmax: float) -> np.ndarray:
-    """The operator's view: heat-map overlay, region boxes, verdict, score and FPS."""
-    view = to_bgr8(image)
+    """The operator's view: heat-map overlay, region boxes, verdict, score and FPS. A frame that
+    could not be read (``image`` None) is shown as a gray placeholder with its ERROR verdict."""
+    view = to_bgr8(image) if image is not None else np.full(PLACEHOLDER_HW + (3,), 64, np.uint8)
     if inspection.frame_map is not None:
         view = _heatmap(view, inspection.frame_map, vmin, vmax)
     else:

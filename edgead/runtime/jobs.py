@@ -21,13 +21,16 @@ POLICIES = ("latest", "block")
 @dataclass
 class Frame:
     """One captured frame: id, pixels as delivered, capture time (monotonic for ages, wall for
-    the log) and, from synthetic sources, the ground truth."""
+    the log), from synthetic sources the ground truth, and where it came from (``origin``: see
+    :mod:`edgead.runtime.sources`). ``image`` is None for a frame that could not be read (an
+    unreadable file): its verdict is ERROR."""
 
     id: int
-    image: np.ndarray
+    image: np.ndarray | None
     t_mono: float
     t_wall: float
     truth: Truth | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,6 +138,7 @@ class PipelineConfig:
     backoff: Backoff = field(default_factory=Backoff)
     stop_grace_s: float = 3.0  # how long a stop waits for a capture blocked in the driver
     fail_safe_output: bool = False  # a line sink's lost link turns every OK into NG until it is back
+    out_of_range: str = "flag"  # a score far outside the validation range: "flag" it, or make it "error"
 
 
 @dataclass

@@ -12,7 +12,8 @@ from typing import IO, Any
 
 import numpy as np
 
-QUIET_EVENTS = {"start", "stop", "summary"}  # logged, not echoed: the terminal gets the summary table
+# Logged, not echoed: the terminal gets the summary table, and warnings are printed by Alerts.
+QUIET_EVENTS = {"start", "stop", "summary", "warning"}
 
 
 class LogError(RuntimeError):

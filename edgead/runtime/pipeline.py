@@ -18,6 +18,10 @@ Drop policy (the first queue only; the rest always block, bounded by the engine'
 Accounting: every captured frame ends as inspected (OK/NG), dropped or errored (ERROR), so
 ``captured == inspected + dropped + errored`` always holds, also after a stop or a crash.
 An engine exception, a NaN/Inf in any output or a failing stage gives ERROR and the loop goes on.
+So does a frame the source could not read (an unreadable file, the last frame of a truncated video)
+and a frame the guards refuse (too small, too upscaled: :mod:`edgead.runtime.guards`). Every JSONL
+record names its source (``source``, ``source_kind``, ``source_frame``); a score far outside the
+validation range is flagged ``out_of_range`` and reported as a warning.
 
 Fail-safe outputs: a sink with a ``link_up`` attribute (the line sinks) guards the line when
 ``--fail-safe-output`` is given (or its own ``fail_safe`` says so). While a guarding sink's link is
@@ -38,6 +42,7 @@ from typing import Any
 
 from edgead.core.contract import ERROR, NG, OK
 from edgead.core.engine import Engine, SlottedEngine
+from edgead.runtime.guards import ScoreRange, frame_problem
 from edgead.runtime.infer import take_outputs
 from edgead.runtime.jobs import CLOSED, POLICIES, Backoff, Frame, Job, PipelineConfig, RunResult, StageQueue
 from edgead.runtime.log import JsonlLog
@@ -45,7 +50,7 @@ from edgead.runtime.native import status as native_status
 from edgead.runtime.postprocess_stage import Postprocessor, error_inspection
 from edgead.runtime.preprocess import Preprocessor
 from edgead.runtime.sinks import Sink
-from edgead.runtime.sources import EndOfStream, Source, SourceError
+from edgead.runtime.sources import EndOfStream, FrameError, Source, SourceError
 from edgead.runtime.stats import RunStats
 
 __all__ = ["Backoff", "Frame", "Job", "Pipeline", "PipelineConfig", "RunResult", "StageQueue"]
@@ -55,7 +60,8 @@ __all__ = ["Backoff", "Frame", "Job", "Pipeline", "PipelineConfig", "RunResult",
 
 class Pipeline:
     def __init__(self, source: Source, engine: Engine, postprocessor: Postprocessor, sinks: list[Sink],
-                 log: JsonlLog, config: PipelineConfig | None = None, stats: RunStats | None = None) -> None:
+                 log: JsonlLog, config: PipelineConfig | None = None, stats: RunStats | None = None,
+                 alerts: Any = None) -> None:
         self.config = config or PipelineConfig()
         if self.config.policy not in POLICIES:
             raise ValueError(f"drop policy must be one of {POLICIES}, got {self.config.policy!r}")
@@ -89,6 +95,9 @@ class Pipeline:
                        if (self.config.fail_safe_output if getattr(s, "fail_safe", None) is None else s.fail_safe)]
         self.forced_ng = 0
         self._links_down: list[str] = []
+        self.alerts = alerts  # edgead.runtime.alerts.Alerts: warnings that reach terminal, log and summary
+        self.score_range = ScoreRange.from_calibration(postprocessor.calibration)
+        self.out_of_range = {"below": 0, "above": 0}
 
     # -- control ---------------------------------------------------------------------------------
     def stop(self, reason: str) -> None:
@@ -125,18 +134,36 @@ class Pipeline:
         if self.guards:
             summary["fail_safe"] = {"outputs": [getattr(s, "uri", type(s).__name__) for s in self.guards],
                                     "forced_ng": self.forced_ng}
+        summary["out_of_range"] = dict(self.out_of_range)
+        truncated = getattr(self.source, "truncated", None)
+        if truncated:
+            summary["truncated"] = truncated
+            self._warn(f"input truncated: {truncated['source']} ends at frame {truncated['decoded_frames']} of the "
+                       f"{truncated['declared_frames']} its header declares", "truncated")
         return RunResult(summary, self.stop_reason, self.fatal)
 
     def _finish_sinks(self) -> None:
-        """Network sinks deliver what they still queue (each within its own bound), so the
-        summary's sink counters are final."""
+        """Sinks that have ``finish()`` complete their output now (the video sink closes and checks
+        its file), so the summary's sink counters are final."""
         for sink in self.sinks:
             finish = getattr(sink, "finish", None)
             if callable(finish):
                 try:
                     finish()
                 except Exception as exc:  # noqa: BLE001
-                    self.log.event("sink_error", sink=type(sink).__name__, error=str(exc))
+                    self._sink_failed(sink, exc)
+
+    def _warn(self, message: str, kind: str, **fields: Any) -> None:
+        if self.alerts is not None:
+            self.alerts.warn(message, kind=kind, **fields)
+        else:
+            self.log.event("warning", kind=kind, message=message, **fields)
+
+    def _sink_failed(self, sink: Any, exc: BaseException) -> None:
+        name = getattr(sink, "uri", type(sink).__name__)
+        self.log.event("sink_error", sink=type(sink).__name__, error=str(exc))
+        if self.alerts is not None:
+            self.alerts.warn(f"output {name} failed: {exc}", kind="sink_error")
 
     def _guard(self, name: str, body) -> None:
         """A crashing stage must not hang the others: record it, abort every queue, stop."""
@@ -164,8 +191,12 @@ class Pipeline:
             while not self._stop.is_set():
                 if self.on_demand and not self._wait_for_demand():
                     break
+                error = None
                 try:
                     image, truth = self.source.read()
+                    origin = self.source.origin() if hasattr(self.source, "origin") else {}
+                except FrameError as err:  # a frame that exists but cannot be used: ERROR, counted
+                    image, truth, origin, error = err.image, None, err.origin, str(err)
                 except EndOfStream:
                     self.stop("end of stream")
                     break
@@ -175,10 +206,10 @@ class Pipeline:
                         self.stop("source lost")
                         break
                     continue
-                frame = Frame(next_id, image, time.monotonic(), time.time(), truth)
+                frame = Frame(next_id, image, time.monotonic(), time.time(), truth, origin)
                 next_id += 1
                 self.stats.count_captured(frame.t_mono)
-                if self.q_frames.put(Job(frame)) is not None:  # overwritten (latest) or refused (closed)
+                if self.q_frames.put(Job(frame, error=error)) is not None:  # overwritten (latest) or refused (closed)
                     self.stats.count_dropped()
                 if self.config.max_frames is not None and next_id >= self.config.max_frames:
                     self.stop("frame limit")
@@ -229,12 +260,16 @@ class Pipeline:
                 if job is CLOSED:
                     break
                 job.mark("preprocess_start")
-                try:
-                    self.pre.into(job.frame.image, self.engine.host_inputs(slot)[self.input_name][0])
-                    job.slot = slot
-                except Exception as exc:  # noqa: BLE001 - a bad frame is an ERROR, not a crash
-                    job.error = f"preprocess: {exc}"
+                job.error = job.error or frame_problem(job.frame.image, self.pre.size)
+                if job.error is not None:  # unreadable or degenerate: ERROR without using the slot
                     self.free_slots.put(slot)
+                else:
+                    try:
+                        self.pre.into(job.frame.image, self.engine.host_inputs(slot)[self.input_name][0])
+                        job.slot = slot
+                    except Exception as exc:  # noqa: BLE001 - a bad frame is an ERROR, not a crash
+                        job.error = f"preprocess: {exc}"
+                        self.free_slots.put(slot)
                 job.mark("preprocess_end")
                 self.q_ready.put(job)
         finally:
@@ -304,7 +339,10 @@ class Pipeline:
             job.mark("sink_start")
             if self.linked:
                 job.inspection = self._watch_links(job.frame.id, job.inspection)
+            flag = self._check_range(job)
             record = self._record(job)
+            if flag:
+                record["out_of_range"] = flag
             for i, sink in enumerate(self.sinks):
                 if i in broken:
                     continue
@@ -312,7 +350,7 @@ class Pipeline:
                     sink.write(job.frame, job.inspection, self._fps, record)
                 except Exception as exc:  # noqa: BLE001 - a broken window must not stop inspection
                     broken.add(i)
-                    self.log.event("sink_error", sink=type(sink).__name__, error=str(exc))
+                    self._sink_failed(sink, exc)
             job.mark("sink_end")
             self._account(job, record)
 
@@ -331,10 +369,25 @@ class Pipeline:
         return dataclasses.replace(insp, verdict=NG, error=f"fail-safe: output link down "
                                                            f"({', '.join(guards_down)}); the model said OK")
 
+    def _check_range(self, job: Job) -> str | None:
+        """Flag a score far outside the validation range (``--out-of-range error``: make it ERROR)."""
+        insp = job.inspection
+        flag = self.score_range.flag(insp.score) if insp.verdict != ERROR else None
+        if flag is None:
+            return None
+        self.out_of_range[flag] += 1
+        self._warn(self.score_range.describe(flag), "out_of_range", key=f"out_of_range:{flag}",
+                   first_frame=job.frame.id, first_score=insp.score)
+        if self.config.out_of_range == "error":
+            job.inspection = error_inspection(f"score {insp.score:.6g} is far {flag} the validation range "
+                                              f"[{self.score_range.score_min:.6g}, {self.score_range.score_max:.6g}]")
+        return flag
+
     def _record(self, job: Job) -> dict[str, Any]:
         """The frame's JSONL record, as the sinks see it (the sink stage's own time is added after)."""
         frame, insp = job.frame, job.inspection
-        record: dict[str, Any] = {"frame": frame.id, "t_capture": round(frame.t_wall, 6), **insp.to_dict(),
+        record: dict[str, Any] = {"frame": frame.id, **frame.origin, "t_capture": round(frame.t_wall, 6),
+                                  **insp.to_dict(),
                                   "latency_ms": job.latency_ms(),
                                   "age_ms": round(1000.0 * (job.marks["postprocess_end"] - frame.t_mono), 3)}
         if frame.truth is not None:
@@ -355,7 +408,7 @@ class Pipeline:
         self.stats.record(insp.verdict, latency, e2e, truth.defective if truth else None, localized)
         self.log.frame({**record, "latency_ms": latency, "e2e_ms": round(e2e, 3)})
         if insp.verdict == ERROR:
-            self.log.event("frame_error", frame=frame.id, error=insp.error)
+            self.log.event("frame_error", frame=frame.id, source=frame.origin.get("source"), error=insp.error)
 
     def sink_summaries(self) -> dict[str, Any]:
         """Each sink's own counters (network sinks: sent, queued, unsent, reconnects...)."""

@@ -9,8 +9,10 @@
     modbus://HOST:PORT      a coil/register pulse per NG         (extra ``line``)
 
 Every sink has ``write(frame, inspection, fps, record)``, where ``record`` is the frame's JSONL
-record, and ``close()``; a sink may also have ``summary() -> dict`` (its own counters, reported per
-sink in ``summary.json``). Sinks run in the sink stage's thread: a network sink queues and sends
+record, and ``close()``; a sink may also have ``finish()`` (called when the run ends, before the
+summary: complete and check the output) and ``summary() -> dict`` (its own counters, reported per
+sink in ``summary.json``). ``frame.image`` is None for a frame that could not be read (its verdict
+is ERROR); :func:`edgead.runtime.annotate.annotate` draws a placeholder for it. Sinks run in the sink stage's thread: a network sink queues and sends
 from its own thread, so a slow link never slows inspection.
 """
 
@@ -26,9 +28,10 @@ import cv2
 import numpy as np
 
 from edgead.core.contract import NG
-from edgead.runtime.annotate import annotate, has_gui
+from edgead.runtime.annotate import PLACEHOLDER_HW, annotate, has_gui
 from edgead.runtime.postprocess_stage import Inspection
 from edgead.runtime.preprocess import to_bgr8
+from edgead.runtime.results import ng_stem
 
 
 class SinkError(RuntimeError):
@@ -121,20 +124,33 @@ class DisplaySink:
         cv2.destroyAllWindows()
 
 
+MIN_VIDEO_SIDE = 16  # px
 FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 
 
 class VideoSink:
-    """Annotated frames to a video file (``file://out.mp4``, ``out.avi``); opened on the first
-    frame, when its size is known."""
+    """Annotated frames to a video file (``file://out.mp4``, ``out.avi``), opened on the first
+    frame, whose size becomes the video's.
+
+    What it checks, since ``cv2.VideoWriter.write`` returns nothing: a frame of another size is
+    letterboxed into the video's size (aspect kept, black borders; counted as ``resized``), so no
+    frame is dropped by OpenCV; after every write the writer must still be open and the file must
+    still exist, else :class:`SinkError` (the sink stops, the run goes on and reports it). At the
+    end (``finish``) the file is released and reopened, and the frame count its container declares
+    must equal the frames written, else :class:`SinkError`.
+    """
 
     def __init__(self, path: str, rate: float, vrange: tuple[float, float]) -> None:
         self.path, self.rate, self.vrange = Path(path), rate, vrange
+        self.uri = str(path)
         ext = self.path.suffix.lower()
         if ext not in FOURCC:
             raise SinkError(f"{path}: unsupported output video type {ext!r}; use one of {sorted(FOURCC)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer: cv2.VideoWriter | None = None
+        self.size: tuple[int, int] | None = None  # (width, height) of the video
+        self.written = self.resized = 0
+        self.verified: int | None = None  # frames the finished file declares
 
     @classmethod
     def from_uri(cls, uri: str, context: SinkContext) -> "VideoSink":
@@ -142,13 +158,46 @@ class VideoSink:
 
     def write(self, frame: Any, inspection: Inspection, fps: float, record: dict[str, Any] | None = None) -> None:
         view = annotate(frame.image, inspection, fps, *self.vrange)
-        if self.writer is None:
-            h, w = view.shape[:2]
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*FOURCC[self.path.suffix.lower()]),
-                                          self.rate, (w, h))
-            if not self.writer.isOpened():
-                raise SinkError(f"{self.path}: cannot open a video writer for it")
+        if self.writer is None:  # a degenerate first frame (an ERROR) does not set a 1x1 video
+            small = min(view.shape[:2]) < MIN_VIDEO_SIDE
+            self._open(*(PLACEHOLDER_HW[::-1] if small else view.shape[1::-1]))
+        assert self.writer is not None and self.size is not None
+        if view.shape[1::-1] != self.size:
+            view = letterbox(view, self.size)
+            self.resized += 1
         self.writer.write(view)
+        self.written += 1
+        if not self.writer.isOpened():
+            raise SinkError(f"{self.path}: the video writer closed after {self.written} frames")
+        if not self.path.exists():
+            raise SinkError(f"{self.path}: the output file disappeared after {self.written} frames")
+
+    def _open(self, width: int, height: int) -> None:
+        fourcc = cv2.VideoWriter_fourcc(*FOURCC[self.path.suffix.lower()])
+        self.writer = cv2.VideoWriter(str(self.path), fourcc, self.rate, (width, height))
+        self.size = (width, height)
+        if not self.writer.isOpened():
+            raise SinkError(f"{self.path}: cannot open a video writer for it (is the folder writable?)")
+
+    def finish(self) -> None:
+        """Release the file and check that it holds every frame written."""
+        if self.writer is None:
+            return
+        self.writer.release()
+        self.writer = None
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else -1
+        finally:
+            cap.release()
+        self.verified = declared
+        if declared != self.written:
+            raise SinkError(f"{self.path}: the finished video holds {max(declared, 0)} frames, "
+                            f"{self.written} were written (disk full or file replaced?)")
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": str(self.path), "written": self.written, "resized": self.resized,
+                "verified_frames": self.verified}
 
     def close(self) -> None:
         if self.writer is not None:
@@ -156,12 +205,26 @@ class VideoSink:
             self.writer = None
 
 
+def letterbox(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` scaled to fit ``size`` (width, height) with its aspect ratio, on black."""
+    width, height = size
+    scale = min(width / image.shape[1], height / image.shape[0])
+    w, h = max(1, int(round(image.shape[1] * scale))), max(1, int(round(image.shape[0] * scale)))
+    out = np.zeros((height, width, 3), np.uint8)
+    x, y = (width - w) // 2, (height - h) // 2
+    out[y:y + h, x:x + w] = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    return out
+
+
 class NgSaver:
-    """``--save-ng DIR``: each NG frame as ``<id>_frame.png`` (as captured, 8-bit), its map as
-    ``<id>_map.png`` (16-bit gray, calibration map range -> 0..65535) and ``<id>_overlay.png``."""
+    """``--save-ng DIR``: each NG frame as ``<stem>_frame.png`` (as captured, 8-bit), its map as
+    ``<stem>_map.png`` (16-bit gray, calibration map range -> 0..65535) and ``<stem>_overlay.png``;
+    the stem is the frame id and its source (:func:`edgead.runtime.results.ng_stem`). A file that
+    cannot be written is a :class:`SinkError`."""
 
     def __init__(self, folder: str, vrange: tuple[float, float]) -> None:
         self.folder, self.vrange = Path(folder), vrange
+        self.uri = f"--save-ng {folder}"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -169,16 +232,24 @@ class NgSaver:
         self.saved = 0
 
     def write(self, frame: Any, inspection: Inspection, fps: float, record: dict[str, Any] | None = None) -> None:
-        if inspection.verdict != NG:
+        if inspection.verdict != NG or frame.image is None:
             return
-        stem = self.folder / f"{frame.id:08d}"
+        stem = self.folder / ng_stem(frame.id, record)
         vmin, vmax = self.vrange
-        cv2.imwrite(f"{stem}_frame.png", to_bgr8(frame.image))
+        self._save(f"{stem}_frame.png", to_bgr8(frame.image))
         if inspection.frame_map is not None:
             scaled = np.clip((inspection.frame_map - vmin) / max(vmax - vmin, 1e-12), 0, 1) * 65535.0
-            cv2.imwrite(f"{stem}_map.png", scaled.astype(np.uint16))
-        cv2.imwrite(f"{stem}_overlay.png", annotate(frame.image, inspection, fps, vmin, vmax))
+            self._save(f"{stem}_map.png", scaled.astype(np.uint16))
+        self._save(f"{stem}_overlay.png", annotate(frame.image, inspection, fps, vmin, vmax))
         self.saved += 1
+
+    @staticmethod
+    def _save(path: str, image: np.ndarray) -> None:
+        if not cv2.imwrite(path, image):
+            raise SinkError(f"{path}: cannot write the NG image (disk full or folder gone?)")
+
+    def summary(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "saved": self.saved}
 
     def close(self) -> None:
         pass

@@ -7,7 +7,13 @@ are given by the capture stage, not here.
 
 Errors: :class:`SourceError` names the source (missing device/file, no GStreamer...). A camera
 or stream raises :class:`SourceLost` when it stops delivering (the capture stage reconnects);
-a file, folder or synthetic source raises :class:`EndOfStream` when done.
+a file, folder or synthetic source raises :class:`EndOfStream` when done. A frame that exists but
+cannot be used (an unreadable image file, the last frame of a truncated video) raises
+:class:`FrameError`: the capture stage makes it a captured frame with an ERROR verdict.
+
+Traceability: after each ``read`` (or :class:`FrameError`), ``origin()`` says where that frame came
+from: ``{"source": file path | device | URI, "source_kind": "image" | "video" | "camera" |
+"stream" | "synthetic", "source_frame": index in the video / frame number of the camera}``.
 """
 
 from __future__ import annotations
@@ -23,21 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 import cv2
 import numpy as np
 
-URI_HELP = """\
-input URIs (jetson-inference grammar):
-  --camera N | v4l2:///dev/videoN   USB/V4L2 camera /dev/videoN through OpenCV's V4L2 backend.
-                                    NOTE: jetson-utils reads a bare `0` as a CSI camera; edgead
-                                    reads `--camera 0` as /dev/video0. Use csi://0 for CSI.
-  csi://N                           MIPI CSI sensor N (nvarguscamerasrc GStreamer pipeline; needs an
-                                    OpenCV built with GStreamer: JetPack's system OpenCV)
-  rtsp://user:pass@host:port/path   network stream (FFmpeg), live
-  file://clip.mp4 | clip.mp4        video file; ends at end of stream (see --input-loop)
-  DIR | 'parts/*.png'               image folder or quoted glob, sorted by name
-  synthetic://CATEGORY[?size=256&seed=0&defect_rate=0.3&rate=30]
-                                    endless synthetic conveyor with ground truth (fabric, metal,
-                                    wood, washer, pcb); rate=0 (default) = read on demand,
-                                    rate=N = a live N fps camera stand-in (drops under overload)
-"""
+from edgead.runtime.uri_help import URI_HELP  # noqa: F401 - kept importable from here
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".ppm", ".webp"}
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mjpg", ".mjpeg", ".h264", ".h265", ".ts"}
@@ -62,6 +54,16 @@ class SourceLost(SourceError):
 
 class EndOfStream(Exception):
     """A pulled source has no more frames."""
+
+
+class FrameError(Exception):
+    """This frame cannot be inspected (unreadable file, half-decoded video frame): it still counts
+    as captured, with an ERROR verdict and this message as its reason. ``image`` holds whatever
+    pixels there are (or None)."""
+
+    def __init__(self, message: str, origin: dict[str, Any], image: np.ndarray | None = None) -> None:
+        super().__init__(message)
+        self.origin, self.image = origin, image
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ class Source:
 
     def read(self) -> tuple[np.ndarray, Truth | None]:
         raise NotImplementedError
+
+    def origin(self) -> dict[str, Any]:
+        """Where the frame last read came from (see the module docstring)."""
+        return {"source": self.uri}
 
     def close(self) -> None:
         """Release the device; safe to call twice."""
@@ -154,7 +160,13 @@ def csi_pipeline(sensor: int, width: int = 1920, height: int = 1080, rate: float
 
 
 class CaptureSource(Source):
-    """A ``cv2.VideoCapture``: live (camera/stream, reconnectable) or a pulled video file."""
+    """A ``cv2.VideoCapture``: live (camera/stream, reconnectable) or a pulled video file.
+
+    A video file is read one frame ahead, so that its last frame is known as the last. When the
+    file ends before the frame count its header declares (a cut or half-written file, or a decode
+    error), that last decoded frame is a :class:`FrameError` ("truncated video"): it may be
+    half-decoded. ``truncated`` then describes the file for the summary.
+    """
 
     def __init__(self, uri: str, target: Any, api: int, device: bool, opts: InputOptions,
                  must_exist: str | None = None, factory: CaptureFactory | None = None) -> None:
@@ -166,6 +178,22 @@ class CaptureSource(Source):
         self.cap: Any = None
         self.loops_done = 0
         self.pacer = Pacer(None if device else opts.rate)
+        self.delivered = 0  # frames read from a device since the start (across reconnects)
+        self.position = 0  # index in the video file of the next frame
+        self.ahead: np.ndarray | None = None  # the next frame of a video file, read ahead
+        self.declared: int | None = None  # frame count in the file's header, when it has one
+        self.truncated: dict[str, Any] | None = None
+        kind = "video" if not device else ("camera" if api in (cv2.CAP_V4L2, cv2.CAP_GSTREAMER) else "stream")
+        self._origin: dict[str, Any] = {"source": self._name(), "source_kind": kind}
+
+    def _name(self) -> str:
+        """The file, the /dev/videoN device, or the URI (a stream's without its credentials)."""
+        if not self.device or self.api == cv2.CAP_V4L2:
+            return str(self.target)
+        parts = urlsplit(self.uri)
+        if not parts.hostname:
+            return self.uri
+        return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
 
     def open(self) -> None:
         if self.must_exist is not None and not os.path.exists(self.must_exist):
@@ -178,7 +206,15 @@ class CaptureSource(Source):
             raise SourceError(f"{self.uri}: cannot open ({why})")
         if self.device:
             self._configure(cap)
+            self.cap = cap
+            return
         self.cap = cap
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        self.declared = int(count) if count and count > 0 else None
+        self.position, self.ahead = 0, self._grab()
+        if self.ahead is None:
+            self.close()
+            raise SourceError(f"{self.uri}: no frame could be decoded (corrupt or empty video)")
 
     def _configure(self, cap: Any) -> None:
         o = self.opts
@@ -190,23 +226,51 @@ class CaptureSource(Source):
             cap.set(cv2.CAP_PROP_FPS, o.rate)
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # honoured by V4L2 only; the reader thread does the rest
 
-    def read(self) -> tuple[np.ndarray, Truth | None]:
-        if self.cap is None:
-            raise SourceLost(f"{self.uri}: not open")
-        self.pacer.wait()
+    def _grab(self) -> np.ndarray | None:
         ok, image = self.cap.read()
-        if ok and image is not None and image.size:
-            return (image if self.device else _resize_to(image, self.opts)), None
+        return image if ok and image is not None and image.size else None
+
+    def read(self) -> tuple[np.ndarray, Truth | None]:
+        self.pacer.wait()
         if self.device:
-            raise SourceLost(f"{self.uri}: no frame (camera unplugged or stream dropped)")
-        if self.opts.loop < 0 or self.loops_done < self.opts.loop:
-            self.loops_done += 1
-            self.close()
+            if self.cap is None:
+                raise SourceLost(f"{self.uri}: not open")
+            image = self._grab()
+            if image is None:
+                raise SourceLost(f"{self.uri}: no frame (camera unplugged or stream dropped)")
+            self._origin = {**self._origin, "source_frame": self.delivered}
+            self.delivered += 1
+            return image, None
+        while self.ahead is None:  # this pass is over
+            if not self._next_pass():
+                raise EndOfStream
+        image, index = self.ahead, self.position
+        self.ahead, self.position = self._grab(), self.position + 1
+        self._origin = {**self._origin, "source_frame": index}
+        if self.loops_done:
+            self._origin["pass"] = self.loops_done
+        if self.ahead is None and self.declared is not None and self.position < self.declared:
+            self.truncated = {"source": str(self.target), "declared_frames": self.declared,
+                              "decoded_frames": self.position, "passes": self.loops_done + 1}
+            raise FrameError(f"{self.target}: truncated video: it ends at frame {self.position} of the "
+                             f"{self.declared} its header declares; its last frame may be half-decoded",
+                             dict(self._origin), _resize_to(image, self.opts))
+        return _resize_to(image, self.opts), None
+
+    def _next_pass(self) -> bool:
+        """Reopen the file for another pass (``--input-loop``); False when no pass is left."""
+        if not (self.opts.loop < 0 or self.loops_done < self.opts.loop):
+            return False
+        self.loops_done += 1
+        self.close()
+        try:
             self.open()
-            ok, image = self.cap.read()
-            if ok and image is not None and image.size:
-                return _resize_to(image, self.opts), None
-        raise EndOfStream
+        except SourceError:
+            return False
+        return True
+
+    def origin(self) -> dict[str, Any]:
+        return dict(self._origin)
 
     def close(self) -> None:
         if self.cap is not None:
@@ -217,17 +281,19 @@ class CaptureSource(Source):
 # -- image folders and globs ---------------------------------------------------------------------
 
 class ImageListSource(Source):
-    """Images of a folder or a glob, sorted by name; unreadable files are skipped with an event."""
+    """Images of a folder or a glob, sorted by name. An unreadable file (0 bytes, corrupt,
+    truncated) is a :class:`FrameError`: a captured frame with an ERROR verdict, never skipped."""
 
     def __init__(self, uri: str, pattern: str, is_dir: bool, opts: InputOptions,
                  on_skip: Callable[[str, str], None] | None = None) -> None:
         self.uri, self.pattern, self.is_dir, self.opts = uri, pattern, is_dir, opts
         self.live = bool(opts.rate)
-        self.on_skip = on_skip
+        self.on_skip = on_skip  # also told of each unreadable file (path, reason)
         self.files: list[str] = []
         self.index = 0
         self.loops_done = 0
         self.pacer = Pacer(opts.rate)
+        self._origin: dict[str, Any] = {"source": uri, "source_kind": "image"}
 
     def open(self) -> None:
         if self.is_dir:
@@ -244,22 +310,25 @@ class ImageListSource(Source):
     def read(self) -> tuple[np.ndarray, Truth | None]:
         from edgead.data.images import ImageError, read_image
 
-        while True:
-            if self.index >= len(self.files):
-                if not (self.opts.loop < 0 or self.loops_done < self.opts.loop):
-                    raise EndOfStream
-                self.loops_done += 1
-                self.index = 0
-            path = self.files[self.index]
-            self.index += 1
-            try:
-                image = read_image(path)
-            except ImageError as err:
-                if self.on_skip:
-                    self.on_skip(path, str(err))
-                continue
-            self.pacer.wait()
-            return _resize_to(image, self.opts), None
+        if self.index >= len(self.files):
+            if not (self.opts.loop < 0 or self.loops_done < self.opts.loop):
+                raise EndOfStream
+            self.loops_done += 1
+            self.index = 0
+        path = self.files[self.index]
+        self.index += 1
+        self._origin = {"source": path, "source_kind": "image", **({"pass": self.loops_done} if self.loops_done else {})}
+        self.pacer.wait()
+        try:
+            image = read_image(path)
+        except ImageError as err:
+            if self.on_skip:
+                self.on_skip(path, str(err))
+            raise FrameError(str(err), dict(self._origin)) from err
+        return _resize_to(image, self.opts), None
+
+    def origin(self) -> dict[str, Any]:
+        return dict(self._origin)
 
 
 # -- the synthetic conveyor ----------------------------------------------------------------------
@@ -292,6 +361,9 @@ class SyntheticSource(Source):
         image, mask, defect = self.conveyor[self.index]
         self.index += 1
         return image, Truth(defect, mask)
+
+    def origin(self) -> dict[str, Any]:
+        return {"source": self.uri, "source_kind": "synthetic", "source_frame": self.index - 1}
 
 
 # -- URI parsing ---------------------------------------------------------------------------------
