@@ -92,9 +92,10 @@ def engine_only(engine: Any, frames: int, warmup: int) -> dict[str, float]:
 
 
 def full_pipeline(bundle: Any, engine: Any, category: str, frames: int, warmup: int,
-                  stats: RunStats | None = None, use_native: bool = True, frame_size: int | None = None) -> dict[str, Any]:
+                  stats: RunStats | None = None, use_native: bool = True, frame_size: int | None = None,
+                  on_engine: bool = False) -> dict[str, Any]:
     size = frame_size or int(bundle.input_shape[-1])
-    post = Postprocessor(bundle.calibration, use_native=use_native)
+    post = Postprocessor(bundle.calibration, use_native=use_native, on_engine=on_engine)
 
     def pipeline(source: Source, log: JsonlLog, config: PipelineConfig | None = None, **kw: Any) -> Pipeline:
         pipe = Pipeline(source, engine, post, [], log, config, **kw)

@@ -111,12 +111,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
                calib_images: str | Path | None = None, calib_count: int = 64, calib_method: str = "minmax",
                data_root: str | Path | None = None, category: str | None = None, *, golden: bool = True,
                golden_count: int = GOLDEN_IMAGES, golden_normal: int = GOLDEN_NORMAL,
-               golden_images: str | Path | None = None, sign: str | Path | None = None) -> Path:
+               golden_images: str | Path | None = None, sign: str | Path | None = None,
+               postprocess: bool = False) -> Path:
     """Export the run at ``run_dir`` into a bundle at ``out_dir``; returns the bundle folder.
 
     ``golden``: write the golden outputs (``golden_count`` images, ``golden_normal`` of them
     normal; :mod:`edgead.export.golden`). ``sign``: an Ed25519 private key file that signs the
-    finished bundle (:mod:`edgead.core.signing`)."""
+    finished bundle (:mod:`edgead.core.signing`). ``postprocess``: also write the detector graph
+    with the runtime's smoothing and normalisation on the engine (:mod:`edgead.export.postprocess`)."""
     from edgead.training.checkpoint import load_run
 
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -152,6 +154,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
                                      "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
                                      "format": "QDQ (explicit quantisation)"})
 
+    engine_post = None
+    if postprocess:
+        from edgead.export.postprocess import export_postprocess
+
+        engine_post = export_postprocess(out, calibration, info["shapes"], graphs)
     golden_spec = None
     if golden:
         c = detector.config
@@ -159,6 +166,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
                                    n_normal=golden_normal, data_root=data_root, category=category,
                                    folder=golden_images, n_val=calibration.n_images)
     manifest = build_manifest(detector, calibration, meta, run_dir, info, graphs, fallbacks, quantization, golden_spec)
+    if engine_post is not None:
+        manifest.extra["engine_postprocess"] = engine_post
     write_manifest(out, manifest)
     if sign is not None:
         from edgead.core.signing import sign_bundle
@@ -240,13 +249,16 @@ def main(argv: list[str] | None = None) -> int:
                         "certified only against its training run (--against-run)")
     parser.add_argument("--sign", metavar="KEY", help="Ed25519 private key (PEM) that signs the bundle "
                         "(`edgead keygen --out NAME`)")
+    parser.add_argument("--postprocess", action="store_true",
+                        help="also export detector_post: the detector with the map smoothing and the score/map "
+                             "normalisation on the engine (edgead-run --postprocess engine)")
     parser.add_argument("--out", required=True, help="bundle folder to write")
     args = parser.parse_args(argv)
     try:
         out = export_run(args.run, args.out, args.precision, args.calib_images, args.calib_count,
                          args.calib_method, args.data, args.category, golden=not args.no_golden,
                          golden_count=args.golden_count, golden_normal=args.golden_normal,
-                         golden_images=args.golden_images, sign=args.sign)
+                         golden_images=args.golden_images, sign=args.sign, postprocess=args.postprocess)
     except (ExportError, ValueError, OSError, RuntimeError) as exc:
         print(f"edgead export: error: {exc}", file=sys.stderr)
         return 2

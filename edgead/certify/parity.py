@@ -26,10 +26,11 @@ import numpy as np
 
 from edgead.certify import certificate
 from edgead.core import machine
-from edgead.certify.rules import MIN_DECISIVE, TOLERANCES, checks, verdict_agreement
+from edgead.certify.rules import MIN_DECISIVE, POSTPROCESS_ATOL, TOLERANCES, checks, verdict_agreement
 from edgead.core.bundle import FUSED, Bundle, BundleError, load_bundle
 from edgead.core.calibration import Calibration
-from edgead.core.contract import ANOMALY_MAP, SCORE
+from edgead.core.contract import (ANOMALY_MAP, IMAGE, MAP_NORM, POSTPROCESS_GRAPH, POSTPROCESS_OUTPUTS, SCORE,
+                                  SCORE_NORM, SMOOTHED_MAP)
 from edgead.core.engine import Engine, run_batch
 from edgead.core.golden import read_golden
 from edgead.core.postprocess import smooth
@@ -99,9 +100,37 @@ def noise_floor(ref: Outputs, got: Outputs, ref64: Outputs, factor: float) -> di
 
 
 def run_engine(engine: Engine, images: np.ndarray) -> Outputs:
-    """Score (N,) and raw map (N, H, W) of ``engine`` on images (N, C, H, W), one at a time."""
-    scores, maps = run_batch(engine, images)
-    return {SCORE: scores, ANOMALY_MAP: maps}
+    """Score (N,) and raw map (N, H, W) of ``engine`` on images (N, C, H, W), one at a time; plus
+    the post-processing outputs when the engine runs them (``detector_post``)."""
+    if SMOOTHED_MAP not in {spec.name for spec in engine.outputs}:
+        scores, maps = run_batch(engine, images)
+        return {SCORE: scores, ANOMALY_MAP: maps}
+    got: dict[str, list[np.ndarray]] = {name: [] for name in (*OUTPUTS, *POSTPROCESS_OUTPUTS)}
+    for image in images:
+        out = engine.run({IMAGE: image[None].astype(np.float32, copy=False)})
+        for name, values in got.items():
+            if name in (SCORE, SCORE_NORM):
+                values.append(np.asarray(out[name], np.float64).reshape(-1)[0])
+            else:
+                values.append(np.array(out[name], np.float32).reshape(images.shape[-2:]))
+    return {name: np.stack(values) for name, values in got.items()}
+
+
+def postprocess_check(got: Outputs, calibration: Calibration) -> dict[str, Any]:
+    """The engine's post-processing outputs against the host path (smoothing, normalisation)
+    applied to the engine's own raw score and map: the same maths, so within ``POSTPROCESS_ATOL``."""
+    smoothed = smooth(got[ANOMALY_MAP], calibration.sigma)
+    span = max(calibration.map_max - calibration.map_min, 1e-12)
+    host = {SMOOTHED_MAP: smoothed, SCORE_NORM: calibration.normalize(got[SCORE]),
+            MAP_NORM: calibration.normalize_map(smoothed)}
+    bounds = {SMOOTHED_MAP: POSTPROCESS_ATOL * span, SCORE_NORM: POSTPROCESS_ATOL, MAP_NORM: POSTPROCESS_ATOL}
+    out: dict[str, Any] = {}
+    for name, want in host.items():
+        value = np.asarray(got[name], np.float64)
+        err = float(np.abs(value - want).max()) if np.isfinite(value).all() else math.inf
+        out[name] = {"max_abs": err, "bound": bounds[name], "pass": bool(err <= bounds[name])}
+    out["pass"] = all(v["pass"] for v in out.values())
+    return out
 
 
 def _beyond_fp32_bound(ref: Outputs, got: Outputs) -> bool:
@@ -119,7 +148,12 @@ def certify_engine(bundle: Bundle, engine: Engine, precision: str, images: np.nd
     ref64 = None
     if precision == "fp32" and reference64 is not None and _beyond_fp32_bound(reference, got):
         ref64 = reference64() if callable(reference64) else reference64
-    return compare(reference, got, np.asarray(labels).astype(int), masks, bundle.calibration, precision, ref64)
+    out = compare(reference, got, np.asarray(labels).astype(int), masks, bundle.calibration, precision, ref64)
+    if SMOOTHED_MAP in got:
+        out["postprocess"] = post = postprocess_check(got, bundle.calibration)
+        out["checks"]["postprocess"] = post["pass"]
+        out["pass"] = out["pass"] and post["pass"]
+    return out
 
 
 def certify(bundle_dir: str | Path | Bundle, images: np.ndarray, masks: np.ndarray | None, labels: np.ndarray,
@@ -142,24 +176,34 @@ def certify(bundle_dir: str | Path | Bundle, images: np.ndarray, masks: np.ndarr
               "n_images": int(len(images)), "n_anomalous": int(np.asarray(labels).sum()),
               "tolerances": TOLERANCES, "min_decisive": MIN_DECISIVE, "machine": machine.describe(),
               "results": results}
+    graphs = [g for g in (FUSED, POSTPROCESS_GRAPH) if g in bundle.spec.graphs]
     for backend in backends:
-        for precision in precisions or bundle.precisions(FUSED):
-            key = f"{backend}/{precision}"
-            try:
-                engine = open_engine(bundle, backend, precision, **(engine_kw or {}).get(backend, {}))
-            except EngineError as exc:
-                results[key] = {"skipped": str(exc)}
-                continue
-            try:
-                results[key] = stats = certify_engine(bundle, engine, precision, images, masks, labels, reference,
-                                                      reference64)
-                stats["device"] = certificate.device_of(engine).label
-                if write:
-                    path = certificate.write_certificate(bundle, engine, precision, summary(stats, report))
-                    stats["certificate"] = str(path)
-            finally:
-                engine.close()
+        for graph in graphs:
+            for precision in precisions or bundle.precisions(graph):
+                key = f"{backend}/{precision}" + ("" if graph == FUSED else f" {graph}")
+                results[key] = _certify_one(bundle, backend, precision, graph, images, masks, labels, reference,
+                                            reference64, report if write else None, (engine_kw or {}).get(backend, {}))
     return report
+
+
+def _certify_one(bundle: Bundle, backend: str, precision: str, graph: str, images: np.ndarray,
+                 masks: np.ndarray | None, labels: np.ndarray, reference: Outputs,
+                 reference64: Outputs | Callable[[], Outputs] | None, report: dict[str, Any] | None,
+                 engine_kw: dict[str, Any]) -> dict[str, Any]:
+    """One engine's statistics; with ``report``, also its certificate written beside the graph."""
+    try:
+        engine = open_engine(bundle, backend, precision, graph=graph, **engine_kw)
+    except (EngineError, BundleError) as exc:
+        return {"skipped": str(exc)}
+    try:
+        stats = certify_engine(bundle, engine, precision, images, masks, labels, reference, reference64)
+        stats["device"] = certificate.device_of(engine).label
+        if report is not None:
+            path = certificate.write_certificate(bundle, engine, precision, summary(stats, report), graph)
+            stats["certificate"] = str(path)
+        return stats
+    finally:
+        engine.close()
 
 
 def certify_golden(bundle_dir: str | Path | Bundle, backends: Sequence[str] = ("onnxruntime",),
@@ -204,6 +248,7 @@ def summary(stats: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
                       "reference": report["reference"], "score_max_abs": stats[SCORE]["max_abs"],
                       "score_max_rel": stats[SCORE]["max_rel"], "map_max_abs": stats[ANOMALY_MAP]["max_abs"],
                       "map_p99_abs": stats[ANOMALY_MAP]["p99_abs"], "fp64": stats.get("fp64"),
+                      "postprocess": stats.get("postprocess"),
                       **{k: end[k] for k in keep}})
 
 

@@ -31,12 +31,19 @@ the band are the *decisive* ones: the certificate needs at least ``MIN_DECISIVE`
 and ≥ 99% of them must agree (with fewer than 100 decisive images: none may flip). Each
 certificate also states the 95% upper confidence bound on the flip rate that its count supports
 (Clopper-Pearson: 3/n for no flip).
+
+Post-processing on the engine (``detector_post``): its smoothed map, normalised score and
+normalised map must equal the host path applied to the engine's own raw outputs within
+``POSTPROCESS_ATOL`` (of the calibrated map range for the smoothed map, absolute for the [0, 1]
+normalised outputs) at every precision: it is an FP32 island, so only summation order differs.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+POSTPROCESS_ATOL = 1e-5
 
 import numpy as np
 

@@ -42,6 +42,11 @@ class Calibration:
         span = max(self.score_max - self.score_min, 1e-12)
         return np.clip((np.asarray(raw, dtype=np.float64) - self.image_threshold) / span + 0.5, 0.0, 1.0)
 
+    def normalize_map(self, smoothed: np.ndarray) -> np.ndarray:
+        """A smoothed map in [0, 1] on the calibration's map range (the heat map's scale)."""
+        span = max(self.map_max - self.map_min, 1e-12)
+        return np.clip((np.asarray(smoothed, dtype=np.float64) - self.map_min) / span, 0.0, 1.0)
+
     def verdict(self, raw: float) -> str:
         """OK / NG for a raw score; NaN or Inf is an ERROR, never an OK."""
         if not np.isfinite(raw):

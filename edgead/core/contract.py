@@ -11,6 +11,11 @@ IMAGE = "image"
 SCORE = "score"
 ANOMALY_MAP = "anomaly_map"
 OUTPUT_NAMES = (SCORE, ANOMALY_MAP)
+# The optional post-processing on the engine (``edgead export --postprocess``): the map smoothed
+# with the calibration's sigma (raw units, what regions threshold), the normalised score and map.
+SMOOTHED_MAP, SCORE_NORM, MAP_NORM = "smoothed_map", "score_norm", "map_norm"
+POSTPROCESS_OUTPUTS = (SMOOTHED_MAP, SCORE_NORM, MAP_NORM)
+POSTPROCESS_GRAPH = "detector_post"  # the fused detector + post-processing graph
 
 OK, NG, ERROR = "OK", "NG", "ERROR"
 VERDICTS = (OK, NG, ERROR)

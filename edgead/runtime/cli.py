@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads of the onnxruntime engine (default: onnxruntime's own choice)")
+    p.add_argument("--postprocess", choices=("host", "engine"), default="host",
+                   help="where the map is smoothed and normalised: on this host's CPU (default), or on the engine "
+                        "(the bundle's detector_post graph, `edgead export --postprocess`; certified like the detector)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="run a bundle that fails its checksums or has no passing parity certificate")
     cert = p.add_mutually_exclusive_group()
@@ -296,7 +299,8 @@ def _open_log(state: _State) -> Any:
 
 
 def _inspect(state: _State, uri: str, outputs: list[str], stack: ExitStack) -> int:
-    from edgead.core.bundle import BundleError
+    from edgead.core.bundle import FUSED, BundleError
+    from edgead.core.contract import POSTPROCESS_GRAPH
     from edgead.core.engine import EngineError
     from edgead.runtime.infer import BundleRefused, describe_engine, open_certified_engine
     from edgead.runtime.log import LogError
@@ -316,7 +320,8 @@ def _inspect(state: _State, uri: str, outputs: list[str], stack: ExitStack) -> i
     try:  # the model first: a refused bundle should fail before a camera is grabbed
         bundle, engine, certificate = open_certified_engine(
             args.model, args.backend, args.precision, threads=args.threads, allow_unverified=args.allow_unverified,
-            trust=args.trust, certify=args.certify, warn=warn, say=say)
+            trust=args.trust, certify=args.certify, warn=warn, say=say,
+            graph=POSTPROCESS_GRAPH if args.postprocess == "engine" else FUSED)
         stack.enter_context(closing(engine))
     except (BundleRefused, BundleError, EngineError) as err:
         raise _Refused(str(err), EXIT_MODEL) from err
@@ -353,16 +358,18 @@ def _inspect(state: _State, uri: str, outputs: list[str], stack: ExitStack) -> i
     config = PipelineConfig(policy=policy, max_frames=args.frames, fail_safe_output=args.fail_safe_output,
                             out_of_range=args.out_of_range,
                             backoff=Backoff(cap=args.reconnect_max_delay, max_attempts=args.reconnect_attempts))
-    pipeline = Pipeline(source, engine, Postprocessor(cal), sinks, log, config, alerts=state.alerts)
+    post = Postprocessor(cal, on_engine=args.postprocess == "engine")
+    pipeline = Pipeline(source, engine, post, sinks, log, config, alerts=state.alerts)
     running.append(pipeline)
     mode = "live" if source.live else ("read on demand" if policy == "block" else "read ahead")
     say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{args.precision}, "
         f"input {uri} ({mode}, drop policy {policy}), results {results}; "
-        f"{describe_native(pipeline.pre, pipeline.post)}")
+        f"{describe_native(pipeline.pre, pipeline.post)}; map smoothing and normalisation on the {args.postprocess}")
     state.guard.running(pipeline.stop)
     result = pipeline.run()
     state.guard.finishing()
     summary = {"model": str(bundle.root), "detector": bundle.detector, "engine": describe_engine(engine),
+               "postprocess": args.postprocess,
                "input": uri, "results": str(results), "drop_policy": policy, "stop_reason": result.stop_reason,
                **result.summary}
     if sink_summaries := pipeline.sink_summaries():

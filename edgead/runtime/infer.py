@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgead.core.bundle import Bundle, BundleError, load_bundle
+from edgead.core.bundle import FUSED, Bundle, BundleError, load_bundle
 from edgead.core.contract import ANOMALY_MAP as MAP
-from edgead.core.contract import SCORE
+from edgead.core.contract import POSTPROCESS_GRAPH, SCORE
 from edgead.core.engine import Engine, EngineError
 
 CERTIFY_MODES = ("auto", "always", "never")
@@ -58,17 +58,22 @@ def _check_trust(bundle: Bundle, trust: str | None) -> None:
 
 
 def load_checked_bundle(path: str, backend: str, precision: str, allow_unverified: bool = False,
-                        warn: Callable[[str], None] = print, trust: str | None = None) -> Bundle:
+                        warn: Callable[[str], None] = print, trust: str | None = None, graph: str = FUSED) -> Bundle:
     """Load ``path``: checksums, sanity, and (with ``trust``) the signature. The certificate is
     checked once the engine is open (:func:`open_certified_engine`): it is bound to the engine."""
     bundle = _verified_bundle(path, allow_unverified, warn)
     _check_trust(bundle, trust)
-    bundle.graph_path("detector", precision)  # a missing precision is a clear BundleError now
+    if graph == POSTPROCESS_GRAPH and graph not in bundle.spec.graphs:
+        raise BundleError(f"{bundle.root}: no post-processing graph; re-export with `edgead export --postprocess`, "
+                          "or run with --postprocess host")
+    bundle.graph_path(graph, precision)  # a missing precision is a clear BundleError now
     return bundle
 
 
-def open_bundle_engine(bundle: Bundle, backend: str, precision: str, threads: int | None = None) -> Engine:
-    """The fused detector graph of ``bundle`` as an :class:`Engine` (no torch involved).
+def open_bundle_engine(bundle: Bundle, backend: str, precision: str, threads: int | None = None,
+                       graph: str = FUSED) -> Engine:
+    """The fused detector graph of ``bundle`` (or ``detector_post``, the same with the post-processing
+    on the engine) as an :class:`Engine` (no torch involved).
 
     ``threads`` caps ONNX Runtime's intra-op threads: on a small CPU, leaving a core to capture
     and pre/post-processing can be worth more than a faster engine.
@@ -77,14 +82,15 @@ def open_bundle_engine(bundle: Bundle, backend: str, precision: str, threads: in
 
     kw = {"intra_op_num_threads": threads} if threads and backend == "onnxruntime" else {}
     try:
-        return open_engine(bundle, backend=backend, precision=precision, graph="detector", **kw)
+        return open_engine(bundle, backend=backend, precision=precision, graph=graph, **kw)
     except (BundleError, EngineError):
         raise
     except Exception as err:  # noqa: BLE001 - a backend's own exception becomes an EngineError
         raise EngineError(f"cannot open {backend}/{precision} engine of {bundle.root}: {err}") from err
 
 
-def _certify_here(bundle: Bundle, engine: Engine, precision: str, say: Callable[[str], Any]) -> dict[str, Any]:
+def _certify_here(bundle: Bundle, engine: Engine, precision: str, say: Callable[[str], Any],
+                  graph: str = FUSED) -> dict[str, Any]:
     """Certify the open engine against the bundle's golden outputs; write this device's certificate."""
     from edgead.certify.certificate import device_of, write_certificate
     from edgead.certify.parity import certify_engine, summary
@@ -101,7 +107,7 @@ def _certify_here(bundle: Bundle, engine: Engine, precision: str, say: Callable[
                            golden.reference64)
     report = {"data": golden.description, "n_images": len(golden.images), "n_anomalous": int(golden.labels.sum()),
               "reference": golden.spec.reference}
-    path = write_certificate(bundle, engine, precision, summary(stats, report))
+    path = write_certificate(bundle, engine, precision, summary(stats, report), graph)
     end, failed = stats["end"], [k for k, ok in stats["checks"].items() if ok is False]
     say(f"edgead-run: certification {'PASS' if stats['pass'] else 'FAIL (' + ', '.join(failed) + ')'} in "
         f"{time.monotonic() - started:.1f} s: {end['n_decisive']} decisive images, "
@@ -112,7 +118,7 @@ def _certify_here(bundle: Bundle, engine: Engine, precision: str, say: Callable[
 
 def check_certificate(bundle: Bundle, engine: Engine, backend: str, precision: str, certify: str = "auto",
                       allow_unverified: bool = False, warn: Callable[[str], None] = print,
-                      say: Callable[[str], Any] = print) -> dict[str, str]:
+                      say: Callable[[str], Any] = print, graph: str = FUSED) -> dict[str, str]:
     """Require a passing certificate of this device for ``engine``; certify first when ``certify``
     is "always", or "auto" and the bundle has no certificate at all for ``backend/precision``.
     Returns the engine's status for the sinks: {"status": "certified"|"unverified", "detail"}."""
@@ -121,13 +127,13 @@ def check_certificate(bundle: Bundle, engine: Engine, backend: str, precision: s
     if certify not in CERTIFY_MODES:
         raise ValueError(f"certify must be one of {CERTIFY_MODES}, got {certify!r}")
     try:
-        finding = find_certificate(bundle, engine, precision)
+        finding = find_certificate(bundle, engine, precision, graph)
         wanted = certify == "always" or (certify == "auto" and finding.none_at_all)
         if wanted and not bundle.verified:
             warn("WARNING: not certifying a bundle that failed its checksums")
         elif wanted:
-            _certify_here(bundle, engine, precision, say)
-            finding = find_certificate(bundle, engine, precision)
+            _certify_here(bundle, engine, precision, say, graph)
+            finding = find_certificate(bundle, engine, precision, graph)
     except CertificateError as err:
         raise BundleRefused(f"refusing bundle: {err}") from err
     if finding.problem is None:
@@ -146,22 +152,24 @@ def check_certificate(bundle: Bundle, engine: Engine, backend: str, precision: s
 
 def open_certified_engine(path: str, backend: str, precision: str, *, threads: int | None = None,
                           allow_unverified: bool = False, trust: str | None = None, certify: str = "auto",
-                          warn: Callable[[str], None] = print,
-                          say: Callable[[str], Any] = print) -> tuple[Bundle, Engine, dict[str, str]]:
+                          warn: Callable[[str], None] = print, say: Callable[[str], Any] = print,
+                          graph: str = FUSED) -> tuple[Bundle, Engine, dict[str, str]]:
     """Everything a station checks before its first frame; returns the bundle, its open engine
-    and the engine's certificate status (see :func:`check_certificate`)."""
-    bundle = load_checked_bundle(path, backend, precision, allow_unverified, warn, trust)
-    engine = open_bundle_engine(bundle, backend, precision, threads)
+    and the engine's certificate status (see :func:`check_certificate`). ``graph``: ``detector``,
+    or ``detector_post`` for the post-processing on the engine."""
+    bundle = load_checked_bundle(path, backend, precision, allow_unverified, warn, trust, graph)
+    engine = open_bundle_engine(bundle, backend, precision, threads, graph)
     try:
-        status = check_certificate(bundle, engine, backend, precision, certify, allow_unverified, warn, say)
+        status = check_certificate(bundle, engine, backend, precision, certify, allow_unverified, warn, say, graph)
     except BaseException:
         engine.close()
         raise
     return bundle, engine, status
 
 
-def take_outputs(outputs: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
-    """(raw score, map HxW float32) copied out of the engine's buffers.
+def take_outputs(outputs: dict[str, np.ndarray], map_name: str = MAP) -> tuple[float, np.ndarray]:
+    """(raw score, map HxW float32) copied out of the engine's buffers; ``map_name`` is
+    ``smoothed_map`` when the engine runs the post-processing (``--postprocess engine``).
 
     Copies because a CUDA engine's output buffers belong to the slot and are overwritten by its
     next run. Raises :class:`EngineError` on a missing output or any NaN/Inf in any output, so a
@@ -170,10 +178,10 @@ def take_outputs(outputs: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
     for name, value in outputs.items():
         if not np.isfinite(np.asarray(value, dtype=np.float32)).all():
             raise EngineError(f"engine output {name!r} contains NaN/Inf")
-    if SCORE not in outputs or MAP not in outputs:
-        raise EngineError(f"engine outputs {sorted(outputs)}, expected {SCORE!r} and {MAP!r}")
+    if SCORE not in outputs or map_name not in outputs:
+        raise EngineError(f"engine outputs {sorted(outputs)}, expected {SCORE!r} and {map_name!r}")
     score = float(np.asarray(outputs[SCORE]).reshape(-1)[0])
-    amap = np.array(outputs[MAP], dtype=np.float32, copy=True)
+    amap = np.array(outputs[map_name], dtype=np.float32, copy=True)
     return score, amap.reshape(amap.shape[-2:])
 
 

@@ -301,7 +301,7 @@ class Pipeline:
 
     def _finish(self, job: Job) -> None:
         try:
-            job.score, job.anomaly_map = take_outputs(self.engine.synchronize(job.slot))
+            job.score, job.anomaly_map = take_outputs(self.engine.synchronize(job.slot), self.post.map_output)
             self._release(job, None)
         except Exception as exc:  # noqa: BLE001 - engine failure or NaN/Inf: ERROR verdict
             self._release(job, f"engine: {exc}")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgead.core.calibration import Calibration
-from edgead.core.contract import ERROR
+from edgead.core.contract import ANOMALY_MAP, ERROR, SMOOTHED_MAP
 from edgead.core.postprocess import Region, gaussian_kernel, regions, smooth, to_frame
 from edgead.runtime import native as native_core
 
@@ -58,12 +58,17 @@ def error_inspection(message: str) -> Inspection:
 
 
 class Postprocessor:
-    def __init__(self, calibration: Calibration, min_area: int = MIN_REGION_AREA, use_native: bool = True) -> None:
+    def __init__(self, calibration: Calibration, min_area: int = MIN_REGION_AREA, use_native: bool = True,
+                 on_engine: bool = False) -> None:
         self.calibration = calibration
-        self.sigma = calibration.sigma  # the smoothing the thresholds were calibrated with
+        # The smoothing the thresholds were calibrated with; none here when the engine already
+        # applied it (detector_post: the pipeline then takes its smoothed_map).
+        self.on_engine = on_engine
+        self.map_output = SMOOTHED_MAP if on_engine else ANOMALY_MAP
+        self.sigma = 0.0 if on_engine else calibration.sigma
         self.min_area = min_area
         self.native = use_native and native_core.postprocess_ok(float(self.sigma))
-        self._kernel = gaussian_kernel(self.sigma) if self.sigma > 0 else None
+        self._kernel = gaussian_kernel(self.sigma) if self.sigma > 0 else np.ones(1, np.float32)
 
     def __call__(self, score: float, anomaly_map: np.ndarray, frame_hw: tuple[int, int]) -> Inspection:
         cal = self.calibration
