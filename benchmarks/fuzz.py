@@ -251,6 +251,8 @@ def manifest_verdict(bundle_dir: Path, original: bytes, payload: bytes) -> tuple
 
 def fuzz(name: str, strategy: st.SearchStrategy, check, n: int, tally: dict[str, Any]) -> None:
     """Run ``check(case) -> (outcome, violations)`` on ``n`` hypothesis cases; count, never stop."""
+    if n <= 0:
+        return
     outcomes: Counter = Counter()
     violations: list[str] = []
 

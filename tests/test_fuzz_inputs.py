@@ -1,7 +1,7 @@
 """Fuzzing (hypothesis) of what a station is fed, with the real small bundle and ONNX Runtime: mutated
 image files and folders of good and bad entries always end in an ERROR verdict with its reason or
-a verdict on real pixels, never a crash; mutated manifests are refused with a BundleError (not yet:
-see the xfail). The oracles live in benchmarks/fuzz.py, which runs many more cases."""
+a verdict on real pixels, never a crash; mutated manifests (retyped, missing or
+extra keys, damaged bytes) load or are refused with a BundleError, never another exception. The oracles live in benchmarks/fuzz.py, which runs many more cases."""
 
 from __future__ import annotations
 
@@ -63,9 +63,6 @@ def bundle_copy(bundle, tmp_path_factory):  # noqa: F811
     return dst, (dst / "manifest.json").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="load_bundle reads the manifest untyped: a retyped or missing key raises "
-                                       "KeyError/AttributeError/TypeError, not BundleError (the typed manifest of "
-                                       "issue 14 fixes it; then drop this mark)")
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_mutated_manifest_is_loaded_or_refused_with_a_bundle_error(bundle_copy, data):

@@ -109,7 +109,12 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{root}: not a bundle (no {MANIFEST}); create one with `edgead export`")
-    data = parse_manifest_text(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BundleError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): the file is damaged; "
+                          "re-export the bundle") from err
+    data = parse_manifest_text(text, str(path))
     if verify and data.get("schema") == SCHEMA_VERSION:
         verify_manifest(path, data)  # first: an edited manifest is reported as edited
     spec = Manifest.from_dict(data, str(path))
