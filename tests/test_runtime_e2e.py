@@ -144,8 +144,8 @@ def test_frame_errors_give_their_own_exit_code(bundle, tmp_path, monkeypatch):
     import edgead.runtime.infer as infer
     from edgead.engines import open_engine
 
-    def nan_engine(b, backend, precision, threads=None):
-        engine = open_engine(b, backend, precision)
+    def nan_engine(b, backend, precision, threads=None, graph=None):
+        engine = open_engine(b, backend, precision, **({"graph": graph} if graph else {}))
         real = engine.run
 
         def run(feeds):
