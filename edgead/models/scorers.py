@@ -22,10 +22,15 @@ class L1Map(nn.Module):
         return (image - recon).abs().mean(dim=1, keepdim=True)
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
+def gaussian_1d(size: int = 11, sigma: float = 1.5) -> Tensor:
     coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
+    return g / g.sum()
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
+    """The 2-D window: the outer product of :func:`gaussian_1d` with itself."""
+    g = gaussian_1d(size, sigma)
     return torch.outer(g, g)
 
 
@@ -35,25 +40,36 @@ class SSIMMap(nn.Module):
     One Gaussian 11x11 window (sigma 1.5) for training and testing alike: the public SSIM-AE port
     trains with a Gaussian window and tests with a uniform one, so its scores drift.
     Reflect padding keeps the map the input's size without a dark border.
+
+    The Gaussian is separable, so the five blurs (a, b, a², b², ab) run as one stacked depthwise
+    1x11 pass and one 11x1 pass: the same window, 2x11 instead of 121 taps per pixel (the 2-D
+    blurs were 77% of the SSIM-AE's ONNX Runtime time at 256²).
     """
 
     def __init__(self, channels: int, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> None:
         super().__init__()
-        kernel = gaussian_window(window, sigma).expand(channels, 1, window, window).contiguous()
-        self.register_buffer("kernel", kernel, persistent=False)
+        g = gaussian_1d(window, sigma)
+        n = 5 * channels  # the five blurred quantities, stacked on the channel axis
+        self.register_buffer("kernel_w", g.view(1, 1, 1, window).expand(n, 1, 1, window).contiguous(),
+                             persistent=False)
+        self.register_buffer("kernel_h", g.view(1, 1, window, 1).expand(n, 1, window, 1).contiguous(),
+                             persistent=False)
         self.channels = channels
         self.pad = window // 2
         self.c1 = (0.01 * data_range) ** 2
         self.c2 = (0.03 * data_range) ** 2
 
     def _blur(self, x: Tensor) -> Tensor:
-        return F.conv2d(F.pad(x, [self.pad] * 4, mode="reflect"), self.kernel, groups=self.channels)
+        x = F.pad(x, [self.pad] * 4, mode="reflect")
+        x = F.conv2d(x, self.kernel_w, groups=x.shape[1])
+        return F.conv2d(x, self.kernel_h, groups=x.shape[1])
 
     def ssim(self, a: Tensor, b: Tensor) -> Tensor:
-        mu_a, mu_b = self._blur(a), self._blur(b)
-        var_a = self._blur(a * a) - mu_a * mu_a
-        var_b = self._blur(b * b) - mu_b * mu_b
-        cov = self._blur(a * b) - mu_a * mu_b
+        blurred = self._blur(torch.cat([a, b, a * a, b * b, a * b], dim=1))
+        mu_a, mu_b, aa, bb, ab = blurred.chunk(5, dim=1)
+        var_a = aa - mu_a * mu_a
+        var_b = bb - mu_b * mu_b
+        cov = ab - mu_a * mu_b
         num = (2 * mu_a * mu_b + self.c1) * (2 * cov + self.c2)
         den = (mu_a * mu_a + mu_b * mu_b + self.c1) * (var_a + var_b + self.c2)
         return num / den
