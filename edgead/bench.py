@@ -50,7 +50,7 @@ def _parity_parser() -> argparse.ArgumentParser:
                "certificate beside the graph (unless --no-write); exit 0 when every engine passes.")
     parser.add_argument("bundle")
     parser.add_argument("--backend", "--backends", dest="backends", nargs="+", default=["onnxruntime"],
-                        choices=["onnxruntime", "tensorrt"])
+                        choices=["onnxruntime", "openvino", "tensorrt"])
     parser.add_argument("--precision", "--precisions", dest="precisions", nargs="+",
                         choices=["fp32", "fp16", "int8"], help="default: every precision in the bundle")
     parser.add_argument("--against-run", "--run", dest="run", metavar="RUN",
@@ -113,13 +113,13 @@ def latency_main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="edgead bench latency", description=latency.__doc__.split("\n\n")[0])
     parser.add_argument("bundle")
-    parser.add_argument("--backend", nargs="+", default=["onnxruntime"], choices=["onnxruntime", "tensorrt"])
+    parser.add_argument("--backend", nargs="+", default=["onnxruntime"], choices=["onnxruntime", "openvino", "tensorrt"])
     parser.add_argument("--precision", nargs="+", help="default: every precision in the bundle")
     parser.add_argument("--warmup-ms", type=float, default=200.0)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--iterations", type=int)
     group.add_argument("--duration", type=float, default=3.0, help="seconds (default 3, at least 10 iterations)")
-    parser.add_argument("--threads", type=int, help="CPU threads (onnxruntime intra-op, torch)")
+    parser.add_argument("--threads", type=int, help="CPU threads (onnxruntime intra-op, openvino, torch)")
     parser.add_argument("--run", help="training run for the PyTorch baseline (default: recorded at export)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the PyTorch-eager baseline")
     parser.add_argument("--no-components", action="store_true", help="skip the per-component timing")

@@ -178,7 +178,8 @@ def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run, or an engine of a bundle, on the test split")
     p.add_argument("run", help="training run, or bundle (then --backend/--precision choose the engine)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"], help="bundle only")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino", "tensorrt"],
+                   help="bundle only")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="bundle only")
     _add_data_arguments(p, test=True)
     p.add_argument("--out", default=None, help="default: RUN/eval, or BUNDLE-eval-BACKEND-PRECISION beside a bundle")

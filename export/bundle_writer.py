@@ -5,10 +5,12 @@ precision, plus ``manifest.json`` (schema in :mod:`edgead.core.bundle`) with the
 
 INT8: each component is quantised on its own (its inputs are the FP32 chain's intermediate
 tensors on the calibration images) and certified by substituting it into the FP32 chain (see
-:data:`export.int8.COMPONENT_TOLERANCE`); a component that fails falls back to FP16, then FP32
-(``precision_fallbacks``). The fused INT8 graph is then *assembled* from those per-component
-choices with :func:`export.onnx_export.chain_graphs` rather than re-quantising the fused graph:
-one calibration, one set of scales, and the fused graph is by construction the certified chain.
+:data:`export.int8.COMPONENT_TOLERANCE`); a component that fails falls back to FP32 (the default,
+``--int8-fallback fp32``: CPU stations, where an FP16 graph runs through Casts) or to FP16, then
+FP32 (``--int8-fallback fp16``: GPU stations), recorded in ``precision_fallbacks``. The fused
+INT8 graph is then *assembled* from those per-component choices with
+:func:`export.onnx_export.chain_graphs` rather than re-quantising the fused graph: one
+calibration, one set of scales, and the fused graph is by construction the certified chain.
 FP32 graphs are always written: they are the reference and the source of the others.
 
 Golden outputs (:mod:`edgead.export.golden`): a fixed number of validation images and labelled
@@ -39,7 +41,7 @@ from edgead.models.base import Detector
 from edgead.models.blocks import SignedRange
 from edgead.export.fp16 import export_fp16
 from edgead.export.golden import GOLDEN_IMAGES, GOLDEN_NORMAL, write_golden
-from edgead.export.int8 import CALIB_METHODS, open_sessions, output_errors, run_chain, select_precisions
+from edgead.export.int8 import CALIB_METHODS, INT8_FALLBACKS, open_sessions, output_errors, run_chain, select_precisions
 from edgead.export.onnx_export import ExportError, chain_graphs, export_detector, not_exportable_reason
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -112,18 +114,22 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
                data_root: str | Path | None = None, category: str | None = None, *, golden: bool = True,
                golden_count: int = GOLDEN_IMAGES, golden_normal: int = GOLDEN_NORMAL,
                golden_images: str | Path | None = None, sign: str | Path | None = None,
-               postprocess: bool = False) -> Path:
+               postprocess: bool = False, int8_fallback: str = "fp32") -> Path:
     """Export the run at ``run_dir`` into a bundle at ``out_dir``; returns the bundle folder.
 
     ``golden``: write the golden outputs (``golden_count`` images, ``golden_normal`` of them
     normal; :mod:`edgead.export.golden`). ``sign``: an Ed25519 private key file that signs the
     finished bundle (:mod:`edgead.core.signing`). ``postprocess``: also write the detector graph
-    with the runtime's smoothing and normalisation on the engine (:mod:`edgead.export.postprocess`)."""
+    with the runtime's smoothing and normalisation on the engine (:mod:`edgead.export.postprocess`).
+    ``int8_fallback``: the precision of a component that fails INT8 (fp32 for CPU stations, fp16
+    for GPU stations)."""
     from edgead.training.checkpoint import load_run
 
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise ExportError(f"unknown precision(s) {unknown}; choose from {PRECISIONS}")
+    if int8_fallback not in INT8_FALLBACKS:
+        raise ExportError(f"unknown INT8 fallback {int8_fallback!r}; choose from {sorted(INT8_FALLBACKS)}")
     if calib_method not in CALIB_METHODS:
         raise ExportError(f"unknown calibration method {calib_method!r}; choose from {sorted(CALIB_METHODS)}")
     run_dir = Path(run_dir).resolve()
@@ -149,8 +155,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
         c = detector.config
         images, source = calibration_images(meta, c.image_size, c.channels, calib_images, data_root, category,
                                             calib_count)
-        quantization["int8"] = assemble_int8(out, components, images, calib_method, graphs, fallbacks)
-        quantization["int8"].update({"method": calib_method, "images": int(len(images)), "source": source,
+        quantization["int8"] = assemble_int8(out, components, images, calib_method, graphs, fallbacks,
+                                             int8_fallback)
+        quantization["int8"].update({"method": calib_method, "fallback": int8_fallback,
+                                     "images": int(len(images)), "source": source,
                                      "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
                                      "format": "QDQ (explicit quantisation)"})
 
@@ -177,9 +185,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
 
 
 def assemble_int8(out: Path, components: list[dict[str, Any]], images: np.ndarray, method: str,
-                  graphs: dict[str, dict[str, str]], fallbacks: dict[str, dict[str, str]]) -> dict[str, Any]:
+                  graphs: dict[str, dict[str, str]], fallbacks: dict[str, dict[str, str]],
+                  fallback: str = "fp32") -> dict[str, Any]:
     """Per-component INT8 with fallbacks, then the fused INT8 graph chained from the choices."""
-    selected = select_precisions(out, components, images, "int8", method, make_fp16=export_fp16)
+    selected = select_precisions(out, components, images, "int8", method, make_fp16=export_fp16, fallback=fallback)
     for name, precision in selected["choice"].items():
         graphs[name]["int8"] = selected["files"][name]
         if precision != "int8":
@@ -237,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the run's training images)")
     parser.add_argument("--calib-count", type=int, default=64, help="INT8 calibration images (default 64)")
     parser.add_argument("--calib-method", default="minmax", choices=sorted(CALIB_METHODS))
+    parser.add_argument("--int8-fallback", default="fp32", choices=("fp32", "fp16"),
+                        help="precision of a component that fails INT8: fp32 (default; CPU stations, where "
+                             "ONNX Runtime and OpenVINO run FP16 through casts) or fp16 (GPU stations)")
     parser.add_argument("--data", help="MVTec root for calibration when the run's is elsewhere")
     parser.add_argument("--category", help="category under --data")
     parser.add_argument("--golden-count", type=int, default=GOLDEN_IMAGES,
@@ -258,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         out = export_run(args.run, args.out, args.precision, args.calib_images, args.calib_count,
                          args.calib_method, args.data, args.category, golden=not args.no_golden,
                          golden_count=args.golden_count, golden_normal=args.golden_normal,
-                         golden_images=args.golden_images, sign=args.sign, postprocess=args.postprocess)
+                         golden_images=args.golden_images, sign=args.sign, postprocess=args.postprocess,
+                         int8_fallback=args.int8_fallback)
     except (ExportError, ValueError, OSError, RuntimeError) as exc:
         print(f"edgead export: error: {exc}", file=sys.stderr)
         return 2

@@ -177,6 +177,9 @@ COMPONENT_TOLERANCE = {
     for precision in ("int8", "fp16")
 }
 FALLBACK_ORDER = {"int8": ("int8", "fp16", "fp32"), "fp16": ("fp16", "fp32")}
+# Where a component that fails INT8 goes: FP32 for CPU stations (ONNX Runtime's CPU provider and
+# OpenVINO run an FP16 graph through Casts, slower than FP32), FP16 for GPU stations (TensorRT).
+INT8_FALLBACKS = {"fp32": ("int8", "fp32"), "fp16": ("int8", "fp16", "fp32")}
 
 
 def open_sessions(paths: dict[str, Path]) -> dict[str, object]:
@@ -216,9 +219,11 @@ def within_tolerance(err: dict[str, float], precision: str = "int8") -> bool:
 
 
 def select_precisions(out_dir: Path, components: Sequence[dict], images: np.ndarray, target: str = "int8",
-                      method: str = "minmax", make_fp16: Callable[[Path, Path], object] | None = None) -> dict:
+                      method: str = "minmax", make_fp16: Callable[[Path, Path], object] | None = None,
+                      fallback: str = "fp16") -> dict:
     """Build each component's ``target`` graph and keep it where it passes, else fall back
-    (int8 -> fp16 -> fp32). ``make_fp16(fp32_path, fp16_path)`` writes an FP16 graph on demand.
+    (int8 -> ``fallback`` -> fp32; :data:`INT8_FALLBACKS`). ``make_fp16(fp32_path, fp16_path)``
+    writes an FP16 graph on demand.
 
     Returns ``{"choice": {comp: precision}, "files": {comp: filename}, "components": {comp:
     report}}``. Graphs written here and not chosen are deleted again.
@@ -233,7 +238,8 @@ def select_precisions(out_dir: Path, components: Sequence[dict], images: np.ndar
         name = comp["name"]
         trials: dict[str, dict] = {}
         created: list[Path] = []
-        for precision in FALLBACK_ORDER[target]:
+        order = INT8_FALLBACKS[fallback] if target == "int8" else FALLBACK_ORDER[target]
+        for precision in order:
             path = out_dir / f"{name}.{precision}.onnx"
             if precision == "fp32":
                 trials["fp32"] = {"pass": True}

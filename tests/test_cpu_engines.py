@@ -53,3 +53,72 @@ def test_separable_ssim_equals_2d_window(channels: int) -> None:
     # the 1-D taps are the 2-D window's marginals
     assert torch.allclose(torch.outer(ssim.kernel_w[0, 0, 0], ssim.kernel_h[0, 0, :, 0]),
                           gaussian_window(), atol=1e-8)
+
+
+# ---------------------------------------------------------------- OpenVINO engine
+def test_openvino_fp32_parity_certificate_and_cache(bundle: Path) -> None:
+    pytest.importorskip("openvino")
+    from edgead.certify.certificate import find_certificate
+    from edgead.certify.parity import certify_golden
+    from edgead.core.bundle import load_bundle
+    from edgead.engines import open_engine
+
+    report = certify_golden(bundle, backends=("openvino",), precisions=("fp32",))
+    stats = report["results"]["openvino/fp32"]
+    assert stats["pass"], stats["checks"]
+    assert stats["anomaly_map"]["max_abs"] < 1e-4  # FP32 means FP32 (no BF16 on this CPU)
+    assert stats["device"].startswith("openvino ") and " on CPU " in stats["device"]
+    loaded = load_bundle(bundle)
+    engine = open_engine(loaded, "openvino", "fp32", threads=1)
+    try:
+        assert engine.inference_precision == "f32"
+        assert engine.cache_path is not None and engine.cache_path.is_dir() and any(engine.cache_path.iterdir())
+        assert engine.cache_path.name.startswith("detector.fp32.ov") and ".t1." in engine.cache_path.name
+        finding = find_certificate(loaded, engine, "fp32")
+        assert finding.problem is None and finding.certificate["backend"] == "openvino"
+        ort_engine = open_engine(loaded, "onnxruntime", "fp32")
+        assert find_certificate(loaded, ort_engine, "fp32").certificate["backend"] == "onnxruntime"
+    finally:
+        engine.close()
+
+
+def test_openvino_slots_match_run(bundle: Path) -> None:
+    pytest.importorskip("openvino")
+    from edgead.engines import open_engine
+    from edgead.engines.openvino_engine import OpenVinoEngine
+
+    engine = open_engine(bundle, "openvino", "fp32", cache=False)
+    assert isinstance(engine, OpenVinoEngine) and engine.num_slots == 2
+    rng = np.random.default_rng(0)
+    frames = [rng.random(engine.inputs[0].shape, dtype=np.float32) for _ in range(2)]
+    want = [engine.run({engine.inputs[0].name: f}) for f in frames]
+    for slot, frame in enumerate(frames):  # both slots in flight, then collected
+        engine.host_inputs(slot)[engine.inputs[0].name][...] = frame
+        engine.enqueue(slot)
+    got = [engine.synchronize(slot) for slot in range(2)]
+    for w, g in zip(want, got):
+        assert set(w) == set(g) == {"score", "anomaly_map"}
+        for name in w:
+            np.testing.assert_array_equal(w[name], g[name])
+    assert not np.array_equal(got[0]["anomaly_map"], got[1]["anomaly_map"])  # two different frames
+    from edgead.core.engine import EngineError
+
+    with pytest.raises(EngineError, match="without enqueue"):
+        engine.synchronize(0)
+    engine.close()
+
+
+def test_openvino_refuses_a_missing_precision(bundle: Path) -> None:
+    pytest.importorskip("openvino")
+    import openvino
+
+    from edgead.core.bundle import BundleError
+    from edgead.engines import EngineError, open_engine
+
+    with pytest.raises(BundleError, match="int8"):  # the tiny bundle is FP32 only
+        open_engine(bundle, "openvino", "int8")
+    if "FP16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(EngineError, match="no FP16"):  # would silently run FP32
+            from edgead.engines.openvino_engine import OpenVinoEngine
+
+            OpenVinoEngine(bundle / "detector.fp32.onnx", precision="fp16")

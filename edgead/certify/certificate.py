@@ -72,12 +72,15 @@ def cpu_fingerprint() -> tuple[str, str]:
 
 
 def device_of(engine: Any) -> Device:
-    """The device an open engine runs on: TensorRT -> its GPU; ONNX Runtime -> the CPU, or the GPU
-    when a CUDA/TensorRT execution provider is active."""
+    """The device an open engine runs on: TensorRT -> its GPU; OpenVINO -> the CPU; ONNX Runtime ->
+    the CPU, or the GPU when a CUDA/TensorRT execution provider is active."""
     backend = getattr(engine, "backend", "?")
     if backend == "tensorrt":
         return Device(backend, str(engine.backend_version), "gpu", str(engine.device_name),
                       f"sm{engine.compute_capability}")
+    if backend == "openvino":  # OpenVINO's CPU plugin: the CPU, as for ONNX Runtime's CPU provider
+        name, flags = cpu_fingerprint()
+        return Device(backend, str(engine.backend_version), "cpu", name, flags)
     import onnxruntime
 
     providers = getattr(engine, "active_providers", ["CPUExecutionProvider"])

@@ -26,6 +26,7 @@ from edgead.core.bundle import FUSED, Bundle, load_bundle
 from edgead.core.engine import Engine
 from edgead.engines import EngineError, open_engine
 
+CPU_THREADED = ("onnxruntime", "openvino")  # backends whose CPU threads --threads sets
 EngineFactory = Callable[[str], Engine]  # graph name ("detector" or a component) -> engine
 
 
@@ -76,7 +77,7 @@ def measure(engine: Any, warmup_ms: float = 200.0, iterations: int | None = None
 
 def engine_factory(bundle: Bundle, backend: str, precision: str, threads: int | None) -> EngineFactory:
     """Opens each graph of ``bundle`` on ``backend`` at ``precision``."""
-    kw: dict[str, Any] = {"intra_op_num_threads": threads} if backend == "onnxruntime" and threads else {}
+    kw: dict[str, Any] = {"intra_op_num_threads": threads} if backend in CPU_THREADED and threads else {}
     return lambda graph: open_engine(bundle, backend, precision, graph, **kw)
 
 

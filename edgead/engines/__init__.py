@@ -13,7 +13,7 @@ from typing import Any
 from edgead.core.bundle import FUSED, Bundle, BundleError, load_bundle
 from edgead.core.engine import Engine, EngineError, SlottedEngine, TensorSpec
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
 __all__ = ["BACKENDS", "BundleError", "Engine", "EngineError", "SlottedEngine", "TensorSpec", "available_backends", "open_engine",
            "resolve_graph"]
@@ -37,6 +37,8 @@ def open_engine(bundle_or_path: Bundle | str | Path, backend: str = "onnxruntime
 
     * ``onnxruntime``: kw go to :class:`~edgead.engines.ort_engine.OrtEngine` (``providers``,
       ``intra_op_num_threads``...).
+    * ``openvino``: :class:`~edgead.engines.openvino_engine.OpenVinoEngine` on this CPU; kw
+      ``threads`` (or ``intra_op_num_threads``), ``cache``, ``num_slots``.
     * ``tensorrt``: builds (or loads the cached) plan of the precision's ONNX on this GPU via
       ``tensorrt_engine.load_or_build``; kw go to it.
 
@@ -48,6 +50,12 @@ def open_engine(bundle_or_path: Bundle | str | Path, backend: str = "onnxruntime
         from edgead.engines.ort_engine import OrtEngine
 
         return OrtEngine(path, precision=precision, **kw)
+    if backend == "openvino":
+        from edgead.engines.openvino_engine import OpenVinoEngine
+
+        if "intra_op_num_threads" in kw:  # the runtime's thread option, whatever the backend
+            kw["threads"] = kw.pop("intra_op_num_threads")
+        return OpenVinoEngine(path, precision=precision, **kw)
     if backend == "tensorrt":
         try:
             from edgead.engines.tensorrt_engine import load_or_build
@@ -62,6 +70,8 @@ def available_backends() -> list[str]:
     import importlib.util
 
     found = ["onnxruntime"] if importlib.util.find_spec("onnxruntime") else []
+    if importlib.util.find_spec("openvino"):
+        found.append("openvino")
     if importlib.util.find_spec("tensorrt") and importlib.util.find_spec("cuda"):
         found.append("tensorrt")
     return found

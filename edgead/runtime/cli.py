@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="?", help="input URI (see below)")
     p.add_argument("output", nargs="?", help="output URI (see below); more with --output")
     p.add_argument("--model", metavar="BUNDLE", help="bundle directory (from `edgead export`)")
-    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt"), default="onnxruntime",
+                   help="engine runtime (openvino: extra edgead[openvino], this CPU)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads of the onnxruntime engine (default: onnxruntime's own choice)")

@@ -80,7 +80,7 @@ def open_bundle_engine(bundle: Bundle, backend: str, precision: str, threads: in
     """
     from edgead.engines import open_engine
 
-    kw = {"intra_op_num_threads": threads} if threads and backend == "onnxruntime" else {}
+    kw = {"intra_op_num_threads": threads} if threads and backend in ("onnxruntime", "openvino") else {}
     try:
         return open_engine(bundle, backend=backend, precision=precision, graph=graph, **kw)
     except (BundleError, EngineError):
