@@ -122,3 +122,28 @@ def test_openvino_refuses_a_missing_precision(bundle: Path) -> None:
             from edgead.engines.openvino_engine import OpenVinoEngine
 
             OpenVinoEngine(bundle / "detector.fp32.onnx", precision="fp16")
+
+
+# ---------------------------------------------------------------- INT8 fallback on CPU stations
+def test_int8_fallback_is_fp32_for_cpu_stations(bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    import edgead.export.int8 as int8
+    from edgead.core.bundle import load_bundle
+    from edgead.data.images import to_model_input
+    from edgead.data.synth import sample
+
+    comps = load_bundle(bundle).manifest["components"]
+    for comp in comps:
+        shutil.copy(bundle / f"{comp['name']}.fp32.onnx", tmp_path)
+    images = np.stack([to_model_input(sample("washer", i, size=32, stream="train")[0], 32, 3) for i in range(4)])
+    monkeypatch.setitem(int8.COMPONENT_TOLERANCE["int8"], "score_max_rel_spread", -1.0)  # INT8 can't pass
+
+    def no_fp16(src: Path, dst: Path) -> None:
+        raise AssertionError("an FP32 fallback must not build an FP16 graph")
+
+    selected = int8.select_precisions(tmp_path, comps, images, "int8", make_fp16=no_fp16, fallback="fp32")
+    assert selected["choice"] == {"autoencoder": "fp32", "head": "fp32"}
+    trials = selected["components"]["autoencoder"]["trials"]
+    assert not trials["int8"]["pass"] and "fp16" not in trials
+    assert not list(tmp_path.glob("*.fp16.onnx")) and not list(tmp_path.glob("*.int8.onnx"))
