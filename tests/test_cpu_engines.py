@@ -147,3 +147,61 @@ def test_int8_fallback_is_fp32_for_cpu_stations(bundle: Path, tmp_path: Path, mo
     trials = selected["components"]["autoencoder"]["trials"]
     assert not trials["int8"]["pass"] and "fp16" not in trials
     assert not list(tmp_path.glob("*.fp16.onnx")) and not list(tmp_path.glob("*.int8.onnx"))
+
+
+# ---------------------------------------------------------------- --precision auto, threads
+@pytest.fixture(scope="module")
+def two_precisions(bundle: Path) -> Path:
+    """The tiny bundle's run exported at FP32 and FP16, nothing certified yet."""
+    from edgead.export.bundle_writer import export_run
+
+    return Path(export_run(bundle.parent / "run", bundle.parent / "two", precisions=["fp32", "fp16"]))
+
+
+def test_precision_auto_picks_the_fastest_certified_precision(two_precisions: Path) -> None:
+    from edgead.certify.parity import certify_golden
+    from edgead.runtime.autotune import open_station_engine
+    from edgead.runtime.infer import BundleRefused
+
+    quiet = lambda *a: None  # noqa: E731
+    with pytest.raises(BundleRefused, match="no onnxruntime precision .* passing certificate"):
+        open_station_engine(str(two_precisions), "onnxruntime", "auto", threads=1, certify="never", say=quiet)
+    assert certify_golden(two_precisions, precisions=("fp32",))["results"]["onnxruntime/fp32"]["pass"]
+    # only FP32 is certified: FP16 is not eligible, however fast
+    _, engine, status, choices = open_station_engine(str(two_precisions), "onnxruntime", "auto", threads=1,
+                                                     certify="never", say=quiet)
+    engine.close()
+    cands = choices["precision"]["candidates"]
+    assert engine.precision == "fp32" and status["status"] == "certified"
+    assert "no parity certificate" in cands["fp16"]["refused"] and cands["fp32"]["median_ms"] > 0
+    assert "fp16 (" in choices["precision"]["why"] and "threads" not in choices  # --threads given
+    # both certified: the faster of the two, as timed here
+    assert certify_golden(two_precisions, precisions=("fp16",))["results"]["onnxruntime/fp16"]["pass"]
+    _, engine, _, choices = open_station_engine(str(two_precisions), "onnxruntime", "auto", threads=1,
+                                                certify="never", say=quiet)
+    engine.close()
+    timed = {p: c["median_ms"] for p, c in choices["precision"]["candidates"].items()}
+    assert set(timed) == {"fp32", "fp16"} and engine.precision == min(timed, key=timed.__getitem__)
+
+
+def test_runtime_reports_its_thread_and_precision_choice(bundle: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    from edgead.runtime.cli import main
+
+    rc = main(["synthetic://washer", "--model", str(bundle), "--frames", "4", "--results", str(tmp_path / "r"),
+               "--precision", "auto", "--headless"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "--precision auto: fp32 is the fastest certified onnxruntime precision" in err
+    assert "threads: " in err and "frames/s with the host's pre/post-processing" in err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    choice = summary["start_up_choices"]["threads"]
+    assert choice["threads"] == summary["engine"]["threads"] >= 1
+    assert all(fps > 0 for fps in choice["fps"].values()) and str(choice["threads"]) in choice["fps"]
+    assert summary["engine"]["precision"] == "fp32"
+    # told: no choice made
+    rc = main(["synthetic://washer", "--model", str(bundle), "--frames", "2", "--results", str(tmp_path / "s"),
+               "--threads", "1", "--headless"])
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert rc == 0 and "start_up_choices" not in summary and summary["engine"]["threads"] == 1

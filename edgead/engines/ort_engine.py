@@ -73,6 +73,7 @@ class OrtEngine(SlottedEngine):
             raise EngineError(f"{self.path}: no such ONNX file")
         self.precision = precision
         self.num_slots = int(num_slots)
+        self.threads = int(intra_op_num_threads) if intra_op_num_threads else None  # None: ORT's own choice
         opts = ort.SessionOptions()
         if intra_op_num_threads:
             opts.intra_op_num_threads = int(intra_op_num_threads)

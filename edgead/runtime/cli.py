@@ -80,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="BUNDLE", help="bundle directory (from `edgead export`)")
     p.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt"), default="onnxruntime",
                    help="engine runtime (openvino: extra edgead[openvino], this CPU)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "auto"), default="fp32",
+                   help="engine precision; auto: the fastest precision with a passing certificate of this "
+                        "device on --backend, timed at start-up (the choice and why are printed)")
     p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="CPU threads of the onnxruntime engine (default: onnxruntime's own choice)")
+                   help="CPU threads of an onnxruntime/openvino engine (default: chosen at start-up for the best "
+                        "pipeline throughput on this machine, with pre/post-processing running beside the engine)")
     p.add_argument("--postprocess", choices=("host", "engine"), default="host",
                    help="where the map is smoothed and normalised: on this host's CPU (default), or on the engine "
                         "(the bundle's detector_post graph, `edgead export --postprocess`; certified like the detector)")
@@ -303,7 +306,8 @@ def _inspect(state: _State, uri: str, outputs: list[str], stack: ExitStack) -> i
     from edgead.core.bundle import FUSED, BundleError
     from edgead.core.contract import POSTPROCESS_GRAPH
     from edgead.core.engine import EngineError
-    from edgead.runtime.infer import BundleRefused, describe_engine, open_certified_engine
+    from edgead.runtime.autotune import open_station_engine
+    from edgead.runtime.infer import BundleRefused, describe_engine
     from edgead.runtime.log import LogError
     from edgead.runtime.native import describe as describe_native
     from edgead.runtime.pipeline import Backoff, Pipeline, PipelineConfig
@@ -319,11 +323,12 @@ def _inspect(state: _State, uri: str, outputs: list[str], stack: ExitStack) -> i
         state.alerts.warn(message, kind="unverified")
 
     try:  # the model first: a refused bundle should fail before a camera is grabbed
-        bundle, engine, certificate = open_certified_engine(
+        bundle, engine, certificate, choices = open_station_engine(
             args.model, args.backend, args.precision, threads=args.threads, allow_unverified=args.allow_unverified,
             trust=args.trust, certify=args.certify, warn=warn, say=say,
             graph=POSTPROCESS_GRAPH if args.postprocess == "engine" else FUSED)
         stack.enter_context(closing(engine))
+        args.precision = engine.precision  # "auto" resolved
     except (BundleRefused, BundleError, EngineError) as err:
         raise _Refused(str(err), EXIT_MODEL) from err
     try:
@@ -363,14 +368,16 @@ def _inspect(state: _State, uri: str, outputs: list[str], stack: ExitStack) -> i
     pipeline = Pipeline(source, engine, post, sinks, log, config, alerts=state.alerts)
     running.append(pipeline)
     mode = "live" if source.live else ("read on demand" if policy == "block" else "read ahead")
-    say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{args.precision}, "
+    threads = getattr(engine, "threads", None)
+    say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{args.precision}"
+        f"{f' ({threads} thread' + 's' * (threads > 1) + ')' if threads else ''}, "
         f"input {uri} ({mode}, drop policy {policy}), results {results}; "
         f"{describe_native(pipeline.pre, pipeline.post)}; map smoothing and normalisation on the {args.postprocess}")
     state.guard.running(pipeline.stop)
     result = pipeline.run()
     state.guard.finishing()
     summary = {"model": str(bundle.root), "detector": bundle.detector, "engine": describe_engine(engine),
-               "postprocess": args.postprocess,
+               "postprocess": args.postprocess, **({"start_up_choices": choices} if choices else {}),
                "input": uri, "results": str(results), "drop_policy": policy, "stop_reason": result.stop_reason,
                **result.summary}
     if sink_summaries := pipeline.sink_summaries():

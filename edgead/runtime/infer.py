@@ -66,7 +66,8 @@ def load_checked_bundle(path: str, backend: str, precision: str, allow_unverifie
     if graph == POSTPROCESS_GRAPH and graph not in bundle.spec.graphs:
         raise BundleError(f"{bundle.root}: no post-processing graph; re-export with `edgead export --postprocess`, "
                           "or run with --postprocess host")
-    bundle.graph_path(graph, precision)  # a missing precision is a clear BundleError now
+    if precision != "auto":  # --precision auto: chosen among the bundle's (edgead.runtime.autotune)
+        bundle.graph_path(graph, precision)  # a missing precision is a clear BundleError now
     return bundle
 
 
@@ -187,6 +188,6 @@ def take_outputs(outputs: dict[str, np.ndarray], map_name: str = MAP) -> tuple[f
 
 def describe_engine(engine: Any) -> dict[str, Any]:
     return {"backend": getattr(engine, "backend", "?"), "precision": getattr(engine, "precision", "?"),
-            "slots": getattr(engine, "num_slots", 1),
+            "slots": getattr(engine, "num_slots", 1), "threads": getattr(engine, "threads", None),
             "inputs": [(s.name, list(s.shape)) for s in engine.inputs],
             "outputs": [(s.name, list(s.shape)) for s in engine.outputs]}
