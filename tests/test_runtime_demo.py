@@ -50,6 +50,9 @@ def test_demo_builds_once_then_reuses_the_bundle(demo_cache, tmp_path):
     assert gt["frames"] == 80 and gt["accuracy"] is not None
     always_ok = (gt["tn"] + gt["fp"]) / gt["frames"]
     assert gt["accuracy"] >= always_ok - 0.05  # never (much) worse than passing every part
+    # ... and not a detector that passes every part (tp 0) or rejects every part (fp > tp): the
+    # demo bundle finds 45% of defects at 94% precision over 100,000 frames (results/soak_cpu.json)
+    assert gt["tp"] >= 3 and gt["tp"] > gt["fp"], gt
     assert "vs ground truth" in first.stdout and "accuracy" in first.stdout
     info = json.loads((demo_cache / "demo" / "demo.json").read_text())
     assert info["check"]["frames"] > 0 and (demo_cache / "demo" / "bundle" / "manifest.json").is_file()

@@ -114,10 +114,9 @@ def test_accounting_under_overload(tmp_path, policy):
     assert_balanced(s)
     assert s["frames"]["captured"] == 80
     assert len(lines) == s["frames"]["inspected"] + s["frames"]["errored"]
-    if policy == "latest":
-        assert s["frames"]["dropped"] > 0
-    else:
+    if policy == "block":
         assert s["frames"]["dropped"] == 0 and s["frames"]["inspected"] == 80
+    # That "latest" drops is shown without timing in test_accounting_source.py.
 
 
 def test_frame_limit_stops_capture(tmp_path):
@@ -332,17 +331,5 @@ def test_async_engine_keeps_two_slots_in_flight(tmp_path):
     assert engine.max_pending <= engine.num_slots
 
 
-def test_capture_and_compute_overlap(tmp_path):
-    """A 6 ms read and a 10 ms engine: overlapped, a frame costs ~10 ms, not 16 ms."""
-
-    class SlowRead(ListSource):
-        def read(self):
-            time.sleep(0.006)
-            return super().read()
-
-    n = 40
-    started = time.monotonic()
-    result, lines, _ = run(SlowRead(frames(n)), FakeEngine(delay=0.010), tmp_path)
-    elapsed = time.monotonic() - started
-    assert result.summary["frames"]["inspected"] == n
-    assert elapsed < 0.85 * n * 0.016, elapsed  # sequential would take n * 16 ms
+# Overlap is tested without a clock in test_accounting_source.py (two frames in flight, in order);
+# its speed-up is measured by benchmarks/pipeline.py.

@@ -180,11 +180,18 @@ class Finding:
     none_at_all: bool  # no certificate file for this backend/precision at all
 
 
-def _reason(cert: dict[str, Any], key: bytes | None, device: Device, bundle: Bundle, engine: Any) -> str | None:
+def _reason(cert: dict[str, Any], key: bytes | None, device: Device, bundle: Bundle, engine: Any,
+            precision: str, graph: str) -> str | None:
     body = {k: v for k, v in cert.items() if k != "hmac"}
     made_on = Device(**cert["device"]) if isinstance(cert.get("device"), dict) else None
     if made_on != device:
         return f"made on {made_on.label if made_on else 'an unnamed device'}"
+    # The file name says which graph a certificate is for, but only its sealed body counts: a
+    # passing FP32 certificate copied to the FP16 name must not unlock the FP16 engine.
+    wanted = (device.backend, precision, bundle.spec.graphs[graph][precision])
+    made_for = (cert.get("backend"), cert.get("precision"), cert.get("graph"))
+    if made_for != wanted:
+        return f"made for {made_for[0]}/{made_for[1]} {made_for[2]}, not {wanted[0]}/{wanted[1]} {wanted[2]}"
     if key is None or cert.get("station_key_id") != key_id(key):
         return f"made with another station's key ({cert.get('station_key_id')})"
     if not hmac.compare_digest(str(cert.get("hmac", "")), _mac(key, body)):
@@ -206,7 +213,7 @@ def find_certificate(bundle: Bundle, engine: Any, precision: str, graph: str = F
     for path in paths:
         try:
             cert = json.loads(path.read_text())
-            reason = _reason(cert, key, device, bundle, engine)
+            reason = _reason(cert, key, device, bundle, engine, precision, graph)
         except (OSError, ValueError, TypeError) as exc:
             reason, cert = f"unreadable ({exc})", {}
         if reason is None:

@@ -48,7 +48,12 @@ class Calibration:
         return np.clip((np.asarray(smoothed, dtype=np.float64) - self.map_min) / span, 0.0, 1.0)
 
     def verdict(self, raw: float) -> str:
-        """OK / NG for a raw score; NaN or Inf is an ERROR, never an OK."""
+        """OK / NG for a raw score; NaN or Inf is an ERROR, never an OK.
+
+        NG means strictly above the threshold: a score exactly at ``image_threshold`` is OK. The
+        threshold is the ``quantile`` of the validation scores, so the normal part that defines it
+        passes, and about 1 - quantile of normal parts (those above it) are rejected.
+        """
         if not np.isfinite(raw):
             return ERROR
         return NG if raw > self.image_threshold else OK
