@@ -318,10 +318,9 @@ def merge(files: list[str], out: Path) -> int:
 
 
 def _machine() -> dict[str, Any]:
-    import os
+    from edgead.core.machine import describe
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    return {**describe(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
 def _fmt(v: Any) -> str:
