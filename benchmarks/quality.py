@@ -154,7 +154,8 @@ def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, 
     seconds = time.perf_counter() - start
     detector, calibration, meta = load_run(run)
     common = {"train_s": round(seconds, 1), "train_cpu_s": json.loads((run / "config.json").read_text())["train"]["cpu_seconds"],
-              "epochs": len(json.loads((run / "history.json").read_text()))}
+              "epochs": len(json.loads((run / "history.json").read_text())),
+              "prepare_cpu_s": json.loads((run / "config.json").read_text())["train"].get("prepare_cpu_seconds")}
     results = [{"model": model, **_evaluate(detector, calibration, data), **common,
                 **model_cost(detector, data["test"].shape[-1])}]
     if latency and detector.exportable:

@@ -223,6 +223,7 @@ def build_manifest(detector: Detector, calibration: Calibration, meta: dict[str,
         "data": {k: v for k, v in (meta.get("data") or {}).items() if k != "val_files"},
         "quantization": quantization,
     }
+    extra.update(detector.manifest_extras())
     if getattr(c, "scorer", None) == "vgg":
         weights = c.vgg_weights
         extra["scorer_weights"] = {"source": weights or "random init (seeded)",

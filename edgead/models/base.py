@@ -119,6 +119,11 @@ class Detector(nn.Module):
         instead of re-chaining the networks by hand)."""
         return run_components(self.components(), image, until=until)
 
+    def manifest_extras(self) -> dict[str, Any]:
+        """Detector-specific facts for the bundle manifest (JSON values: a memory bank's rows and
+        MB, where the backbone's weights came from...); none by default."""
+        return {}
+
     @classmethod
     def upgrade_state_dict(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """``state`` with every key under an old prefix of :attr:`renamed_state_keys` renamed."""

@@ -132,7 +132,9 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
 
     generator = torch.Generator().manual_seed(train.seed)
     data = torch.from_numpy(np.ascontiguousarray(train_images, dtype=np.float32))
-    recipe.prepare(data.to(device))
+    prepare_cpu = time.process_time()
+    recipe.prepare(data.to(device))  # memory banks are built here, feature caches filled
+    prepare_cpu = time.process_time() - prepare_cpu
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     started, cpu_started = time.perf_counter(), time.process_time()
     deadlines = _stage_deadlines(recipe.stages, train, cpu_started)
@@ -176,12 +178,14 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
             if time.process_time() > deadlines[stage_index]:
                 break  # out of budget: keep the best epoch so far
 
+    (out / HISTORY).write_text(json.dumps(history, indent=1) + "\n")  # also when no epoch ran (memory banks)
     if best is not None:
         detector.load_state_dict(best[1])
     calibration = calibrate_detector(detector, val_images)
     run_meta = {
         "train": {**vars(train), "device": str(device), "seconds": round(time.perf_counter() - started, 1),
                   "cpu_seconds": round(time.process_time() - cpu_started, 1),
+                  "prepare_cpu_seconds": round(prepare_cpu, 1),
                   "best_val_proxy_auroc": None if best is None else best[0]},
         "edgead_version": __version__, "torch_version": torch.__version__, "host": platform.node(),
         **(meta or {}),

