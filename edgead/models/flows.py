@@ -16,6 +16,7 @@ Blocks
         learned global per-channel scale (softplus, starts at 1) and a fixed, seeded channel
         permutation so the next block transforms the other half. ``c`` may be absent.
     :class:`ConditionalFlow`: ``ActNorm`` followed by ``n`` coupling blocks.
+    :class:`InvertibleConv1x1` (Glow, LU form), optionally volume-normalised (PyramidFlow).
 
 FP32 islands (the FP16 export keeps every op under an ``fp32_`` scope in FP32)
     * ``fp32_affine`` in each coupling: the soft clamp, ``exp(s)``, ``x2 * exp(s) + t``, the global
@@ -185,3 +186,44 @@ class GaussianLogLikelihood(nn.Module):
         channels = z.shape[1]
         log_p = -0.5 * (z.pow(2).sum(dim=1, keepdim=True) + channels * LOG_2PI) + log_det
         return log_p / channels
+
+
+class InvertibleConv1x1(nn.Module):
+    """Glow's invertible 1x1 conv in LU form, ``W = P L (U + diag(sign * exp(log_s)))``.
+
+    With ``volume_norm`` (PyramidFlow) the log-scales are centred, ``log_s - mean(log_s)``, so
+    ``|det W| = 1``: the mixing preserves volume. The weight is a function of parameters only, so
+    the exporter folds it into one Conv initializer.
+    """
+
+    def __init__(self, channels: int, volume_norm: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.linalg.qr(torch.randn(channels, channels, generator=gen))[0]
+        p, lower, upper = torch.linalg.lu(q)
+        diag = torch.diagonal(upper)
+        self.register_buffer("p", p)
+        self.register_buffer("sign", torch.sign(diag))
+        self.register_buffer("eye", torch.eye(channels))
+        self.register_buffer("upper_mask", torch.triu(torch.ones(channels, channels), 1))
+        self.lower = nn.Parameter(lower)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(diag.abs().log())
+        self.volume_norm = volume_norm
+
+    def weight(self) -> Tensor:
+        log_s = self.log_s - self.log_s.mean() if self.volume_norm else self.log_s
+        lower = self.lower * self.upper_mask.t() + self.eye
+        upper = self.upper * self.upper_mask + self.eye * (self.sign * torch.exp(log_s))
+        return self.p @ lower @ upper
+
+    def log_det(self) -> Tensor:
+        """log|det W| per position (0 with volume normalisation)."""
+        return (self.log_s - self.log_s.mean()).sum() if self.volume_norm else self.log_s.sum()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight()[:, :, None, None].to(x.dtype))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        inv = torch.linalg.inv(self.weight().double()).to(y.dtype)
+        return F.conv2d(y, inv[:, :, None, None])
