@@ -34,6 +34,7 @@ CPU_OVERRIDES: dict[str, dict[str, Any]] = {
     "anogan": {"search_steps": 100},
     "utad": {"width": 16},
     "rdpp": {"proj_div": 4, "ot_points": 128},  # projection inner widths c/4, c/8 (paper c/2, c/4)
+    "students": {"width": 16, "teacher_lr": 1e-3, "student_lr": 1e-3},  # paper lr 2e-4/1e-4 for 50k+ steps
 }
 # Extra evaluations of the same trained weights: UTAD's first stage on its own.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {"utad": {"impression": {"mode": "impression"}}}
