@@ -367,7 +367,7 @@ class RDRecipe(Recipe):
             con = contrast_loss(fused, noisy, c.contrast_margin)
             proj = (c.w_ssot * ssot + c.w_recon * recon + c.w_contrast * con) / (c.w_ssot + c.w_recon + c.w_contrast)
             loss = loss + c.w_proj * proj
-            logs.update(ssot=float(ssot), recon=float(recon), contrast=float(con))
+            logs.update(ssot=ssot.item(), recon=float(recon.item()), contrast=con.item())
         for opt in self.optimizers().values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
