@@ -173,6 +173,11 @@ class Recipe:
         ``train.augment`` is off), so an epoch does not recompute it; memory-bank methods build
         their bank here."""
 
+    def validate(self, images: Tensor) -> None:
+        """Called with the normal validation images (N, C, H, W) before each epoch of the final stage
+        is scored, so before model selection and calibration: statistics that a method standardises
+        its map with (Uninformed Students) come from the validation split, never the test split."""
+
     def adam(self, *modules: nn.Module, lr: float | None = None,
              betas: tuple[float, float] | None = None) -> torch.optim.Adam:
         params = [p for m in modules for p in m.parameters()]

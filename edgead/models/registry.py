@@ -15,6 +15,7 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "cflow": ("edgead.models.cflow", "CFLOW-AD: conditional normalising flows on VGG-19 features"),
     "simplenet": ("edgead.models.simplenet", "SimpleNet: feature adaptor + discriminator vs noised features"),
     "rd": ("edgead.models.reverse_distillation", "Reverse Distillation (and RD++): VGG-19 teacher, OCBE, student decoder"),
+    "rdpp": ("edgead.models.reverse_distillation", "RD++: Reverse Distillation + multi-projection, OT compactness, simulated anomalies"),
     "students": ("edgead.models.students", "Uninformed Students: distilled patch teacher + student ensemble"),
     "draem": ("edgead.models.draem", "DRAEM: reconstructive + discriminative nets on synthetic anomalies"),
     "pyramidflow": ("edgead.models.pyramidflow", "PyramidFlow: fully normalising flow on a latent pyramid"),

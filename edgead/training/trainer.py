@@ -164,6 +164,7 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
             record: dict[str, Any] = {"stage": stage, "epoch": epoch,
                                       **{k: float(np.mean(v)) for k, v in losses.items()}}
             if final_stage:
+                recipe.validate(torch.from_numpy(np.ascontiguousarray(val_images, dtype=np.float32)).to(device))
                 record["val_proxy_auroc"] = proxy_auroc(detector, val_images, seed=train.seed)
                 objective = record["val_proxy_auroc"]
                 if np.isfinite(objective) and (best is None or objective > best[0]):

