@@ -37,6 +37,7 @@ CPU_OVERRIDES: dict[str, dict[str, Any]] = {
     "pyramidflow": {"kernel_size": 5, "flow_channels": 8, "stacks": 2},  # paper: 7, 16, 4 (~16x the FLOPs)
     "rdpp": {"proj_div": 4, "ot_points": 128},  # projection inner widths c/4, c/8 (paper c/2, c/4)
     "students": {"width": 16, "teacher_lr": 1e-3, "student_lr": 1e-3},  # paper lr 2e-4/1e-4 for 50k+ steps
+    "draem": {"width": 16, "disc_width": 8},  # 1/8 of the paper's 128 / 64: from scratch on 1 CPU thread
 }
 # Extra evaluations of the same trained weights: UTAD's first stage on its own.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {"utad": {"impression": {"mode": "impression"}}}

@@ -64,6 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.vgg_weights:
         config["vgg_weights"] = args.vgg_weights
     extra = {f"epochs_{k}": v for k, v in _parse_kv(args.stage_epochs).items()}
+    if args.anomaly_source:  # synthetic-anomaly textures (DRAEM); recorded with the run's train config
+        extra["anomaly_source"] = args.anomaly_source
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment,
                         device=args.device, seed=args.seed, extra=extra)
     run = train_run(args.model, _data_source(args), args.out, image_size=args.image_size,
@@ -166,6 +168,8 @@ def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
                         "ssim for the SSIM-AE, vgg for UTAD, l1 for the others)")
     p.add_argument("--vgg-weights", default=None, help="VGG-19 state dict (torchvision or normalised-VGG layout)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other detector config fields")
+    p.add_argument("--anomaly-source", default=None, metavar="DIR",
+                   help="folder of texture images for synthetic anomalies (draem; default: procedural textures)")
     p.add_argument("--val-fraction", type=fraction, default=0.15)
     p.add_argument("--augment", action="store_true", help="random flips and small rotations")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")

@@ -1,4 +1,5 @@
-"""Shared building blocks: DCGAN encoder/decoder pyramids, the pix2pix U-Net, weight init.
+"""Shared building blocks: DCGAN encoder/decoder pyramids, the pix2pix U-Net, the classic
+double-conv U-Net (DRAEM), weight init.
 
 Every detector builds its networks from these, so a fix here reaches all of them.
 """
@@ -184,3 +185,49 @@ class ImageDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.to_unit(self.net(z))
+
+
+def double_conv(in_ch: int, out_ch: int) -> nn.Sequential:
+    """[conv 3x3, batch norm, ReLU] twice: the stage of the classic (Ronneberger) U-Net."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
+                         nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+
+class ConvUNet(nn.Module):
+    """Encoder-decoder of :func:`double_conv` stages with max-pool down and bilinear up.
+
+    ``depth`` poolings; stage ``i`` has ``width·min(2^i, max_mult)`` channels (DRAEM: b, 2b, 4b,
+    8b, 8b...). With ``skips`` each decoder stage concatenates the encoder stage of its resolution
+    (a U-Net); without, it is a plain autoencoder (DRAEM's reconstructive sub-network). The last
+    conv is linear: callers choose their own output activation.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, width: int, depth: int, max_mult: int = 8,
+                 skips: bool = True) -> None:
+        super().__init__()
+        widths = [width * min(2 ** i, max_mult) for i in range(depth + 1)]
+        self.skips = skips
+        self.down = nn.ModuleList([double_conv(in_ch, widths[0])]
+                                  + [double_conv(widths[i - 1], widths[i]) for i in range(1, depth + 1)])
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for i in range(depth, 0, -1):
+            self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                                         nn.Conv2d(widths[i], widths[i - 1], 3, padding=1),
+                                         nn.BatchNorm2d(widths[i - 1]), nn.ReLU(inplace=True)))
+            self.merge.append(double_conv(widths[i - 1] * (2 if skips else 1), widths[i - 1]))
+        self.out = nn.Conv2d(widths[0], out_ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch
+
+        feats = []
+        for i, stage in enumerate(self.down):
+            x = stage(x if i == 0 else self.pool(x))
+            feats.append(x)
+        feats.pop()  # the bottleneck is x itself
+        for up, merge in zip(self.up, self.merge):
+            x = up(x)
+            x = merge(torch.cat([x, feats.pop()], dim=1) if self.skips else x)
+        return self.out(x)

@@ -47,3 +47,13 @@ def bce_discriminator_step(disc: Callable[[Tensor], tuple[Tensor, Tensor]], opti
     if reinit is not None and loss.item() < 1e-5:
         disc.apply(reinit)  # type: ignore[attr-defined]
     return loss.item()
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
+    """Softmax focal loss (Lin et al. 2017), mean over pixels: −(1 − p_t)^γ · log p_t.
+
+    ``logits`` (B, K, H, W); ``target`` (B, 1, H, W) class indices as floats (DRAEM: the 0/1 mask).
+    Down-weights the easy, mostly-normal pixels so the few anomalous ones are learnt.
+    """
+    log_p = torch.log_softmax(logits, dim=1).gather(1, target.long())
+    return (-(1.0 - log_p.exp()).pow(gamma) * log_p).mean()
