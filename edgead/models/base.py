@@ -199,3 +199,9 @@ def to_signed(image: Tensor) -> Tensor:
     """[0, 1] -> [-1, 1], the range of tanh generators. Part of every graph, kept in FP32 at export."""
     return image * 2.0 - 1.0
 
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in FP32, or as it is if wider: an FP32 island upcasts FP16, and leaves the float64
+    yardstick of the golden outputs (a detector run in float64) in float64."""
+    return x if x.dtype == torch.float64 else x.float()

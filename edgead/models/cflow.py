@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, at_least_fp32
 from edgead.models.flows import ConditionalFlow, GaussianLogLikelihood, positional_encoding_2d
 from edgead.models.heads import ScoreHead, TopKMean
 from edgead.models.losses import update
@@ -100,7 +100,7 @@ class NLLMap(nn.Module):
     def forward(self, *log_probs: Tensor) -> Tensor:
         total: Tensor | None = None
         for lp in log_probs:
-            nll = F.interpolate(-lp.float(), size=self.size, mode="bilinear", align_corners=False)
+            nll = F.interpolate(-at_least_fp32(lp), size=self.size, mode="bilinear", align_corners=False)
             total = nll if total is None else total + nll
         assert total is not None
         return total

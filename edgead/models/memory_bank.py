@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from edgead.models.base import at_least_fp32
+
 __all__ = ["CoresetResult", "greedy_coreset", "coreset_size", "bank_megabytes", "NearestNeighbourSearch",
            "bank_neighbours", "nearest_distances", "BankSizeError"]
 
@@ -146,7 +148,7 @@ class NearestNeighbourSearch(nn.Module):
 
     def squared(self, queries: Tensor) -> Tensor:
         """(..., D) -> (..., M): ‖q‖² - 2 q·bᵀ + ‖b‖², clamped at 0 (the cancellation can go below)."""
-        q = queries.float()
+        q = at_least_fp32(queries)
         q_sq = q.pow(2).sum(-1, keepdim=True)
         return (q_sq - 2.0 * torch.matmul(q, self.bank.t()) + self.bank_sq).clamp_min(0.0)
 

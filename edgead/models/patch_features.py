@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from edgead.models.base import at_least_fp32
 from tqdm.auto import tqdm
 
 __all__ = ["LocallyAwarePatches", "extract_patches", "patches_to_rows", "rows_to_patches"]
@@ -77,5 +79,5 @@ def extract_patches(encoder: nn.Module, embed: Callable[..., Tensor], images: Te
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, disable=None if progress is None else not progress, leave=False):
         taps = encoder(images[start:start + batch_size])
-        out.append(embed(*taps).float())
+        out.append(at_least_fp32(embed(*taps)))
     return torch.cat(out, dim=0)

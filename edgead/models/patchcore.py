@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, at_least_fp32
 from edgead.models.heads import ScoreHead
 from edgead.models.memory_bank import (BankSizeError, NearestNeighbourSearch, bank_megabytes, bank_neighbours,
                                        coreset_size, greedy_coreset)
@@ -94,7 +94,7 @@ class BankSearch(nn.Module):
 
     def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
         b, d, h, w = patches.shape
-        queries = patches.float().flatten(2).transpose(1, 2)  # (B, Q, D)
+        queries = at_least_fp32(patches).flatten(2).transpose(1, 2)  # (B, Q, D)
         d2, idx = self.search(queries)  # (B, Q, 1) each
         dist = d2.squeeze(-1).sqrt()
         worst = dist.argmax(dim=1, keepdim=True)  # (B, 1): the patch that gives s*

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, at_least_fp32
 from edgead.models.flows import InvertibleConv1x1
 from edgead.models.heads import ScoreHead, TopKMean
 from edgead.models.registry import register
@@ -246,7 +246,7 @@ class TemplateDifference(nn.Module):
         return [getattr(self, f"template_{i}") for i in range(self.pyramid.levels)]
 
     def forward(self, *latents: Tensor) -> Tensor:
-        diff = [(z.float() - t).abs() for z, t in zip(latents, self.templates())]
+        diff = [(at_least_fp32(z) - t).abs() for z, t in zip(latents, self.templates())]
         return self.pyramid.compose(diff).mean(dim=1, keepdim=True)
 
 

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, at_least_fp32
 from edgead.models.heads import ScoreHead, TopKMean
 from edgead.models.registry import register
 from edgead.models.vgg import FrozenVGG19, tap_channels, tap_stride
@@ -185,7 +185,7 @@ class StudentDecoder(nn.Module):
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     """1 - cos over channels per position: (B, C, h, w) x 2 -> (B, 1, h, w), in FP32."""
-    a, b = a.float(), b.float()
+    a, b = at_least_fp32(a), at_least_fp32(b)
     dot = (a * b).sum(dim=1, keepdim=True)
     norms = torch.sqrt((a * a).sum(dim=1, keepdim=True) * (b * b).sum(dim=1, keepdim=True) + EPS)
     return 1.0 - dot / norms
@@ -294,7 +294,7 @@ def ssot_loss(projected: Sequence[Tensor], points: int, blur: float, generator: 
     sinkhorn = SamplesLoss("sinkhorn", p=2, blur=blur, debias=True, backend="tensorized")
     total = projected[0].new_zeros(())
     for p in projected:
-        cloud = torch.softmax(p.float().flatten(2).transpose(1, 2), dim=-1)  # (B, h·w, C)
+        cloud = torch.softmax(at_least_fp32(p).flatten(2).transpose(1, 2), dim=-1)  # (B, h·w, C)
         n = cloud.shape[1]
         idx = torch.randperm(n, generator=generator)[:min(points, n)].to(cloud.device)
         cloud = cloud[:, idx]

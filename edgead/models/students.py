@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, at_least_fp32
 from edgead.models.heads import ScoreHead, TopKMean
 from edgead.models.registry import register
 from edgead.models.vgg import FrozenVGG19, InputAdapter, tap_channels, tap_stride
@@ -160,9 +160,9 @@ class ScaleNets(nn.Module):
 def error_and_variance(teacher: Tensor, students: Tensor, n_students: int) -> tuple[Tensor, Tensor]:
     """Regression error ||mean S - T||² and predictive variance mean ||S||² - ||mean S||², (B, 1, h, w)."""
     b, _, h, w = teacher.shape
-    s = students.float().view(b, n_students, -1, h, w)
+    s = at_least_fp32(students).view(b, n_students, -1, h, w)
     mean = s.mean(dim=1)
-    error = (mean - teacher.float()).pow(2).sum(dim=1, keepdim=True)
+    error = (mean - at_least_fp32(teacher)).pow(2).sum(dim=1, keepdim=True)
     variance = (s.pow(2).sum(dim=2).mean(dim=1, keepdim=True) - mean.pow(2).sum(dim=1, keepdim=True)).clamp_min(0.0)
     return error, variance
 

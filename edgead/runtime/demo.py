@@ -22,6 +22,7 @@ from typing import Callable
 DEMO_FRAMES = 200
 DEMO_RESULTS = "edgead-demo"
 DEMO_INFO = "demo.json"  # written by demo_build next to the bundle
+DEMO_RECIPE = "patchcore-metal-128-v1"  # a cache built by another recipe (an older edgead) is rebuilt
 BUILD_TIMEOUT_S = 900
 
 
@@ -48,7 +49,7 @@ def cached_bundle(cache: Path) -> tuple[Path, dict] | None:
         return None
     # demo_build certified it on this machine (a device certificate beside the graph); the run
     # checks that certificate again, so here the build's own record is enough
-    return (bundle.root, info) if info.get("certified") else None
+    return (bundle.root, info) if info.get("certified") and info.get("recipe") == DEMO_RECIPE else None
 
 
 def build_bundle(cache: Path, say: Callable[..., None], rebuild: bool = False) -> tuple[Path, dict]:
