@@ -146,7 +146,7 @@ class NearestNeighbourSearch(nn.Module):
 
     def squared(self, queries: Tensor) -> Tensor:
         """(..., D) -> (..., M): ‖q‖² - 2 q·bᵀ + ‖b‖², clamped at 0 (the cancellation can go below)."""
-        q = queries.float()
+        q = queries.to(self.bank.dtype)  # FP32 (FP64 for the golden reference run)
         q_sq = q.pow(2).sum(-1, keepdim=True)
         return (q_sq - 2.0 * torch.matmul(q, self.bank.t()) + self.bank_sq).clamp_min(0.0)
 

@@ -94,7 +94,7 @@ class BankSearch(nn.Module):
 
     def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
         b, d, h, w = patches.shape
-        queries = patches.float().flatten(2).transpose(1, 2)  # (B, Q, D)
+        queries = patches.to(self.search.bank.dtype).flatten(2).transpose(1, 2)  # (B, Q, D)
         d2, idx = self.search(queries)  # (B, Q, 1) each
         dist = d2.squeeze(-1).sqrt()
         worst = dist.argmax(dim=1, keepdim=True)  # (B, 1): the patch that gives s*

@@ -102,11 +102,11 @@ class GatedBankSearch(nn.Module):
 
     def forward(self, patches: Tensor, neighbour_prob: Tensor) -> Tensor:
         b, d, h, w = patches.shape
-        queries = patches.float().flatten(2).transpose(1, 2)  # (B, Q, D)
+        queries = patches.to(self.search.bank.dtype).flatten(2).transpose(1, 2)  # (B, Q, D)
         d2 = self.search.squared(queries)  # (B, Q, M)
-        prob = 0.5 * (neighbour_prob.float().flatten(2).transpose(1, 2) + self.position_prob)  # (B, Q, K)
+        prob = 0.5 * (neighbour_prob.to(d2.dtype).flatten(2).transpose(1, 2) + self.position_prob)  # (B, Q, K)
         likely = prob.index_select(2, self.row_class) > self.tau  # (B, Q, M)
-        gated = (d2 + (~likely).float() * LARGE).min(dim=-1).values
+        gated = (d2 + (~likely).to(d2.dtype) * LARGE).min(dim=-1).values
         plain = d2.min(dim=-1).values
         best = torch.where(gated < LARGE, gated, plain)
         return best.sqrt().view(b, 1, h, w)
