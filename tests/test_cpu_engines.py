@@ -205,3 +205,22 @@ def test_runtime_reports_its_thread_and_precision_choice(bundle: Path, tmp_path:
                "--threads", "1", "--headless"])
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert rc == 0 and "start_up_choices" not in summary and summary["engine"]["threads"] == 1
+
+
+# ---------------------------------------------------------------- roofline
+def test_latency_report_has_measured_peaks_and_roofline(bundle: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    from edgead.bench import latency_main
+
+    out = tmp_path / "latency.json"
+    assert latency_main([str(bundle), "--backend", "onnxruntime", "openvino", "--iterations", "5", "--threads", "1",
+                         "--no-baseline", "--no-components", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    peak = report["peak"]
+    assert peak["fp32_gflops"] > 0 and peak["int8_gops"] > 0 and "MatMulInteger" in peak["gemm"]
+    assert report["host"]["cpu"] and "avx2" in report["host"]["isa"] or report["host"]["machine"] != "x86_64"
+    for key in ("onnxruntime/fp32", "openvino/fp32"):
+        roof = report["results"][key]["roofline"]
+        assert roof["gflops_per_frame"] > 0 and 0 < roof["fraction_of_peak"] and roof["peak"] == "fp32_gflops"
+    assert "measured peak:" in capsys.readouterr().out
