@@ -68,12 +68,21 @@ def graph_gflops(onnx_path: str | Path) -> float:
     """2 x MACs of the weighted layers of one frame, in GFLOP (GOP for integer layers)."""
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+    model = onnx.load(str(onnx_path))
+    try:  # ORT's symbolic inference also follows computed sizes (a reflect Pad's pads)
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - e.g. an op it does not know: ONNX's own inference
+        model = onnx.shape_inference.infer_shapes(model)
     dims: dict[str, list[int]] = {}
     for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output):
         dims[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
     for init in model.graph.initializer:
         dims[init.name] = list(init.dims)
+    for node in model.graph.node:  # weights behind an Identity (torch exports shared ones so)
+        if node.op_type == "Identity" and not dims.get(node.output[0]) and node.input[0] in dims:
+            dims[node.output[0]] = dims[node.input[0]]
     total = 0.0
     for node in model.graph.node:
         if node.op_type not in WEIGHTED:
