@@ -123,6 +123,7 @@ def latency_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", help="training run for the PyTorch baseline (default: recorded at export)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the PyTorch-eager baseline")
     parser.add_argument("--no-components", action="store_true", help="skip the per-component timing")
+    parser.add_argument("--no-roofline", action="store_true", help="skip the GEMM peak measurement and the roofline")
     parser.add_argument("--out", help="write the report as JSON")
     args = parser.parse_args(argv)
     try:
@@ -132,7 +133,8 @@ def latency_main(argv: list[str] | None = None) -> int:
 
             baseline = graph_factory(_run_dir(load_bundle(args.bundle), args.run), args.threads)
         report = latency.benchmark(args.bundle, args.backend, args.precision, args.warmup_ms, args.iterations,
-                                   args.duration, args.threads, baseline, not args.no_components)
+                                   args.duration, args.threads, baseline, not args.no_components,
+                                   not args.no_roofline)
     except (ValueError, OSError, EngineError, RuntimeError) as exc:
         print(f"edgead bench latency: error: {exc}", file=sys.stderr)
         return 2

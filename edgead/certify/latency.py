@@ -106,13 +106,25 @@ def bench_engine(bundle: Bundle, open_graph: EngineFactory, settings: dict[str, 
     return result
 
 
+def add_roofline(row: dict[str, Any], gflops: float, peak: dict[str, Any], precision: str) -> None:
+    """GFLOPs (GOPs) per frame, the rate reached and its fraction of this CPU's measured peak."""
+    kind, rate = ("int8_gops", peak["int8_gops"]) if precision == "int8" else ("fp32_gflops", peak["fp32_gflops"])
+    achieved = gflops / (row["latency_ms"]["median"] / 1e3)
+    row["roofline"] = {"gflops_per_frame": gflops, "achieved_per_s": achieved, "peak": kind,
+                       "fraction_of_peak": achieved / rate if rate > 0 else float("nan")}
+
+
 def benchmark(bundle_dir: str | Path, backends: Sequence[str] = ("onnxruntime",), precisions: Sequence[str] | None = None,
               warmup_ms: float = 200.0, iterations: int | None = None, duration_s: float = 3.0,
               threads: int | None = None, baseline: EngineFactory | None = None,
-              components: bool = True) -> dict[str, Any]:
+              components: bool = True, roofline: bool = True) -> dict[str, Any]:
     """Latency of every backend x precision, beside the PyTorch-eager FP32 ``baseline`` (if given)
-    with speed-ups over it."""
+    with speed-ups over it; with ``roofline``, this CPU's GEMM peaks measured in the same run and
+    each row's work per frame and fraction of peak (:mod:`edgead.certify.roofline`)."""
+    from edgead.certify import roofline as rf
+
     bundle = load_bundle(bundle_dir)
+    peak = rf.peaks(threads) if roofline else None
     settings = {"warmup_ms": warmup_ms, "iterations": iterations, "duration_s": duration_s}
     base = bench_engine(bundle, baseline, settings, components) if baseline is not None else None
     results: dict[str, Any] = {}
@@ -127,6 +139,8 @@ def benchmark(bundle_dir: str | Path, backends: Sequence[str] = ("onnxruntime",)
             if base is not None:
                 r["speedup_vs_torch"] = {"median": base["latency_ms"]["median"] / r["latency_ms"]["median"],
                                          "p99": base["latency_ms"]["p99"] / r["latency_ms"]["p99"]}
+            if peak is not None:
+                add_roofline(r, rf.graph_gflops(bundle.graph_path(FUSED, precision)), peak, precision)
             fallbacks = bundle.manifest.get("precision_fallbacks", {}).get(precision)
             if fallbacks:
                 r["precision_fallbacks"] = fallbacks
@@ -137,13 +151,24 @@ def benchmark(bundle_dir: str | Path, backends: Sequence[str] = ("onnxruntime",)
               "results": results}
     if base is not None:
         report["baseline"] = {"backend": "torch", "precision": "fp32", "mode": "eager", **base}
+        if peak is not None:
+            add_roofline(report["baseline"], rf.graph_gflops(bundle.graph_path(FUSED, "fp32")), peak, "fp32")
+    if peak is not None:
+        report["peak"] = peak
     return report
 
 
 def print_table(report: dict[str, Any], file: Any = sys.stdout) -> None:
-    print(f"{report['detector']} {report['input_shape']} batch 1 on {report['host']['cpu']} "
-          f"({report['host']['cores']} cores)", file=file)
-    print(f"{'engine':<22}{'median ms':>10}{'p99 ms':>9}{'min ms':>9}{'fps':>8}{'× torch':>9}  components (share)", file=file)
+    host = report["host"]
+    flags = " ".join(f for f, on in host.get("isa", {}).items() if on)
+    print(f"{report['detector']} {report['input_shape']} batch 1 on {host['cpu']} ({host['cores']} cores; {flags})",
+          file=file)
+    if "peak" in report:
+        p = report["peak"]
+        print(f"measured peak: {p['fp32_gflops']:.1f} GFLOP/s FP32, {p['int8_gops']:.1f} GOP/s INT8 ({p['gemm']})",
+              file=file)
+    print(f"{'engine':<22}{'median ms':>10}{'p99 ms':>9}{'min ms':>9}{'fps':>8}{'× torch':>9}{'GFLOP':>7}{'% peak':>8}"
+          f"  components (share)", file=file)
     rows = ([("torch/fp32 (eager)", report["baseline"])] if "baseline" in report else []) + list(report["results"].items())
     for key, r in rows:
         if "skipped" in r:
@@ -152,8 +177,10 @@ def print_table(report: dict[str, Any], file: Any = sys.stdout) -> None:
         lat = r["latency_ms"]
         speed = r.get("speedup_vs_torch", {}).get("median", 1.0)
         comps = "  ".join(f"{n} {c['share']:.0%}" for n, c in r.get("components", {}).items())
+        roof = r.get("roofline")
+        work = f"{roof['gflops_per_frame']:>7.2f}{roof['fraction_of_peak']:>8.1%}" if roof else " " * 15
         print(f"{key:<22}{lat['median']:>10.2f}{lat['p99']:>9.2f}{lat['min']:>9.2f}{r['throughput_fps']:>8.1f}"
-              f"{speed:>8.2f}×  {comps}", file=file)
+              f"{speed:>8.2f}×{work}  {comps}", file=file)
         if "timings_ms" in r:
             t = r["timings_ms"]
             print("    " + "  ".join(f"{k} {v['median']:.3f} ms" for k, v in t.items()), file=file)
