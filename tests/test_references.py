@@ -16,6 +16,7 @@ only share the networks' weights.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -371,3 +372,22 @@ def test_regions_with_known_numbers():
     assert found[0].peak == pytest.approx(0.55) and found[0].mean == pytest.approx(0.55)
     assert regions(amap, 0.9, min_area=1) == [r for r in regions(amap, 0.9, min_area=1) if r.peak > 0.9]
     assert [r.area for r in regions(amap, 0.55, min_area=1)] == [4, 1]  # strictly above the threshold
+
+
+def test_top_k_fraction_must_be_a_fraction():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"top-k fraction must lie in \[0, 1\]"):
+            TopKMean(bad)
+    wide = torch.zeros(2, 1, 4, 100)
+    wide[:, 0, 0, :4] = 1.0  # per sample, over every pixel: top 1% of 400 is 4 pixels
+    np.testing.assert_allclose(TopKMean(0.01)(wide).numpy(), [1.0, 1.0])
+
+
+def test_verdict_band_with_known_numbers():
+    from edgead.certify.rules import band
+
+    big = Calibration(image_threshold=1000.0, score_min=999.0, score_max=1001.0, pixel_threshold=0.5, map_min=0.0,
+                      map_max=1.0, n_images=10, quantile=0.99, pixel_quantile=0.999)
+    assert band(big, "fp32") == pytest.approx(2e-3)  # 0.1% of the range 2, above 1e-6 of 1000
+    flat = dataclasses.replace(big, score_min=1000.0, score_max=1000.0)
+    assert band(flat, "fp32") == pytest.approx(1e-3) and band(flat, "int8") == pytest.approx(0.1)
