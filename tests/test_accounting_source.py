@@ -221,3 +221,17 @@ def test_block_policy_drops_nothing_from_a_live_source(tmp_path):
     f = result.summary["frames"]
     assert (f["captured"], f["inspected"], f["dropped"]) == (20, 20, 0)
     assert [x["frame"] for x in lines] == list(range(20))
+
+
+def test_ground_truth_is_recorded_with_the_localisation():
+    stats = RunStats()
+    stats.record(NG, {}, 1.0, defective=True, localized=True)
+    stats.record(NG, {}, 1.0, defective=True, localized=False)
+    stats.record(OK, {}, 1.0, defective=False)
+    stats.record(ERROR, {}, 1.0, defective=True)  # not inspected: not in the confusion
+    t = stats.truth
+    assert (t.tp, t.fp, t.tn, t.fn, t.localized) == (2, 0, 1, 0, 1)
+    assert stats.first_capture is None
+    stats.count_captured(5.0)
+    stats.count_captured(7.0)
+    assert stats.first_capture == 5.0 and stats.captured == 2

@@ -125,3 +125,18 @@ def test_a_malicious_resume_file_is_refused_and_its_payload_never_runs(tmp_path)
     good = tmp_path / "good.pt"
     save_resume(good, {"epoch": 3, "state": {"w": torch.ones(2)}})
     assert load_resume(good)["epoch"] == 3 and not marker.exists()
+
+
+def test_verify_files_takes_the_raw_manifest_and_names_both_hashes(bundle):
+    from edgead.core.bundle import verify_files
+
+    data = json.loads((bundle / "manifest.json").read_text())
+    verify_files(bundle, data)  # the raw JSON, typed on the way in
+    (bundle / GRAPH).write_bytes(b"tampered")
+    with pytest.raises(BundleError) as err:
+        verify_files(bundle, data)
+    want = data["files"][GRAPH][:12]
+    assert f"(manifest {want}…, file " in str(err.value) and "the bundle was modified or corrupted: re-export it" in str(err.value)
+    data.pop("golden")
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        verify_files(bundle, data)

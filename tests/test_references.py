@@ -16,6 +16,7 @@ only share the networks' weights.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -341,3 +342,52 @@ def test_calibrate_quantiles_with_known_numbers():
     assert cal.problem() is None
     # the image threshold splits the validation scores as the quantile says: 1 in 101 above it
     assert sum(cal.verdict(s) == NG for s in scores) == 1
+
+
+def test_calibrate_edges_with_known_numbers():
+    cal = calibrate(np.array([1, 3]), np.zeros((2, 4, 4), np.int64))  # integers: computed in float64
+    assert cal.image_threshold == pytest.approx(1 + 2 * 0.99) and cal.n_images == 2
+    with pytest.raises(ValueError, match="at least 2"):
+        calibrate(np.array([1.0]), np.zeros((1, 4, 4)))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        calibrate(np.array([1.0, np.nan]), np.zeros((2, 4, 4)))
+    tiny = Calibration(image_threshold=1e-9, score_min=0.0, score_max=2e-9, pixel_threshold=0.0, map_min=0.0,
+                       map_max=1e-9, n_images=2, quantile=0.5, pixel_quantile=0.5)
+    assert tiny.normalize(2e-9) == pytest.approx(1.0)  # a tiny range is a range, not 1
+    assert tiny.normalize(1.5e-9) == pytest.approx(0.75)
+    assert tiny.normalize_map(np.array([5e-10]))[0] == pytest.approx(0.5)
+    assert isinstance(CAL.normalize(np.float32(3.1)), np.floating) and CAL.normalize(np.float32(3.1)).dtype == np.float64
+
+
+def test_regions_with_known_numbers():
+    from edgead.core.postprocess import regions
+
+    amap = np.zeros((10, 10), np.float32)
+    amap[1:3, 1:3] = [[0.6, 0.7], [0.8, 0.9]]  # area 4: exactly the minimum, kept
+    amap[6:9, 5:8] = 0.55  # area 9
+    amap[0, 9] = 0.99  # area 1: dropped
+    found = regions(amap, 0.5, min_area=4)
+    assert [(r.x, r.y, r.w, r.h, r.area) for r in found] == [(5, 6, 3, 3, 9), (1, 1, 2, 2, 4)]
+    assert found[1].peak == pytest.approx(0.9) and found[1].mean == pytest.approx(0.75)
+    assert found[0].peak == pytest.approx(0.55) and found[0].mean == pytest.approx(0.55)
+    assert regions(amap, 0.9, min_area=1) == [r for r in regions(amap, 0.9, min_area=1) if r.peak > 0.9]
+    assert [r.area for r in regions(amap, 0.55, min_area=1)] == [4, 1]  # strictly above the threshold
+
+
+def test_top_k_fraction_must_be_a_fraction():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"top-k fraction must lie in \[0, 1\]"):
+            TopKMean(bad)
+    wide = torch.zeros(2, 1, 4, 100)
+    wide[:, 0, 0, :4] = 1.0  # per sample, over every pixel: top 1% of 400 is 4 pixels
+    np.testing.assert_allclose(TopKMean(0.01)(wide).numpy(), [1.0, 1.0])
+
+
+def test_verdict_band_with_known_numbers():
+    from edgead.certify.rules import band
+
+    big = Calibration(image_threshold=1000.0, score_min=999.0, score_max=1001.0, pixel_threshold=0.5, map_min=0.0,
+                      map_max=1.0, n_images=10, quantile=0.99, pixel_quantile=0.999)
+    assert band(big, "fp32") == pytest.approx(2e-3)  # 0.1% of the range 2, above 1e-6 of 1000
+    flat = dataclasses.replace(big, score_min=1000.0, score_max=1000.0)
+    assert band(flat, "fp32") == pytest.approx(1e-3) and band(flat, "int8") == pytest.approx(0.1)
