@@ -32,6 +32,7 @@ from edgead.certify import roofline  # noqa: E402
 from edgead.certify.latency import measure  # noqa: E402
 from edgead.core import machine  # noqa: E402
 from edgead.engines import EngineError, open_engine  # noqa: E402
+from edgead.export.graph_work import graph_gflops  # noqa: E402
 
 ENGINES = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8"))
 
@@ -83,7 +84,7 @@ def bench_bundle(path: Path, threads: int, duration: float) -> dict[str, Any]:
     for backend, precision in ENGINES:
         rows[f"{backend}/{precision}"] = _time(
             lambda: open_engine(bundle, backend, precision, intra_op_num_threads=threads), duration)
-    gflops = {p: roofline.graph_gflops(bundle.graph_path(FUSED, p)) for p in ("fp32", "int8") if p in bundle.precisions()}
+    gflops = {p: graph_gflops(bundle.graph_path(FUSED, p)) for p in ("fp32", "int8") if p in bundle.precisions()}
     return {"graph": f"{bundle.detector} {bundle.input_shape[-1]}² ({path})", "gflops_per_frame": gflops,
             "precision_fallbacks": bundle.spec.precision_fallbacks, "rows": rows}
 
@@ -115,7 +116,7 @@ def bench_vgg(size: int, threads: int, duration: float, tmp: Path) -> dict[str, 
         rows[f"{backend}/{precision}"] = _time(
             lambda: open_engine(graph, backend, precision, intra_op_num_threads=threads), duration)
     return {"graph": f"VGG-19 to relu4_1, {size}² (weights: {weights or 'random'})",
-            "gflops_per_frame": {"fp32": roofline.graph_gflops(fp32), "int8": roofline.graph_gflops(int8)},
+            "gflops_per_frame": {"fp32": graph_gflops(fp32), "int8": graph_gflops(int8)},
             "rows": rows}
 
 

@@ -40,6 +40,7 @@ from edgead.core.manifest import ComponentSpec, GoldenSpec, InputSpec, Manifest
 from edgead.models.base import Detector
 from edgead.models.blocks import SignedRange
 from edgead.export.fp16 import export_fp16
+from edgead.export.graph_work import work_table
 from edgead.export.golden import GOLDEN_IMAGES, GOLDEN_NORMAL, write_golden
 from edgead.export.int8 import CALIB_METHODS, INT8_FALLBACKS, open_sessions, output_errors, run_chain, select_precisions
 from edgead.export.onnx_export import ExportError, chain_graphs, export_detector, not_exportable_reason
@@ -176,6 +177,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
     manifest = build_manifest(detector, calibration, meta, run_dir, info, graphs, fallbacks, quantization, golden_spec)
     if engine_post is not None:
         manifest.extra["engine_postprocess"] = engine_post
+    manifest.extra["work_gflops"] = work_table(out, graphs)  # the latency report's roofline
     write_manifest(out, manifest)
     if sign is not None:
         from edgead.core.signing import sign_bundle

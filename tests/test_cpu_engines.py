@@ -227,3 +227,18 @@ def test_latency_report_has_measured_peaks_and_roofline(bundle: Path, tmp_path: 
     for key in ("onnxruntime/fp32", "openvino/fp32"):
         roof = report["results"][key]["roofline"]
         assert roof["gflops_per_frame"] > 0 and 0 < roof["fraction_of_peak"] and roof["peak"] == "fp32_gflops"
+
+
+def test_shipped_gemm_graphs_are_the_ones_export_builds_and_work_is_in_the_manifest(bundle: Path) -> None:
+    """The station times GEMM graphs it cannot build (no ``onnx`` there): they must be exactly
+    the MatMul / MatMulInteger graphs, and the work per frame must come from the export's count."""
+    from edgead.certify.roofline import GEMM_DIR, graph_gflops
+    from edgead.core.bundle import FUSED, load_bundle
+    from edgead.export import graph_work
+
+    for kind in ("fp32", "int8"):
+        assert (GEMM_DIR / f"{kind}.onnx").read_bytes() == graph_work.gemm_model(kind).SerializeToString(), kind
+    loaded = load_bundle(bundle)
+    for precision in loaded.precisions(FUSED):
+        counted = graph_work.graph_gflops(loaded.graph_path(FUSED, precision))
+        assert counted > 0 and graph_gflops(loaded, FUSED, precision) == pytest.approx(counted, rel=1e-5)

@@ -328,8 +328,8 @@ def test_engine_options_and_errors(trained, tmp_path: Path) -> None:
     assert [s.name for s in engine.inputs] == ["image"] and [s.name for s in engine.outputs] == ["reconstruction"]
     with pytest.raises(EngineError, match="shape"):
         engine.run({"image": np.zeros((1, 3, 8, 8), np.float32)})
-    with pytest.raises(EngineError, match="unknown backend"):
-        open_engine(trained["bundle"], "openvino")
+    with pytest.raises(EngineError, match="unknown backend 'openvion'.*openvino"):
+        open_engine(trained["bundle"], "openvion")  # a typo: the error lists the real ones
     from edgead.training.reference import TorchEngine
 
     torch_engine = TorchEngine.from_run(trained["run"])

@@ -115,12 +115,19 @@ def test_ssim_map_matches_scipy_everywhere_with_reflect_padding():
 
 
 def test_ssim_window_is_the_normalised_gaussian():
-    k = SSIMMap(1).kernel[0, 0].double().numpy()
-    impulse = np.zeros((11, 11))
-    impulse[5, 5] = 1.0
-    ref = ndimage.gaussian_filter(impulse, SIGMA, truncate=TRUNCATE, mode="constant")
-    np.testing.assert_allclose(k, ref, atol=1e-7)
-    assert abs(k.sum() - 1.0) < 1e-6
+    # The window the module applies (its separable 1x11 then 11x1 passes), read off as its
+    # response to an impulse in each of the five stacked channels.
+    ssim = SSIMMap(1)
+    impulse = torch.zeros(1, 5, 23, 23)
+    impulse[:, :, 11, 11] = 1.0
+    with torch.no_grad():
+        response = ssim._blur(impulse)[0].double().numpy()
+    ref = np.zeros((23, 23))
+    ref[11, 11] = 1.0
+    ref = ndimage.gaussian_filter(ref, SIGMA, truncate=TRUNCATE, mode="constant")
+    for k in response:
+        np.testing.assert_allclose(k, ref, atol=1e-7)
+        assert abs(k.sum() - 1.0) < 1e-6
     ssim = SSIMMap(1)
     assert (ssim.c1, ssim.c2) == pytest.approx((1e-4, 9e-4))
 

@@ -106,8 +106,11 @@ def bench_engine(bundle: Bundle, open_graph: EngineFactory, settings: dict[str, 
     return result
 
 
-def add_roofline(row: dict[str, Any], gflops: float, peak: dict[str, Any], precision: str) -> None:
-    """GFLOPs (GOPs) per frame, the rate reached and its fraction of this CPU's measured peak."""
+def add_roofline(row: dict[str, Any], gflops: float | None, peak: dict[str, Any], precision: str) -> None:
+    """GFLOPs (GOPs) per frame, the rate reached and its fraction of this CPU's measured peak
+    (nothing for a bundle exported before the work was counted)."""
+    if gflops is None:
+        return
     kind, rate = ("int8_gops", peak["int8_gops"]) if precision == "int8" else ("fp32_gflops", peak["fp32_gflops"])
     achieved = gflops / (row["latency_ms"]["median"] / 1e3)
     row["roofline"] = {"gflops_per_frame": gflops, "achieved_per_s": achieved, "peak": kind,
@@ -140,7 +143,7 @@ def benchmark(bundle_dir: str | Path, backends: Sequence[str] = ("onnxruntime",)
                 r["speedup_vs_torch"] = {"median": base["latency_ms"]["median"] / r["latency_ms"]["median"],
                                          "p99": base["latency_ms"]["p99"] / r["latency_ms"]["p99"]}
             if peak is not None:
-                add_roofline(r, rf.graph_gflops(bundle.graph_path(FUSED, precision)), peak, precision)
+                add_roofline(r, rf.graph_gflops(bundle, FUSED, precision), peak, precision)
             fallbacks = bundle.manifest.get("precision_fallbacks", {}).get(precision)
             if fallbacks:
                 r["precision_fallbacks"] = fallbacks
@@ -152,13 +155,14 @@ def benchmark(bundle_dir: str | Path, backends: Sequence[str] = ("onnxruntime",)
     if base is not None:
         report["baseline"] = {"backend": "torch", "precision": "fp32", "mode": "eager", **base}
         if peak is not None:
-            add_roofline(report["baseline"], rf.graph_gflops(bundle.graph_path(FUSED, "fp32")), peak, "fp32")
+            add_roofline(report["baseline"], rf.graph_gflops(bundle, FUSED, "fp32"), peak, "fp32")
     if peak is not None:
         report["peak"] = peak
     return report
 
 
-def print_table(report: dict[str, Any], file: Any = sys.stdout) -> None:
+def print_table(report: dict[str, Any], file: Any = None) -> None:
+    file = file or sys.stdout  # looked up per call: a default bound at import outlives a redirected stdout
     host = report["host"]
     flags = " ".join(f for f, on in host.get("isa", {}).items() if on)
     print(f"{report['detector']} {report['input_shape']} batch 1 on {host['cpu']} ({host['cores']} cores; {flags})",

@@ -62,6 +62,17 @@ def _pixel_auroc(masks: np.ndarray | None, maps: np.ndarray) -> float:
     return math.nan if masks is None else auroc(np.asarray(masks) > 0.5, maps)
 
 
+def pair_swaps(labels: np.ndarray, ref_scores: np.ndarray, got_scores: np.ndarray, width: float) -> int:
+    """(anomalous, normal) pairs whose reference scores differ by more than the verdict band and
+    whose order the engine reverses: the only ranking changes that are not numerical noise. On a
+    small set one swap of a near-tie moves the image AUROC by 1/(n_pos x n_neg), above any tolerance."""
+    labels = np.asarray(labels).astype(bool).ravel()
+    ref_s, got_s = np.asarray(ref_scores, np.float64).ravel(), np.asarray(got_scores, np.float64).ravel()
+    ref_gap = ref_s[labels][:, None] - ref_s[~labels][None, :]
+    got_gap = got_s[labels][:, None] - got_s[~labels][None, :]
+    return int(((np.abs(ref_gap) > width) & (np.sign(ref_gap) != np.sign(got_gap))).sum())
+
+
 def compare(ref: Outputs, got: Outputs, labels: np.ndarray, masks: np.ndarray | None, calibration: Calibration,
             precision: str, ref64: Outputs | None = None) -> dict[str, Any]:
     """All statistics of one engine's outputs against the reference, and its verdict."""
@@ -77,6 +88,7 @@ def compare(ref: Outputs, got: Outputs, labels: np.ndarray, masks: np.ndarray | 
         **verdict_agreement(ref[SCORE], got[SCORE], calibration, precision),
     }
     end["delta_image_auroc"] = end["image_auroc"] - end["image_auroc_ref"]
+    end["n_pair_swaps_outside_band"] = pair_swaps(labels, ref[SCORE], got[SCORE], end["band"])
     end["delta_pixel_auroc"] = end["pixel_auroc"] - end["pixel_auroc_ref"]
     out["end"] = end
     if precision == "fp32" and ref64:
@@ -266,7 +278,8 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def print_table(report: dict[str, Any], file: Any = sys.stdout) -> None:
+def print_table(report: dict[str, Any], file: Any = None) -> None:
+    file = file or sys.stdout  # looked up per call: a default bound at import outlives a redirected stdout
     print(f"reference: {report['reference']}  ({report['n_images']} images, {report['n_anomalous']} anomalous)",
           file=file)
     print(f"{'engine':<20}{'map max|Δ|':>11}{'score rel':>11}{'map r':>9}{'ΔAUROC img':>11}{'ΔAUROC px':>10}"
