@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.gpu_stream_check import missing_gpu_stack
+from edgead.core.machine import describe
 
 
 def _calibration(detector: Any, category: str, size: int):
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "stages_p50_ms": {k: v["p50"] for k, v in lat.items() if k != "end_to_end"},
                                  "frames": pipe["frames"]}
     result = {"device": torch.cuda.get_device_name(0), "model": args.model, "size": args.size,
-              "cuda_graph": not args.no_cuda_graph, "cpu_count": os.cpu_count(), "rows": rows}
+              "cuda_graph": not args.no_cuda_graph, "host": describe(), "rows": rows}
     print(f"{args.model} {args.size}² on {result['device']} (TorchCudaEngine, CUDA graph {result['cuda_graph']})")
     print(f"{'':<8}{'engine fps':>11}{'pipeline fps':>13}{'ratio':>7}{'e2e p50':>9}{'e2e p99':>9}")
     for name, r in rows.items():

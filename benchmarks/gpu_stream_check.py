@@ -237,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('gpu_busy_ratio', 0.0):>10.2f}{r['max_abs_err']:>10.2e}")
     print(f"speedup {report['speedup']:.2f}x; outputs match torch: {report['outputs_match_torch']}")
     if out:
+        from edgead.core.machine import describe
+
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+        Path(out).write_text(json.dumps({**report, "host": describe()}, indent=2))
         print(f"wrote {out}")
     origin.destroy()
     origin_stream.destroy()

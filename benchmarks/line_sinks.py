@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -45,23 +43,13 @@ from edgead.runtime.sinks import SinkContext, open_sink
 from edgead.runtime.sources import Pacer
 
 LOOPBACK = "127.0.0.1"
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def cpu_description() -> dict[str, Any]:
-    """CPU model and the ISA flags that matter to the engines (Linux /proc/cpuinfo)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "cpu_count": os.cpu_count(), "isa": {f: f in flags for f in ISA_FLAGS},
-            "machine": platform.machine(), "python": platform.python_version()}
+    """CPU model, cores and the ISA flags that matter to the engines."""
+    from edgead.core.machine import describe
+
+    return describe()
 
 
 def free_port() -> int:
