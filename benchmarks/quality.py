@@ -115,20 +115,15 @@ def model_cost(detector, image_size: int) -> dict[str, float]:
 def ort_latency_ms(detector, repeats: int = 30) -> float | None:
     """Median ONNX Runtime FP32 latency (ms) of the fused graph on this CPU, batch 1."""
     import onnxruntime as ort
+
+    from benchmarks.cost import median_ms
     from edgead.export.onnx_export import export_detector
 
     with tempfile.TemporaryDirectory() as tmp:
         export_detector(detector.cpu(), tmp)
         session = ort.InferenceSession(str(Path(tmp) / "detector.fp32.onnx"), providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: np.random.default_rng(0).random(detector.input_shape, dtype=np.float32)}
-        for _ in range(3):
-            session.run(None, feed)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+        return median_ms(lambda: session.run(None, feed), repeats, warmup=3)
 
 
 def load_category(root: Path, category: str, size: int) -> dict[str, Any]:
