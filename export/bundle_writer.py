@@ -42,7 +42,7 @@ from edgead.models.blocks import SignedRange
 from edgead.export.fp16 import export_fp16
 from edgead.export.graph_work import work_table
 from edgead.export.golden import GOLDEN_IMAGES, GOLDEN_NORMAL, write_golden
-from edgead.export.int8 import CALIB_METHODS, INT8_FALLBACKS, open_sessions, output_errors, run_chain, select_precisions
+from edgead.export.int8 import CALIB_METHODS, INT8_FALLBACKS, INT8_LAYOUTS, open_sessions, output_errors, run_chain, select_precisions
 from edgead.export.onnx_export import ExportError, chain_graphs, export_detector, not_exportable_reason
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -115,7 +115,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
                data_root: str | Path | None = None, category: str | None = None, *, golden: bool = True,
                golden_count: int = GOLDEN_IMAGES, golden_normal: int = GOLDEN_NORMAL,
                golden_images: str | Path | None = None, sign: str | Path | None = None,
-               postprocess: bool = False, int8_fallback: str = "fp32") -> Path:
+               postprocess: bool = False, int8_fallback: str = "fp32", int8_layout: str = "tensorrt") -> Path:
     """Export the run at ``run_dir`` into a bundle at ``out_dir``; returns the bundle folder.
 
     ``golden``: write the golden outputs (``golden_count`` images, ``golden_normal`` of them
@@ -123,7 +123,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
     finished bundle (:mod:`edgead.core.signing`). ``postprocess``: also write the detector graph
     with the runtime's smoothing and normalisation on the engine (:mod:`edgead.export.postprocess`).
     ``int8_fallback``: the precision of a component that fails INT8 (fp32 for CPU stations, fp16
-    for GPU stations)."""
+    for GPU stations). ``int8_layout``: the Q/DQ layout (:data:`edgead.export.int8.INT8_LAYOUTS`:
+    tensorrt, which every backend runs, or cpu, fast on ONNX Runtime and refused by TensorRT)."""
     from edgead.training.checkpoint import load_run
 
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -131,6 +132,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
         raise ExportError(f"unknown precision(s) {unknown}; choose from {PRECISIONS}")
     if int8_fallback not in INT8_FALLBACKS:
         raise ExportError(f"unknown INT8 fallback {int8_fallback!r}; choose from {sorted(INT8_FALLBACKS)}")
+    if int8_layout not in INT8_LAYOUTS:
+        raise ExportError(f"unknown INT8 layout {int8_layout!r}; choose from {sorted(INT8_LAYOUTS)}")
     if calib_method not in CALIB_METHODS:
         raise ExportError(f"unknown calibration method {calib_method!r}; choose from {sorted(CALIB_METHODS)}")
     run_dir = Path(run_dir).resolve()
@@ -157,8 +160,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
         images, source = calibration_images(meta, c.image_size, c.channels, calib_images, data_root, category,
                                             calib_count)
         quantization["int8"] = assemble_int8(out, components, images, calib_method, graphs, fallbacks,
-                                             int8_fallback)
-        quantization["int8"].update({"method": calib_method, "fallback": int8_fallback,
+                                             int8_fallback, int8_layout)
+        quantization["int8"].update({"method": calib_method, "fallback": int8_fallback, "layout": int8_layout,
                                      "images": int(len(images)), "source": source,
                                      "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
                                      "format": "QDQ (explicit quantisation)"})
@@ -188,9 +191,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precisions: Sequence[st
 
 def assemble_int8(out: Path, components: list[dict[str, Any]], images: np.ndarray, method: str,
                   graphs: dict[str, dict[str, str]], fallbacks: dict[str, dict[str, str]],
-                  fallback: str = "fp32") -> dict[str, Any]:
+                  fallback: str = "fp32", layout: str = "tensorrt") -> dict[str, Any]:
     """Per-component INT8 with fallbacks, then the fused INT8 graph chained from the choices."""
-    selected = select_precisions(out, components, images, "int8", method, make_fp16=export_fp16, fallback=fallback)
+    selected = select_precisions(out, components, images, "int8", method, make_fp16=export_fp16, fallback=fallback,
+                                 layout=layout)
     for name, precision in selected["choice"].items():
         graphs[name]["int8"] = selected["files"][name]
         if precision != "int8":
@@ -252,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8-fallback", default="fp32", choices=("fp32", "fp16"),
                         help="precision of a component that fails INT8: fp32 (default; CPU stations, where "
                              "ONNX Runtime and OpenVINO run FP16 through casts) or fp16 (GPU stations)")
+    parser.add_argument("--int8-layout", default="tensorrt", choices=sorted(INT8_LAYOUTS),
+                        help="Q/DQ layout of the INT8 graphs: tensorrt (default; every backend runs it) or cpu "
+                             "(ONNX Runtime fuses it into real INT8 kernels, about 2x faster there; TensorRT "
+                             "refuses it)")
     parser.add_argument("--data", help="MVTec root for calibration when the run's is elsewhere")
     parser.add_argument("--category", help="category under --data")
     parser.add_argument("--golden-count", type=int, default=GOLDEN_IMAGES,
@@ -274,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.calib_method, args.data, args.category, golden=not args.no_golden,
                          golden_count=args.golden_count, golden_normal=args.golden_normal,
                          golden_images=args.golden_images, sign=args.sign, postprocess=args.postprocess,
-                         int8_fallback=args.int8_fallback)
+                         int8_fallback=args.int8_fallback, int8_layout=args.int8_layout)
     except (ExportError, ValueError, OSError, RuntimeError) as exc:
         print(f"edgead export: error: {exc}", file=sys.stderr)
         return 2

@@ -242,3 +242,71 @@ def test_shipped_gemm_graphs_are_the_ones_export_builds_and_work_is_in_the_manif
     for precision in loaded.precisions(FUSED):
         counted = graph_work.graph_gflops(loaded.graph_path(FUSED, precision))
         assert counted > 0 and graph_gflops(loaded, FUSED, precision) == pytest.approx(counted, rel=1e-5)
+
+
+# ---------------------------------------------------------------- the CPU Q/DQ layout
+def _vgg_graph(tmp_path: Path) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    from edgead.models.vgg import FrozenVGG19
+
+    torch.manual_seed(0)
+    model = FrozenVGG19(["relu2_2"], 3, weights=None).eval()
+    path = tmp_path / "vgg.fp32.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3, 32, 32),), str(path), input_names=["image"], output_names=["f"],
+                      opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+    return path, [{"image": rng.random((1, 3, 32, 32), dtype=np.float32)} for _ in range(4)]
+
+
+def test_cpu_layout_stores_int8_weights_and_quantises_conv_outputs(tmp_path: Path) -> None:
+    """The cpu layout is what ONNX Runtime fuses into QLinearConv: int8 weight initialisers (not
+    float weights behind a Q/DQ pair) and a QuantizeLinear after each conv; same symmetric INT8."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgead.export.int8 import QuantizationError, check_symmetric, quantize_int8
+
+    fp32, feeds = _vgg_graph(tmp_path)
+    layouts = {name: quantize_int8(fp32, tmp_path / f"{name}.onnx", feeds, layout=name) for name in ("tensorrt", "cpu")}
+    for name, model in layouts.items():
+        check_symmetric(model, name)
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        producer = {o: n for n in model.graph.node for o in n.output}
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        weight_dq = [producer[n.input[1]] for n in convs]
+        assert all(dq.op_type == "DequantizeLinear" for dq in weight_dq), name
+        int8_weights = [inits.get(dq.input[0]) == onnx.TensorProto.INT8 for dq in weight_dq]
+        output_q = [any(m.op_type == "QuantizeLinear" and n.output[0] in m.input for m in model.graph.node)
+                    for n in convs]
+        if name == "cpu":  # the last conv's output is the graph's: it stays float
+            assert all(int8_weights) and all(output_q[:-1])
+        else:  # float weights behind Q/DQ, outputs left to TensorRT
+            assert not any(int8_weights) and not any(output_q)
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    got = ort.InferenceSession(str(tmp_path / "cpu.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    assert np.isfinite(got).all() and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.98
+    with pytest.raises(QuantizationError, match="unknown INT8 layout"):
+        quantize_int8(fp32, tmp_path / "x.onnx", feeds, layout="gpu")
+
+
+def test_cpu_layout_bundle_records_it_and_tensorrt_refuses_it(bundle: Path, tmp_path: Path) -> None:
+    from edgead.core.bundle import load_bundle
+    from edgead.engines import EngineError, open_engine
+    from edgead.export.bundle_writer import main as export_main
+
+    import cv2
+
+    from edgead.data.synth import sample
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(calib / f"{i}.png"), sample("washer", i, size=32, stream="train")[0])
+    out = tmp_path / "cpu8"
+    assert export_main([str(bundle.parent / "run"), "--precision", "fp32", "int8", "--int8-layout", "cpu",
+                        "--calib-images", str(calib), "--calib-count", "4", "--no-golden", "--out", str(out)]) == 0
+    assert load_bundle(out).manifest["quantization"]["int8"]["layout"] == "cpu"
+    with pytest.raises(EngineError, match="--int8-layout tensorrt"):
+        open_engine(out, "tensorrt", "int8")
+    engine = open_engine(out, "onnxruntime", "int8", intra_op_num_threads=1)
+    x = np.random.default_rng(0).random(engine.inputs[0].shape, dtype=np.float32)
+    assert np.isfinite(engine.run({"image": x})["score"]).all()

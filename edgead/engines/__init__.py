@@ -45,7 +45,12 @@ def open_engine(bundle_or_path: Bundle | str | Path, backend: str = "onnxruntime
     ``verify=False`` skips the SHA-256 check of a bundle folder (it is on by default).
     """
     verify = bool(kw.pop("verify", True))
-    _, path = resolve_graph(bundle_or_path, precision, graph, verify)
+    bundle, path = resolve_graph(bundle_or_path, precision, graph, verify)
+    if backend == "tensorrt" and precision == "int8" and bundle is not None:
+        layout = bundle.manifest.get("quantization", {}).get("int8", {}).get("layout", "tensorrt")
+        if layout != "tensorrt":  # int32 bias DequantizeLinear: TensorRT's parser rejects it
+            raise EngineError(f"{bundle.root}: its INT8 graphs have the {layout!r} Q/DQ layout (ONNX Runtime, "
+                              "OpenVINO); for TensorRT re-export with `edgead export --int8-layout tensorrt`")
     if backend == "onnxruntime":
         from edgead.engines.ort_engine import OrtEngine
 
