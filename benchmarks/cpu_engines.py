@@ -110,11 +110,16 @@ def bench_vgg(size: int, threads: int, duration: float, tmp: Path) -> dict[str, 
              for i in range(8)]
     int8 = tmp / f"vgg19_relu4_1_{size}.int8.onnx"
     quantize_int8(fp32, int8, calib)
+    int8_cpu = tmp / f"vgg19_relu4_1_{size}.int8cpu.onnx"  # edgead export --int8-layout cpu
+    quantize_int8(fp32, int8_cpu, calib, layout="cpu")
     rows: dict[str, Any] = {"torch/fp32 (eager)": _time(lambda: _TorchModule(model, (1, 3, size, size)), duration)}
     for backend, precision in ENGINES:
         graph = fp32 if precision == "fp32" else int8
         rows[f"{backend}/{precision}"] = _time(
             lambda: open_engine(graph, backend, precision, intra_op_num_threads=threads), duration)
+    for backend in ("onnxruntime", "openvino"):
+        rows[f"{backend}/int8 (cpu layout)"] = _time(
+            lambda: open_engine(int8_cpu, backend, "int8", intra_op_num_threads=threads), duration)
     return {"graph": f"VGG-19 to relu4_1, {size}² (weights: {weights or 'random'})",
             "gflops_per_frame": {"fp32": graph_gflops(fp32), "int8": graph_gflops(int8)},
             "rows": rows}
@@ -134,7 +139,7 @@ def add_ratios(entry: dict[str, Any], peak: dict[str, Any]) -> None:
             rate = peak["int8_gops"] if precision == "int8" else peak["fp32_gflops"]
             r["fraction_of_peak"] = gflops / (r["median_ms"] / 1e3) / rate
         if precision == "int8":
-            fp32 = rows.get(key.replace("int8", "fp32"), {}).get("median_ms")
+            fp32 = rows.get(key.split()[0].replace("int8", "fp32"), {}).get("median_ms")
             if fp32:
                 r["speedup_vs_fp32_same_backend"] = fp32 / r["median_ms"]
 
@@ -143,7 +148,8 @@ def print_table(report: dict[str, Any]) -> None:
     host, peak = report["host"], report["peak"]
     print(f"{host['cpu']} ({host['cores']} cores; {' '.join(f for f, on in host['isa'].items() if on)}), "
           f"{report['threads']} thread(s); peak {peak['fp32_gflops']:.0f} GFLOP/s FP32, {peak['int8_gops']:.0f} GOP/s INT8")
-    keys = ["torch/fp32 (eager)"] + [f"{b}/{p}" for b, p in ENGINES]
+    keys = (["torch/fp32 (eager)"] + [f"{b}/{p}" for b, p in ENGINES]
+            + [f"{b}/int8 (cpu layout)" for b in ("onnxruntime", "openvino")])
     print(f"{'graph':<52}" + "".join(f"{k.replace(' (eager)', ''):>18}" for k in keys))
     for entry in report["graphs"]:
         cells = []
