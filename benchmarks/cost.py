@@ -8,8 +8,10 @@ component (the frozen VGG-19 ``encoder``; PyramidFlow's whole ``flow``).
 Latency does not depend on trained weights, so freshly built detectors are timed (ImageNet
 VGG-19, heads at their init). A memory bank is sized as the quality run's training builds it:
 ``coreset_ratio`` of the patches of 170 training images at that size (its contents do not change
-the search's cost). INT8 graphs are Q/DQ (``edgead.export.int8``) calibrated on a few synthetic
-normal images. The four graphs of a row are timed in interleaved rounds, medians reported: the
+the search's cost). INT8 graphs are Q/DQ (``edgead.export.int8``, ``--int8-layout``, default the
+cpu layout a CPU station exports) calibrated on a few synthetic normal images, timed whether or not
+they would pass the export's per-component check (PatchCore's encoder does not: its bundles run
+that component in FP32). The four graphs of a row are timed in interleaved rounds, medians reported: the
 machine is shared, so compare within a row, as ratios.
 """
 
@@ -82,7 +84,7 @@ def _session(path: Path, threads: int):
 
 
 def measure(model: str, size: int, config: dict[str, Any], repeats: int, calib: np.ndarray,
-            threads: int = 1) -> dict[str, Any]:
+            threads: int = 1, layout: str = "cpu") -> dict[str, Any]:
     import torch
 
     from edgead.export.int8 import quantize_int8
@@ -92,7 +94,7 @@ def measure(model: str, size: int, config: dict[str, Any], repeats: int, calib: 
     detector = registry.create(model, image_size=size, **config).eval()
     first = detector.components()[0]
     x = torch.from_numpy(calib[:1])
-    row: dict[str, Any] = {"model": model, "image_size": size, "config": config,
+    row: dict[str, Any] = {"model": model, "image_size": size, "config": config, "int8_layout": layout,
                            "params_m": sum(p.numel() for p in detector.parameters()) / 1e6,
                            "first_component": first.name,
                            "first_params_m": sum(p.numel() for p in first.module.parameters()) / 1e6,
@@ -108,7 +110,7 @@ def measure(model: str, size: int, config: dict[str, Any], repeats: int, calib: 
             int8 = Path(tmp) / f"{graph}.int8.onnx"
             runs[f"{key}_fp32_ms"] = (lambda s: lambda: s.run(None, feed))(_session(fp32, threads))
             try:
-                quantize_int8(fp32, int8, calib_feeds)
+                quantize_int8(fp32, int8, calib_feeds, layout=layout)
                 runs[f"{key}_int8_ms"] = (lambda s: lambda: s.run(None, feed))(_session(int8, threads))
             except Exception as exc:  # noqa: BLE001 - recorded in the row
                 row[f"{key}_int8_error"] = f"{type(exc).__name__}: {exc}"
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--calib", type=int, default=8, help="synthetic normal images for INT8 calibration")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--int8-layout", default="cpu", choices=("cpu", "tensorrt"))
     parser.add_argument("--out", default="results/cost_cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         calib = np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2), np.float32) / 255.0
         for model in args.models:
             config = bank_config(model, size, dict(CPU_OVERRIDES.get(model, {})))
-            rows.append(measure(model, size, config, args.repeats, calib, args.threads))
+            rows.append(measure(model, size, config, args.repeats, calib, args.threads, args.int8_layout))
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
