@@ -233,3 +233,28 @@ def test_a_passing_certificate_of_another_backend_does_not_unlock_an_engine(own_
     engine.close()
     with pytest.raises(BundleRefused, match="tensorrt|made on"):
         open_certified_engine(str(own_bundle.root), "onnxruntime", "fp32", certify="never")
+
+
+def test_image_auroc_ignores_near_tie_swaps_but_not_decisive_ones():
+    """On a small set one swapped near-tie moves the image AUROC by 1/(n_pos x n_neg), above the
+    INT8 tolerance: the check lets it through only when no pair outside the band changed order."""
+    from edgead.certify.parity import pair_swaps
+    from edgead.certify.rules import checks
+
+    labels = np.array([0, 0, 0, 1, 1])
+    ref = np.array([0.10, 0.20, 0.500, 0.501, 0.90])
+    near_tie = np.array([0.10, 0.20, 0.502, 0.500, 0.90])  # the 0.500 / 0.501 pair swaps
+    decisive = np.array([0.10, 0.95, 0.500, 0.501, 0.90])  # normal 0.20 jumps above anomalous 0.90
+    assert pair_swaps(labels, ref, near_tie, width=0.01) == 0  # inside the band: not counted
+    assert pair_swaps(labels, ref, near_tie, width=0.0) == 1
+    assert pair_swaps(labels, ref, decisive, width=0.01) == 2
+
+    def int8_checks(swaps: int, delta: float) -> dict:
+        end = {"delta_image_auroc": delta, "delta_pixel_auroc": 0.0, "n_pair_swaps_outside_band": swaps,
+               "n_decisive": 40, "verdict_agreement": 1.0}
+        finite = {"finite": True}
+        return checks({"end": end, "score": finite, "anomaly_map": finite}, "int8")
+
+    assert int8_checks(0, -1 / 6)["image_auroc"] is True
+    assert int8_checks(2, -1 / 3)["image_auroc"] is False
+    assert int8_checks(1, 0.005)["image_auroc"] is True  # within the tolerance anyway
