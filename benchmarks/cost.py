@@ -55,7 +55,8 @@ def interleaved_ms(runs: dict[str, Callable[[], Any]], repeats: int, rounds: int
     return {k: float(np.median(v)) for k, v in per_round.items()}
 
 
-def _flops(module, *inputs) -> float:
+def torch_gflops(module, *inputs) -> float:
+    """GFLOPs of one forward pass (torch's FLOP counter, no grad)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -75,7 +76,8 @@ def bank_config(model: str, size: int, config: dict[str, Any]) -> dict[str, Any]
     return {**config, "bank_rows": int(math.ceil(ratio * TRAIN_IMAGES * grid * grid))}
 
 
-def _session(path: Path, threads: int):
+def ort_session(path: Path, threads: int):
+    """An ONNX Runtime CPU session on ``threads`` intra-op threads."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -98,7 +100,7 @@ def measure(model: str, size: int, config: dict[str, Any], repeats: int, calib: 
                            "params_m": sum(p.numel() for p in detector.parameters()) / 1e6,
                            "first_component": first.name,
                            "first_params_m": sum(p.numel() for p in first.module.parameters()) / 1e6,
-                           "gflops": _flops(detector, x), "first_gflops": _flops(first.module, x),
+                           "gflops": torch_gflops(detector, x), "first_gflops": torch_gflops(first.module, x),
                            **({"memory_bank": detector.manifest_extras()["memory_bank"]} if model in BANKED else {})}
     runs: dict[str, Callable[[], Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,10 +110,10 @@ def measure(model: str, size: int, config: dict[str, Any], repeats: int, calib: 
         for graph, key in (("detector", "ort"), (first.name, "first_ort")):
             fp32 = Path(tmp) / manifest["graphs"][graph]["fp32"]
             int8 = Path(tmp) / f"{graph}.int8.onnx"
-            runs[f"{key}_fp32_ms"] = (lambda s: lambda: s.run(None, feed))(_session(fp32, threads))
+            runs[f"{key}_fp32_ms"] = (lambda s: lambda: s.run(None, feed))(ort_session(fp32, threads))
             try:
                 quantize_int8(fp32, int8, calib_feeds, layout=layout)
-                runs[f"{key}_int8_ms"] = (lambda s: lambda: s.run(None, feed))(_session(int8, threads))
+                runs[f"{key}_int8_ms"] = (lambda s: lambda: s.run(None, feed))(ort_session(int8, threads))
             except Exception as exc:  # noqa: BLE001 - recorded in the row
                 row[f"{key}_int8_error"] = f"{type(exc).__name__}: {exc}"
         row.update(interleaved_ms(runs, repeats))

@@ -99,7 +99,8 @@ def model_cost(detector, image_size: int) -> dict[str, float]:
     per search step).
     """
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.cost import torch_gflops
 
     comps = detector.components() if detector.exportable else detector.exportable_components()
     used = {id(p) for comp in comps for p in comp.module.parameters()}
@@ -107,9 +108,7 @@ def model_cost(detector, image_size: int) -> dict[str, float]:
     if not detector.exportable:
         return {"params_m": params / 1e6}
     x = torch.rand(detector.input_shape, device=detector.device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        detector(x)
-    return {"params_m": params / 1e6, "gflops": counter.get_total_flops() / 1e9}
+    return {"params_m": params / 1e6, "gflops": torch_gflops(detector, x)}
 
 
 def ort_latency_ms(detector, repeats: int = 30) -> float | None:

@@ -17,22 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.cost import interleaved_ms, ort_session, torch_gflops
+
 MODELS = ("rd", "rdpp", "students")
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _export(model: str, size: int, out: Path) -> dict[str, Any]:
@@ -59,11 +52,7 @@ def _export(model: str, size: int, out: Path) -> dict[str, Any]:
         export_onnx(vgg, [torch.rand(1, 3, size, size)], ["image"], names, out / "vgg.onnx")
         graphs["vgg19_teacher_source"] = out / "vgg.onnx"
         row["vgg19_params_m"] = sum(p.numel() for p in vgg.parameters()) / 1e6
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            vgg(torch.rand(1, 3, size, size))
-        row["vgg19_gflops"] = counter.get_total_flops() / 1e9
+        row["vgg19_gflops"] = torch_gflops(vgg, torch.rand(1, 3, size, size))
     else:
         graphs["vgg19_encoder"] = out / model / manifest["graphs"]["encoder"]["fp32"]
         row["vgg19_params_m"] = sum(p.numel() for p in detector.encoder.parameters()) / 1e6
@@ -72,24 +61,15 @@ def _export(model: str, size: int, out: Path) -> dict[str, Any]:
 
 def _time(sessions: dict[str, Any], size: int, rounds: int, repeats: int) -> dict[str, float]:
     """Median ms per graph, timed in interleaved rounds (load drifts hit every graph alike)."""
-    feed = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-    for s in sessions.values():
-        for _ in range(2):
-            s.run(None, {"image": feed})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for key, s in sessions.items():
-            for _ in range(repeats):
-                t = time.perf_counter()
-                s.run(None, {"image": feed})
-                times[key].append((time.perf_counter() - t) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    feed = {"image": np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)}
+    runs = {k: (lambda s: lambda: s.run(None, feed))(s) for k, s in sessions.items()}
+    return interleaved_ms(runs, rounds * repeats, rounds)
 
 
 def measure(size: int, threads: int, rounds: int, repeats: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         built = {m: _export(m, size, Path(tmp)) for m in MODELS}
-        sessions = {(m, g): _session(p, threads) for m, b in built.items() for g, p in b["graphs"].items()}
+        sessions = {(m, g): ort_session(p, threads) for m, b in built.items() for g, p in b["graphs"].items()}
         flat = _time({f"{m}/{g}": s for (m, g), s in sessions.items()}, size, rounds, repeats)
     rows = []
     for m, b in built.items():
