@@ -88,7 +88,7 @@ def _metrics(labels, scores, masks, maps, defects, threshold) -> dict[str, Any]:
     from edgead.evaluation.metrics import evaluate_arrays
 
     report = evaluate_arrays(labels, scores, masks, maps, defects, threshold).to_dict()
-    return {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1")}
+    return {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1", "per_defect")}
 
 
 def model_cost(detector, image_size: int) -> dict[str, float]:
@@ -190,7 +190,7 @@ def _evaluate(detector, calibration, data: dict[str, Any]) -> dict[str, Any]:
     from edgead.evaluation.evaluate import evaluate_arrays
 
     report, _, _ = evaluate_arrays(detector, calibration, data["test"], data["masks"], data["labels"], data["defects"])
-    return {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1")}
+    return {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1", "per_defect")}
 
 
 # ----------------------------------------------------------------------------- main

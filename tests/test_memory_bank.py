@@ -49,6 +49,25 @@ def test_taps_have_the_expected_shapes_and_strides(vgg_random):
         assert (f >= 0).all()  # post-ReLU
 
 
+def test_input_scale_runs_the_backbone_on_the_upsampled_image_inside_the_graph(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = FrozenVGG19(("relu3_4", "relu4_4"), weights="random", seed=0)
+        scaled = FrozenVGG19(("relu3_4", "relu4_4"), weights="random", seed=0, input_scale=2)
+    image = _fixed_image(32)
+    upsampled = F.interpolate(image, scale_factor=2.0, mode="bilinear", align_corners=False)
+    got_taps = scaled(image)
+    assert [tuple(t.shape) for t in got_taps] == [(1, 256, 16, 16), (1, 512, 8, 8)]  # strides 4, 8 of 64²
+    for got, want in zip(got_taps, plain(upsampled)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    export_onnx(scaled, (image,), ["image"], ["relu3_4", "relu4_4"], tmp_path / "scaled.onnx")
+    session = ort.InferenceSession(str(tmp_path / "scaled.onnx"), providers=["CPUExecutionProvider"])
+    for got, want in zip(session.run(None, {"image": image.numpy()}), got_taps):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="input scale"):
+        FrozenVGG19(("relu3_4",), weights="random", input_scale=0)
+
+
 def test_random_weights_must_be_asked_for_and_say_so():
     with pytest.warns(UserWarning, match="RANDOM"):
         enc = FrozenVGG19(["relu3_4"], weights="random", seed=3)

@@ -88,6 +88,25 @@ def test_export_fp32_and_fp16_parity_on_ort(name, runs, tmp_path):
     assert abs(float(h_score[0] - score[0])) < 0.05 * abs(float(score[0])) + 1e-3
 
 
+def test_input_scale_two_builds_a_finer_bank_and_exports(tmp_path):
+    from edgead.export.onnx_export import export_detector
+
+    train, val = _normal(4)[:, :, :32, :32], _normal(4, offset=100)[:, :, :32, :32]
+    run = train_from_arrays("patchcore", train, val, tmp_path / "r", progress=False,
+                            config={"image_size": 32, "input_scale": 2, "coreset_ratio": 0.1})
+    detector, _, meta = load_run(run)
+    assert meta["config"]["input_scale"] == 2
+    assert meta["config"]["bank_rows"] == int(np.ceil(0.1 * 4 * 16 * 16))  # 16x16 grid: stride 4 of 64²
+    x = np.ascontiguousarray(_normal(1, offset=300)[:, :, :32, :32])
+    with torch.no_grad():
+        score, amap = detector(torch.from_numpy(x))
+    assert amap.shape == (1, 1, 32, 32)
+    export_detector(detector, tmp_path / "onnx")
+    o_score, o_map = _ort(tmp_path / "onnx" / "detector.fp32.onnx", x)
+    np.testing.assert_allclose(o_score, score.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(o_map, amap.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_bank_search_stays_fp32_in_the_fp16_graph(runs, tmp_path):
     import onnx
 

