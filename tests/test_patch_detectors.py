@@ -182,3 +182,20 @@ def test_pasted_defect_raises_the_map_there_and_not_far_away(name, runs):
     assert y - 4 <= peak[0] < y + size + 4 and x - 4 <= peak[1] < x + size + 4
     assert inside > 2.0 * amap[far].mean()
     assert abs(amap[far].mean() - base[far].mean()) < 0.2 * base[far].mean()  # far away: unchanged
+
+
+def test_simplenet_discriminator_sees_true_and_noised_features_in_one_batch():
+    """Batch norm inside D must normalise true and noised features together (reference code):
+    apart, each half gets its own statistics and the noise is normalised away."""
+    from edgead.models import registry
+
+    _, recipe_cls = registry.get("simplenet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random VGG weights: this test is about the batch
+        detector = registry.create("simplenet", image_size=32, hidden=16, vgg_weights="random", patches_per_step=64)
+    recipe = recipe_cls(detector, TrainConfig(epochs=1, batch_size=2))
+    batches: list[int] = []
+    detector.scorer.discriminator[1].register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    detector.train()
+    recipe.step(torch.from_numpy(_normal(2)[:, :, :32, :32].copy()), recipe.stages[0])
+    assert batches == [2 * 64]
