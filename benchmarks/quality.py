@@ -39,6 +39,7 @@ CPU_OVERRIDES: dict[str, dict[str, Any]] = {
     "students": {"width": 16, "teacher_lr": 1e-3, "student_lr": 1e-3},  # paper lr 2e-4/1e-4 for 50k+ steps
     "draem": {"width": 16, "disc_width": 8},  # 1/8 of the paper's 128 / 64: from scratch on 1 CPU thread
 }
+REPORT_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1", "per_defect")  # what a row keeps of the report
 # Extra evaluations of the same trained weights: UTAD's first stage on its own.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {"utad": {"impression": {"mode": "impression"}}}
 
@@ -88,7 +89,7 @@ def _metrics(labels, scores, masks, maps, defects, threshold) -> dict[str, Any]:
     from edgead.evaluation.metrics import evaluate_arrays
 
     report = evaluate_arrays(labels, scores, masks, maps, defects, threshold).to_dict()
-    return {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1", "per_defect")}
+    return {k: report[k] for k in REPORT_KEYS}
 
 
 def model_cost(detector, image_size: int) -> dict[str, float]:
@@ -190,7 +191,7 @@ def _evaluate(detector, calibration, data: dict[str, Any]) -> dict[str, Any]:
     from edgead.evaluation.evaluate import evaluate_arrays
 
     report, _, _ = evaluate_arrays(detector, calibration, data["test"], data["masks"], data["labels"], data["defects"])
-    return {k: report[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1", "per_defect")}
+    return {k: report[k] for k in REPORT_KEYS}
 
 
 # ----------------------------------------------------------------------------- main
