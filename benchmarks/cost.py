@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.quality import CPU_OVERRIDES
-    from edgead.core.machine import describe
+    from benchmarks.report import write_report
     from edgead.data import synth
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cost", description=__doc__,
@@ -163,12 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             config = bank_config(model, size, dict(CPU_OVERRIDES.get(model, {})))
             rows.append(measure(model, size, config, args.repeats, calib, args.threads, args.int8_layout))
     print_table(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": describe(), "threads": args.threads, "batch": 1,
-                               "note": "shared, loaded 2-core CPU; compare within a row, as ratios",
-                               "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, {"threads": args.threads, "batch": 1,
+                            "note": "shared, loaded 2-core CPU; compare within a row, as ratios", "rows": rows})
     return 0
 
 

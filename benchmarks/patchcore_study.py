@@ -139,7 +139,7 @@ def study_category(root: Path, category: str, size: int, seed: int, variants: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgead.core.machine import describe
+    from benchmarks.report import write_report
     from edgead.data import synth
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,12 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="edgead-pcstudy-"))
     root = synth.generate(work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
     rows = [r for c in args.categories for r in study_category(root, c, args.image_size, args.seed, args.variants)]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": describe(), "image_size": args.image_size, "taps": list(TAPS),
-                               "selection": "validation split vs CutPaste and CutPaste-scar copies; no test image",
-                               "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, {"image_size": args.image_size, "taps": list(TAPS),
+                            "selection": "validation split vs CutPaste and CutPaste-scar copies; no test image",
+                            "rows": rows})
     return 0
 
 

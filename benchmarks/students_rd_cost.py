@@ -95,18 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from edgead.core.machine import describe
+    from benchmarks.report import write_report
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     rows = [r for size in args.sizes for r in measure(size, args.threads, args.rounds, args.repeats)]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": describe(), "threads": args.threads, "batch": 1,
-                               "note": "ORT CPUExecutionProvider, medians of interleaved rounds on a shared, "
-                                       "loaded 2-core machine: compare ratios within one size",
-                               "rows": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, {"threads": args.threads, "batch": 1,
+                            "note": "ORT CPUExecutionProvider, medians of interleaved rounds on a shared, "
+                                    "loaded 2-core machine: compare ratios within one size",
+                            "rows": rows})
     return 0
 
 
