@@ -229,14 +229,16 @@ def test_patchcore_bank_is_built_from_equalised_taps_and_old_runs_still_load(run
         patches = detector.embed(*detector.encoder(x))
     norms = [float(c.pow(2).sum(1).sqrt().mean()) for c in patches.split(list(detector.embed.channels), 1)]
     assert norms == pytest.approx([1.0, 1.0], rel=0.1)  # training images: unit mean norm per tap
-    save_weights(detector, tmp_path / "w.safetensors")
     from safetensors.torch import load_file, save_file
 
-    state = load_file(str(tmp_path / "w.safetensors"))
-    del state["embed.tap_weight"]  # as saved before the weights existed
-    save_file(state, str(tmp_path / "old.safetensors"))
-    load_weights(detector, tmp_path / "old.safetensors")
-    torch.testing.assert_close(detector.embed.tap_weight, torch.ones(2))
+    for name in ("patchcore", "simplenet"):  # every detector whose embed gained the weights
+        old, _, _ = load_run(runs[name])
+        save_weights(old, tmp_path / f"{name}.safetensors")
+        state = load_file(str(tmp_path / f"{name}.safetensors"))
+        del state["embed.tap_weight"]  # as saved before the weights existed
+        save_file(state, str(tmp_path / f"{name}-old.safetensors"))
+        load_weights(old, tmp_path / f"{name}-old.safetensors")
+        torch.testing.assert_close(old.embed.tap_weight, torch.ones(2))
 
 
 def test_unknown_tap_weighting_is_a_clear_error(tmp_path):

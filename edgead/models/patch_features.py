@@ -49,6 +49,11 @@ class LocallyAwarePatches(nn.Module):
     def dim(self) -> int:
         return sum(self.channels)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # A run saved before the tap weights existed kept its taps unweighted: weights of 1.
+        state_dict.setdefault(prefix + "tap_weight", torch.ones_like(self.tap_weight))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, *taps: Tensor) -> Tensor:
         if len(taps) != len(self.channels):
             raise ValueError(f"expected {len(self.channels)} taps, got {len(taps)}")

@@ -161,12 +161,6 @@ class PatchCore(Detector):
         c = self.config
         return {"memory_bank": bank_summary(c, self.embed.dim), "backbone": self.encoder.weights_info}
 
-    def upgrade_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:  # type: ignore[override]
-        """A run saved before the tap weights existed kept its taps unweighted: weights of 1."""
-        state = super().upgrade_state_dict(state)
-        state.setdefault("embed.tap_weight", torch.ones(len(self.embed.channels)))
-        return state
-
 
 def bank_summary(config: PatchCoreConfig, dim: int) -> dict[str, Any]:
     """Rows, dimension and size of the bank, for the manifest and the README."""
