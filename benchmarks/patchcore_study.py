@@ -127,19 +127,26 @@ def _proxies(val: np.ndarray, seed: int, lines: bool) -> dict[str, tuple[np.ndar
     return out
 
 
-def _image_aurocs(scores: dict[str, np.ndarray], kinds: dict[str, int], n_val: int) -> dict[str, float]:
-    """Image AUROC of each rule over all proxies, and of the graph's rule per proxy kind."""
+def image_aurocs(good: np.ndarray, bad: dict[str, np.ndarray]) -> dict[str, float]:
+    """Image AUROC of the good images' scores against each kind of proxy, and against all (``"all"``)."""
     from sklearn.metrics import roc_auc_score
 
-    n_bad = sum(kinds.values())
-    labels = np.r_[np.zeros(n_val), np.ones(n_bad)]
-    row = {f"proxy_image_auroc_{rule}": float(roc_auc_score(labels, scores[rule])) for rule in RULES}
-    start = n_val
-    for kind, count in kinds.items():
-        picked = np.r_[scores["reweighted"][:n_val], scores["reweighted"][start:start + count]]
-        row[f"proxy_image_auroc_{kind}"] = float(roc_auc_score(np.r_[np.zeros(n_val), np.ones(count)], picked))
-        start += count
-    return row
+    def auroc(bad_scores: np.ndarray) -> float:
+        labels = np.r_[np.zeros(len(good)), np.ones(len(bad_scores))]
+        return float(roc_auc_score(labels, np.r_[good, bad_scores]))
+
+    return {**{kind: auroc(s) for kind, s in bad.items()}, "all": auroc(np.concatenate(list(bad.values())))}
+
+
+def _image_aurocs(scores: dict[str, np.ndarray], kinds: dict[str, int], n_val: int) -> dict[str, float]:
+    """Image AUROC of each rule over all proxies, and of the graph's rule per proxy kind."""
+    def by_kind(rule: str) -> dict[str, float]:  # scores are the good images, then each kind in turn
+        bad = np.split(scores[rule][n_val:], np.cumsum(list(kinds.values()))[:-1])
+        return image_aurocs(scores[rule][:n_val], dict(zip(kinds, bad)))
+
+    row = {f"proxy_image_auroc_{rule}": by_kind(rule)["all"] for rule in RULES}
+    graph = by_kind("reweighted")
+    return {**row, **{f"proxy_image_auroc_{kind}": graph[kind] for kind in kinds}}
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ def study_category(root: Path, category: str, size: int, seed: int, noises: list
                    work: Path) -> list[dict[str, Any]]:
     from sklearn.metrics import roc_auc_score
 
-    from benchmarks.patchcore_study import _proxies
+    from benchmarks.patchcore_study import _proxies, image_aurocs
     from benchmarks.quality import load_category
     from edgead.models.base import TrainConfig
     from edgead.training.checkpoint import load_run
@@ -55,18 +55,14 @@ def study_category(root: Path, category: str, size: int, seed: int, noises: list
         detector, _, _ = load_run(run)
         detector.eval()
         good_scores, good_maps = _score(detector, data["val"])
+        scored = {kind: _score(detector, images) for kind, (images, _) in proxies.items()}
+        aurocs = image_aurocs(good_scores, {kind: s for kind, (s, _) in scored.items()})
         row: dict[str, Any] = {"category": category, "noise_std": noise,
-                               "epochs": len(json.loads((run / "history.json").read_text()))}
-        all_scores, all_maps, all_masks = [good_scores], [good_maps], [np.zeros_like(good_maps, np.uint8)]
-        for kind, (images, masks) in proxies.items():
-            s, m = _score(detector, images)
-            row[f"proxy_image_auroc_{kind}"] = float(roc_auc_score(np.r_[np.zeros(len(good_scores)), np.ones(len(s))],
-                                                                   np.r_[good_scores, s]))
-            all_scores.append(s)
-            all_maps.append(m)
-            all_masks.append(masks)
-        labels = np.r_[np.zeros(len(good_scores)), np.ones(sum(len(s) for s in all_scores[1:]))]
-        row["proxy_image_auroc"] = float(roc_auc_score(labels, np.concatenate(all_scores)))
+                               "epochs": len(json.loads((run / "history.json").read_text())),
+                               **{f"proxy_image_auroc_{kind}": aurocs[kind] for kind in proxies},
+                               "proxy_image_auroc": aurocs["all"]}
+        all_maps = [good_maps] + [m for _, m in scored.values()]
+        all_masks = [np.zeros_like(good_maps, np.uint8)] + [masks for _, masks in proxies.values()]
         row["proxy_pixel_auroc"] = float(roc_auc_score(np.concatenate(all_masks).ravel(),
                                                        np.concatenate(all_maps).ravel()))
         rows.append(row)
@@ -80,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--categories", nargs="*", default=list(synth.CATEGORIES))
-    parser.add_argument("--noise", nargs="*", type=float, default=[0.015, 0.05, 0.15])
+    parser.add_argument("--noise", nargs="*", type=float, default=[0.015, 0.1, 0.3])
     parser.add_argument("--budget-s", type=float, default=90.0, help="training budget, CPU seconds (process time)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)

@@ -32,3 +32,15 @@ def test_proxies_include_line_copies_only_when_asked():
     assert len(with_lines["line"][0]) == LINE_COPIES * len(val)
     for images, masks in with_lines.values():
         assert images.shape[1:] == val.shape[1:] and masks.shape == (len(images),) + val.shape[2:]
+
+
+def test_image_aurocs_per_proxy_kind_and_over_all():
+    from benchmarks.patchcore_study import RULES, _image_aurocs, image_aurocs
+
+    good, bad = np.array([0.0, 1.0]), {"a": np.array([2.0, 3.0]), "b": np.array([0.5, -1.0])}
+    assert image_aurocs(good, bad) == {"a": 1.0, "b": 0.25, "all": 0.625}
+    scores = {rule: np.r_[good, bad["a"], bad["b"]] for rule in RULES}
+    scores["max"] = -scores["max"]  # another rule, ranked the other way
+    row = _image_aurocs(scores, {"a": 2, "b": 2}, n_val=2)
+    assert row["proxy_image_auroc_a"] == 1.0 and row["proxy_image_auroc_b"] == 0.25  # the graph's rule
+    assert row["proxy_image_auroc_reweighted"] == 0.625 and row["proxy_image_auroc_max"] == 0.375
