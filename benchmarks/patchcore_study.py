@@ -48,6 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # first row of each: measured before, o
     "up2": {"coreset_ratio": 0.01, "max_candidates": 262144, "neighbourhood": 3, "input_scale": 2},
     "up2_p5": {"coreset_ratio": 0.01, "max_candidates": 262144, "neighbourhood": 5, "input_scale": 2},
     "up2_p1": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 2},
+    "up2_p1_equal": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 2,
+                     "tap_weighting": "equal"},
 }
 RULES = ("reweighted", "max", "smooth_max")
 LINE_COPIES = 3  # line proxies per validation image: one line each is too few to rank variants
@@ -96,14 +98,17 @@ def scar_with_masks(images: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.n
     return out, masks
 
 
-def _scores(det, caches: list[dict[str, torch.Tensor]], counts: list[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _scores(det, caches: list[dict[str, torch.Tensor]], counts: list[int],
+            chunk: int = 8) -> tuple[dict[str, np.ndarray], np.ndarray]:
     from edgead.core.postprocess import DEFAULT_SIGMA, smooth
 
     scores: dict[str, list[np.ndarray]] = {r: [] for r in RULES}
     maps = []
     for cache, count in zip(caches, counts):
         det.encoder = _Cached(cache, TAPS)
-        s, m = det(torch.arange(count))
+        # in chunks: at input x2 one image's distances to the bank are ~100 MB
+        parts = [det(torch.arange(start, min(start + chunk, count))) for start in range(0, count, chunk)]
+        s, m = (torch.cat(p) for p in zip(*parts))
         raw = m[:, 0].numpy()
         smoothed = smooth(raw, DEFAULT_SIGMA)
         scores["reweighted"].append(s.numpy())

@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only merge result files (one job each) into --out and print the table")
     parser.add_argument("--cost-only", action="store_true",
                         help="only measure parameters, GFLOPs and ORT FP32 latency of each detector on this machine")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="detector config fields for every model run, as `edgead train --set`; recorded in the JSON")
     parser.add_argument("--out", default="results/quality.json")
     args = parser.parse_args(argv)
     if args.merge is not None:
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from edgead.cli import parse_kv
     from edgead.data import synth
     from edgead.models import registry
 
@@ -237,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     categories = args.categories or list(synth.CATEGORIES)
     models = registry.available() if args.models is None else args.models
     rows: list[dict[str, Any]] = []
+    overrides = parse_kv(args.set)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         out_path.write_text(json.dumps({"machine": _machine(), "image_size": args.image_size,
                                         "budget_cpu_s": args.budget_s, "width": args.width,
-                                        "cpu_overrides": CPU_OVERRIDES, "rows": rows}, indent=1, default=float) + "\n")
+                                        "cpu_overrides": CPU_OVERRIDES, "config_set": overrides, "rows": rows}, indent=1, default=float) + "\n")
 
     for category in categories:
         data = load_category(root, category, args.image_size)
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             config = {"width": args.width} if model != "ssim_ae" else {}
             config.update(CPU_OVERRIDES.get(model, {}))
+            config.update(overrides)
             scorers = {**(study if model in args.scorer_study else {}), **VARIANTS.get(model, {})}
             try:
                 results = run_detector(model, data, args.budget_s, work / f"{category}-{model}", config,

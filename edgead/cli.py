@@ -21,7 +21,7 @@ DELEGATED = {
 }
 
 
-def _parse_kv(pairs: list[str]) -> dict[str, object]:
+def parse_kv(pairs: list[str]) -> dict[str, object]:
     """``--set w_con=40 max_width=256`` -> {"w_con": 40, "max_width": 256} (values parsed as JSON)."""
     out: dict[str, object] = {}
     for pair in pairs:
@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.model not in (names := available()):
         raise UsageError(f"--model {args.model}: unknown detector; choose one of {', '.join(names)}")
     prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
-    config = _parse_kv(args.set)
+    config = parse_kv(args.set)
     if args.scorer is not None:  # else the detector's own default (ssim for the SSIM-AE, l1 otherwise)
         config["scorer"] = args.scorer
     if args.width is not None:
@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config["latent_dim"] = args.latent_dim
     if args.vgg_weights:
         config["vgg_weights"] = args.vgg_weights
-    extra = {f"epochs_{k}": v for k, v in _parse_kv(args.stage_epochs).items()}
+    extra = {f"epochs_{k}": v for k, v in parse_kv(args.stage_epochs).items()}
     if args.anomaly_source:  # synthetic-anomaly textures (DRAEM); recorded with the run's train config
         extra["anomaly_source"] = args.anomaly_source
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment,

@@ -44,3 +44,26 @@ def test_image_aurocs_per_proxy_kind_and_over_all():
     row = _image_aurocs(scores, {"a": 2, "b": 2}, n_val=2)
     assert row["proxy_image_auroc_a"] == 1.0 and row["proxy_image_auroc_b"] == 0.25  # the graph's rule
     assert row["proxy_image_auroc_reweighted"] == 0.625 and row["proxy_image_auroc_max"] == 0.375
+
+
+def test_chunked_scoring_equals_scoring_all_images_at_once():
+    """The study scores in chunks (at input x2 all images at once ran out of memory): same scores, maps."""
+    import torch
+
+    from benchmarks.patch_tap_study import _Cached
+    from benchmarks.patchcore_study import TAPS, _scores
+    from edgead.models.patchcore import PatchCore, PatchCoreConfig, build_bank
+
+    torch.manual_seed(0)
+    taps = {"relu3_4": torch.rand(13, 256, 8, 8), "relu4_4": torch.rand(13, 512, 4, 4)}
+    det = PatchCore(PatchCoreConfig(image_size=32, taps=TAPS, vgg_weights="random", coreset_ratio=0.2)).eval()
+    det.encoder = _Cached(taps, TAPS)
+    with torch.no_grad():
+        bank, _ = build_bank(det, torch.arange(5))
+        det.set_bank(bank)
+        whole = _scores(det, [taps], [13], chunk=13)
+        chunked = _scores(det, [taps], [13], chunk=4)
+    for rule in whole[0]:
+        np.testing.assert_allclose(chunked[0][rule], whole[0][rule], rtol=1e-6)
+    np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-6, atol=1e-7)
+    assert whole[1].shape == (13, 32, 32)
