@@ -5,6 +5,8 @@
 #include <cstring>
 #include <numeric>
 
+#include "simd.hpp"
+
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -70,9 +72,21 @@ private:
         const float* s = src_.data();
         int x = 0;
 #if defined(__AVX512F__)
-        for (; x + 16 <= out_w_; x += 16) {  // the same arithmetic, 16 gathered lanes at a time
-            const __m512 a = _mm512_i32gather_ps(_mm512_loadu_si512(i0 + x), s, 4);
-            const __m512 b = _mm512_i32gather_ps(_mm512_loadu_si512(i1 + x), s, 4);
+        for (; x + 16 <= out_w_; x += 16) {  // the same arithmetic, 16 lanes at a time
+            const __m512i j0 = _mm512_loadu_si512(i0 + x), j1 = _mm512_loadu_si512(i1 + x);
+            __m512 a, b;
+            const int first = i0[x];
+            if (i1[x + 15] - first < 16 && first + 16 <= map_.width) {
+                // Upsampling: the 16 lanes read a window of at most 16 source values, so one load
+                // and an in-register permute replace two gathers.
+                const __m512 window = _mm512_loadu_ps(s + first);
+                const __m512i base = _mm512_set1_epi32(first);
+                a = _mm512_permutexvar_ps(_mm512_sub_epi32(j0, base), window);
+                b = _mm512_permutexvar_ps(_mm512_sub_epi32(j1, base), window);
+            } else {
+                a = _mm512_i32gather_ps(j0, s, 4);
+                b = _mm512_i32gather_ps(j1, s, 4);
+            }
             _mm512_storeu_ps(h + x, _mm512_fmadd_ps(_mm512_loadu_ps(t + x), _mm512_sub_ps(b, a), a));
         }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -156,6 +170,36 @@ struct Run {
     int x0, x1, label;
 };
 
+// Taps accumulated in registers over a tile of kTile outputs (4 vectors, enough independent FMA
+// chains to hide their latency): each output still sees its taps in the same order with the same
+// roundings, but the partial sums no longer make a load and a store per tap.
+constexpr int kVectors = 4;
+constexpr int kTile = 16 * kVectors;
+
+// acc[i] = sum over taps j of p[i + j] * k[j], fused, left to right (OpenCV's row pass).
+inline void row_taps_fused(const float* p, const float* k, int n, float* acc) {
+    v16f t[kVectors] = {};
+    for (int j = 0; j < n; ++j) {
+        const v16f kj = splat(k[j]);
+        for (int v = 0; v < kVectors; ++v) t[v] = fma16(load<v16f>(p + j + 16 * v), kj, t[v]);
+    }
+    std::memcpy(acc, t, sizeof t);
+}
+
+// o = centre * k[r], then + (above_j + below_j) * k[r + j] fused for j = 1..r (the column pass).
+inline void column_taps_fused(const float* const* above, const float* const* below, const float* centre,
+                              const float* k, int r, int x, float* o) {
+    v16f t[kVectors];
+    const v16f kr = splat(k[r]);
+    for (int v = 0; v < kVectors; ++v) t[v] = load<v16f>(centre + x + 16 * v) * kr;
+    for (int j = 1; j <= r; ++j) {
+        const v16f kj = splat(k[r + j]);
+        for (int v = 0; v < kVectors; ++v)
+            t[v] = fma16(load<v16f>(above[j] + x + 16 * v) + load<v16f>(below[j] + x + 16 * v), kj, t[v]);
+    }
+    std::memcpy(o + x, t, sizeof t);
+}
+
 }  // namespace
 
 void gaussian_blur(const MapView& map, const float* k, int n, float* out) {
@@ -168,28 +212,43 @@ void gaussian_blur(const MapView& map, const float* k, int n, float* out) {
     // OpenCV 5's AVX2 kernels use fused multiply-adds on whole vectors (4 lanes in the row pass,
     // 8 in the column pass) and separate multiply and add on the leftover columns.
     const int row_fused = w / 4 * 4, col_fused = w / 8 * 8;
-    std::vector<float> rows(static_cast<size_t>(h) * w), padded(w + 2 * r);
+    // Reused per thread: a fresh buffer of this size is a fresh mmap, page faults included, per frame.
+    thread_local std::vector<float> rows, padded;
+    rows.resize(static_cast<size_t>(h) * w);
+    padded.resize(w + 2 * r);
     for (int y = 0; y < h; ++y) {
-        for (int i = 0; i < w + 2 * r; ++i) padded[i] = at(map, y, reflect(i - r, w));
+        for (int i = 0; i < w + 2 * r; ++i) {  // the reflected borders; the row itself is copied
+            if (i == r) i = r + w;
+            if (i < w + 2 * r) padded[i] = at(map, y, reflect(i - r, w));
+        }
+        if (map.stride_x == 1) std::memcpy(&padded[r], map.data + y * map.stride_y, w * sizeof(float));
+        else for (int x = 0; x < w; ++x) padded[r + x] = at(map, y, x);
         float* acc = &rows[static_cast<size_t>(y) * w];
-        std::fill(acc, acc + w, 0.0f);
-        for (int j = 0; j < n; ++j) {  // taps left to right, one rounding per tap
-            const float kj = k[j];
-            const float* p = padded.data() + j;
-            for (int x = 0; x < row_fused; ++x) acc[x] = std::fma(p[x], kj, acc[x]);
-            for (int x = row_fused; x < w; ++x) acc[x] = acc[x] + p[x] * kj;
+        int x = 0;
+        for (; x + kTile <= row_fused; x += kTile) row_taps_fused(padded.data() + x, k, n, acc + x);
+        for (; x < w; ++x) {
+            float v = 0.0f;
+            for (int j = 0; j < n; ++j) v = x < row_fused ? std::fma(padded[x + j], k[j], v) : v + padded[x + j] * k[j];
+            acc[x] = v;
         }
     }
+    std::vector<const float*> above(r + 1), below(r + 1);
     for (int y = 0; y < h; ++y) {  // symmetric: centre tap, then pairs (y + j, y - j)
         float* o = out + static_cast<size_t>(y) * w;
         const float* centre = &rows[static_cast<size_t>(y) * w];
-        for (int x = 0; x < w; ++x) o[x] = centre[x] * k[r];
         for (int j = 1; j <= r; ++j) {
-            const float* a = &rows[static_cast<size_t>(reflect(y + j, h)) * w];
-            const float* b = &rows[static_cast<size_t>(reflect(y - j, h)) * w];
-            const float kj = k[r + j];
-            for (int x = 0; x < col_fused; ++x) o[x] = std::fma(a[x] + b[x], kj, o[x]);
-            for (int x = col_fused; x < w; ++x) o[x] = o[x] + (a[x] + b[x]) * kj;
+            above[j] = &rows[static_cast<size_t>(reflect(y + j, h)) * w];
+            below[j] = &rows[static_cast<size_t>(reflect(y - j, h)) * w];
+        }
+        int x = 0;
+        for (; x + kTile <= col_fused; x += kTile) column_taps_fused(above.data(), below.data(), centre, k, r, x, o);
+        for (; x < w; ++x) {
+            float v = centre[x] * k[r];
+            for (int j = 1; j <= r; ++j) {
+                const float pair = above[j][x] + below[j][x];
+                v = x < col_fused ? std::fma(pair, k[r + j], v) : v + pair * k[r + j];
+            }
+            o[x] = v;
         }
     }
 }
