@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.patch_tap_study import _Cached, _taps, cutpaste_with_masks
+from edgead.training.proxies import lines_with_masks
 
 TAPS = ("relu3_4", "relu4_4")
 VARIANTS: dict[str, dict[str, Any]] = {  # first row of each: measured before, on fabric and metal
@@ -53,25 +54,6 @@ VARIANTS: dict[str, dict[str, Any]] = {  # first row of each: measured before, o
 }
 RULES = ("reweighted", "max", "smooth_max")
 LINE_COPIES = 3  # line proxies per validation image: one line each is too few to rank variants
-
-
-def lines_with_masks(images: np.ndarray, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """A thin straight line (1-2 px at 128², 1/8-1/2 of the side long) brightened or darkened by 10-64 levels."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    out, masks = images.copy(), np.zeros((len(images),) + images.shape[2:], np.uint8)
-    _, _, h, w = images.shape
-    for img, mask in zip(out, masks):
-        half = rng.uniform(h / 16, h / 4)
-        angle = rng.uniform(0, np.pi)
-        centre = np.array([rng.uniform(half, w - half), rng.uniform(half, h - half)])
-        step = half * np.array([np.cos(angle), np.sin(angle)])
-        ends = [tuple(int(v) for v in np.round(centre + sign * step)) for sign in (-1, 1)]
-        cv2.line(mask, ends[0], ends[1], 1, int(rng.integers(max(1, h // 128), max(2, h // 64) + 1)))
-        line = mask.astype(bool)
-        img[:, line] = np.clip(img[:, line] + rng.choice([-1.0, 1.0]) * rng.uniform(10, 64) / 255, 0, 1)
-    return out, masks
 
 
 def scar_with_masks(images: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:

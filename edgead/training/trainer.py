@@ -5,8 +5,9 @@ The loop knows nothing of a method's losses: it feeds batches of normal images t
 images and stores the score normalisation and thresholds with the run. No test image is read.
 
 Model selection needs a signal without anomalies, so each epoch is scored by a *proxy AUROC*:
-validation images against copies of themselves with a CutPaste patch (Li et al. 2021). CutPaste
-is unlike the synthetic defects of the test split, so selection cannot tune towards the test set.
+validation images against copies of themselves with a CutPaste patch (Li et al. 2021), and with
+``TrainConfig.proxy = "cutpaste+lines"`` also with a thin line (:mod:`edgead.training.proxies`).
+Neither is the test split's defect painter, so selection cannot tune towards the test set.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from edgead import __version__
@@ -34,6 +34,7 @@ from edgead.models import registry
 from edgead.models.base import Detector, TrainConfig
 from edgead.training.checkpoint import HISTORY, RESUME, load_resume, save_resume, save_run
 from edgead.training.predict import predict, predict_smoothed
+from edgead.training.proxies import cutpaste, mean_auroc, proxy_images  # noqa: F401 - cutpaste re-exported
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -63,27 +64,10 @@ def augment(batch: torch.Tensor, generator: torch.Generator, max_degrees: float 
     return F.grid_sample(batch, grid, padding_mode="reflection", align_corners=False)
 
 
-def cutpaste(images: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Copy a random rectangle of each image to another place in it (the proxy anomaly)."""
-    rng = np.random.default_rng(seed)
-    out = images.copy()
-    _, _, h, w = images.shape
-    for img in out:
-        ph, pw = rng.integers(max(2, h // 8), max(3, h // 4)), rng.integers(max(2, w // 8), max(3, w // 4))
-        sy, sx = rng.integers(0, h - ph), rng.integers(0, w - pw)
-        dy, dx = rng.integers(0, h - ph), rng.integers(0, w - pw)
-        patch = img[:, sy:sy + ph, sx:sx + pw].copy()
-        img[:, dy:dy + ph, dx:dx + pw] = np.clip(patch * rng.uniform(0.8, 1.2), 0, 1)
-    return out
-
-
-def proxy_auroc(detector: Detector, val_images: np.ndarray, seed: int = 0) -> float:
+def proxy_auroc(detector: Detector, val_images: np.ndarray, seed: int = 0, kind: str = "cutpaste") -> float:
+    """The selection objective of an epoch (:mod:`edgead.training.proxies`)."""
     normal, _ = predict(detector, val_images)
-    pasted, _ = predict(detector, cutpaste(val_images, seed))
-    if not (np.isfinite(normal).all() and np.isfinite(pasted).all()):
-        return float("nan")
-    labels = np.r_[np.zeros(len(normal)), np.ones(len(pasted))]
-    return float(roc_auc_score(labels, np.r_[normal, pasted]))
+    return mean_auroc(normal, [predict(detector, x)[0] for x in proxy_images(val_images, kind, seed)])
 
 
 def _epochs_for(stage: str, train: TrainConfig) -> int:
@@ -165,7 +149,7 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
                                       **{k: float(np.mean(v)) for k, v in losses.items()}}
             if final_stage:
                 recipe.validate(torch.from_numpy(np.ascontiguousarray(val_images, dtype=np.float32)).to(device))
-                record["val_proxy_auroc"] = proxy_auroc(detector, val_images, seed=train.seed)
+                record["val_proxy_auroc"] = proxy_auroc(detector, val_images, seed=train.seed, kind=train.proxy)
                 objective = record["val_proxy_auroc"]
                 if np.isfinite(objective) and (best is None or objective > best[0]):
                     best = (objective, copy.deepcopy({k: v.detach().cpu() for k, v in detector.state_dict().items()}))
