@@ -151,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=8, help="synthetic normal images for INT8 calibration")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--int8-layout", default="cpu", choices=("cpu", "tensorrt"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config fields for every model, e.g. 'taps=[\"relu3_4\"]' (values parsed as JSON)")
     parser.add_argument("--out", default="results/cost_cpu.json")
     args = parser.parse_args(argv)
+    from edgead.cli import parse_kv
+
+    overrides = parse_kv(args.set)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     rows = []
@@ -160,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         bgr = np.stack([synth.render_normal("fabric", np.random.default_rng(i), size) for i in range(args.calib)])
         calib = np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2), np.float32) / 255.0
         for model in args.models:
-            config = bank_config(model, size, dict(CPU_OVERRIDES.get(model, {})))
+            config = bank_config(model, size, {**CPU_OVERRIDES.get(model, {}), **overrides})
             rows.append(measure(model, size, config, args.repeats, calib, args.threads, args.int8_layout))
     print_table(rows)
-    write_report(args.out, {"threads": args.threads, "batch": 1,
+    write_report(args.out, {"threads": args.threads, "batch": 1, "config_set": overrides,
                             "note": "shared, loaded 2-core CPU; compare within a row, as ratios", "rows": rows})
     return 0
 

