@@ -3,7 +3,8 @@
     python -m benchmarks.patchcore_study --categories fabric metal wood washer pcb \
         --out results/patchcore_study.json
 
-The taps are relu3_4 + relu4_4 (from ``patch_tap_study``). For each category and input scale the
+The taps are relu3_4 + relu4_4 (from ``patch_tap_study``) unless a variant names its own (``cut3_*``:
+relu3_4 alone, PatchCore's default since 2026-12-03). For each category and input scale the
 VGG-19 runs once over the training images, the validation images and two proxy-anomalous copies of
 each validation image (CutPaste and CutPaste-scar, Li et al. 2021: a rectangle, or a thin rotated
 strip, of the image moved elsewhere in it, with a known mask) and, with ``--lines``, three copies
