@@ -111,7 +111,7 @@ def _scores(det, caches: list[dict[str, torch.Tensor]], counts: list[int], chunk
     return {r: np.concatenate(v) for r, v in scores.items()}, np.concatenate(maps)
 
 
-def _upsampled(images: np.ndarray, scale: float) -> np.ndarray:
+def _rescaled(images: np.ndarray, scale: float) -> np.ndarray:
     """The backbone's input: bilinear up, or area-averaged down as the station's resize does."""
     if scale == 1:
         return images
@@ -175,7 +175,7 @@ def study_category(root: Path, category: str, size: int, seed: int, variants: li
         if scale not in cached:
             cached.clear()  # one scale's taps at a time: the 2x taps of 170 images are GBs
             sets = [data["train"], data["val"]] + [x for x, _ in proxies.values()]
-            taps = [_taps(encoder, _upsampled(x, scale)) for x in sets]
+            taps = [_taps(encoder, _rescaled(x, scale)) for x in sets]
             cached[scale] = (taps[0], taps[1:])
         train, evaluated = cached[scale]
         t0 = time.process_time()

