@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 TRAIN_IMAGES = 170  # the synthetic set's training split (benchmarks/quality.py)
-BANKED = ("patchcore", "pni")
+BANKED = ("patchcore", "patchcore_distilled", "pni")
 
 
 def median_ms(run: Callable[[], Any], repeats: int, warmup: int = 2) -> float:

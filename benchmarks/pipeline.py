@@ -7,7 +7,10 @@
 1. engine only: ``enqueue``/``synchronize`` on a preallocated input, slots alternating (the
    ceiling: no capture, no pre/post-processing, no output);
 2. full pipeline: synthetic conveyor frames -> preprocess -> infer -> postprocess -> sinks
-   (JSONL log), ``block`` policy so every frame is inspected, in the same run on the same machine.
+   (JSONL log), ``block`` policy so every frame is inspected, in the same run on the same machine;
+3. one frame at a time: preprocess -> infer -> postprocess -> verdict of each frame before the
+   next is read, the latency of a part when the line is slower than the station (a saturated
+   pipeline's end-to-end latency also counts the frame it waits behind).
 
 The ratio pipeline/engine says how well the other stages hide behind the engine (goal >= 0.9).
 With ``--native both`` (the default) the pipeline runs twice per round, with the native per-frame
@@ -91,6 +94,30 @@ def engine_only(engine: Any, frames: int, warmup: int) -> dict[str, float]:
     return {"fps": frames / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
+def one_at_a_time(bundle: Any, engine: Any, category: str, frames: int, use_native: bool = True,
+                  frame_size: int | None = None) -> dict[str, float]:
+    """Frame in, verdict out, one frame at a time (no overlap, nothing queued): the latency a part
+    sees when the line is slower than the station, as a per-frame inferencer reports it."""
+    from edgead.runtime.infer import take_outputs
+
+    size = frame_size or int(bundle.input_shape[-1])
+    pre = Preprocessor.for_input_shape(engine.inputs[0].shape, use_native=use_native)
+    post = Postprocessor(bundle.calibration, use_native=use_native)
+    name = engine.inputs[0].name
+    source = ReplaySource(category, size, frames)
+    images = [source.read()[0] for _ in range(frames)]
+    lat = []
+    for image in images:
+        t0 = time.perf_counter()
+        pre.into(image, engine.host_inputs(0)[name][0])
+        engine.enqueue(0)
+        score, amap = take_outputs(engine.synchronize(0), post.map_output)
+        post(score, amap, image.shape[:2])
+        lat.append(1000.0 * (time.perf_counter() - t0))
+    return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "mean_ms": float(np.mean(lat))}
+
+
 def full_pipeline(bundle: Any, engine: Any, category: str, frames: int, warmup: int,
                   stats: RunStats | None = None, use_native: bool = True, frame_size: int | None = None,
                   on_engine: bool = False) -> dict[str, Any]:
@@ -126,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="bundle (default: the demo bundle)")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino", "tensorrt"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
     p.add_argument("--category", help="synthetic category of the frames (default: the bundle's, else washer)")
     p.add_argument("--frames", type=int, default=300, help="frames per measurement, split over the rounds")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/pipeline rounds (medians reported)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: its own choice)")
+    p.add_argument("--threads", type=int, help="engine threads, ONNX Runtime or OpenVINO (default: its own choice)")
     p.add_argument("--frame-size", type=int, help="side of the square synthetic frames (default: the model input's)")
     p.add_argument("--native", choices=("both", "on", "off"), default="both",
                    help="pipeline with the native per-frame core, without it, or both side by side")
@@ -152,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     # Alternate the measurements over several rounds and take medians: on a shared or thermally
     # throttled machine a single back-to-back pair is at the mercy of the moment.
     engine_rounds: list[dict[str, float]] = []
+    single_rounds: list[dict[str, float]] = []
     pipe_rounds: dict[bool, list[dict[str, Any]]] = {v: [] for v in variants}
     pooled = {v: RunStats() for v in variants}
     per_round = max(1, args.frames // args.rounds)
@@ -159,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             warm = args.warmup if r == 0 else 0
             engine_rounds.append(engine_only(engine, per_round, warm))
+            single_rounds.append(one_at_a_time(bundle, engine, category, per_round, use_native=variants[0],
+                                               frame_size=args.frame_size))
             for v in variants:
                 pipe_rounds[v].append(full_pipeline(bundle, engine, category, per_round, warm, pooled[v],
                                                     use_native=v, frame_size=args.frame_size))
@@ -174,12 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         "frames": per_round * args.rounds, "rounds": args.rounds, "cpu_count": os.cpu_count(), "category": category,
         "engine_only": {k: round(v, 3) for k, v in eng.items()},
         "engine_only_rounds_fps": [round(e["fps"], 2) for e in engine_rounds],
+        "one_at_a_time": {k: round(float(np.median([r[k] for r in single_rounds])), 3) for k in single_rounds[0]},
+        "one_at_a_time_native": bool(variants[0] and native.module() is not None),
         "note": "shared, noisy machine: rounds alternate engine-only and pipeline runs; medians",
     }
     print(f"{bundle.detector} {list(bundle.input_shape)} on {args.backend}/{args.precision}, frames "
           f"{result['frame_size']}², {args.rounds} rounds x {per_round} frames (medians)")
     print(f"{'':<26}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}")
     print(f"{'engine only':<26}{eng['fps']:>9.1f}{eng['p50_ms']:>9.2f}{eng['p99_ms']:>9.2f}")
+    single = result["one_at_a_time"]
+    print(f"{'one frame at a time':<26}{1000.0 / single['mean_ms']:>9.1f}{single['p50_ms']:>9.2f}{single['p99_ms']:>9.2f}"
+          "   (frame in, verdict out, nothing queued)")
     for v in variants:
         pipe_fps = float(np.median([p["fps"] for p in pipe_rounds[v]]))
         pooled_summary = pooled[v].summary()

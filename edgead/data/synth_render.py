@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from collections.abc import Sequence
 from typing import Callable
 
 import cv2
@@ -241,3 +242,11 @@ RENDERERS: dict[str, Renderer] = {
     "washer": render_washer,
     "pcb": render_pcb,
 }
+
+
+def render_textures(renderers: Sequence[str], count: int, size: int, seed: int) -> np.ndarray:
+    """``count`` normal renders (N, 3, size, size), RGB float32 in [0, 1], cycling through ``renderers``:
+    a distillation pool beside the training images (Uninformed Students, the distilled PatchCore)."""
+    rng = np.random.default_rng([seed, 7919])
+    out = [RENDERERS[renderers[i % len(renderers)]](rng, size)[..., ::-1] for i in range(count)]  # BGR -> RGB
+    return (np.stack(out).transpose(0, 3, 1, 2) / 255.0).astype(np.float32)

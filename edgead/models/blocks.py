@@ -1,5 +1,6 @@
 """Shared building blocks: DCGAN encoder/decoder pyramids, the pix2pix U-Net, the classic
-double-conv U-Net (DRAEM), weight init.
+double-conv U-Net (DRAEM), the dense patch network (Uninformed Students, the distilled PatchCore
+encoder), weight init.
 
 Every detector builds its networks from these, so a fix here reaches all of them.
 """
@@ -7,6 +8,7 @@ Every detector builds its networks from these, so a fix here reaches all of them
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -231,3 +233,48 @@ class ConvUNet(nn.Module):
             x = up(x)
             x = merge(torch.cat([x, feats.pop()], dim=1) if self.skips else x)
         return self.out(x)
+
+
+# --------------------------------------------------------------------------- dense patch networks
+
+SLOPE = 5e-3  # Uninformed Students' leaky ReLU slope
+
+
+def patch_layers(patch_size: int, tail: int = 3) -> list[tuple[int, int]]:
+    """(kernel, stride) of the 3x3 convs whose receptive field is ``patch_size`` = 2^(n+3) + 1 with
+    ``tail`` = 3 stride-1 convs at the end; each further tail conv widens the field by 2·stride."""
+    n = int(round(math.log2((patch_size - 1) / 4))) - 1
+    if n < 0 or 2 ** (n + 3) + 1 != patch_size:
+        raise ValueError(f"patch size must be 2^k + 1 with k >= 3, got {patch_size}")
+    return [(3, 1)] + [(3, 2)] * n + [(3, 1)] * tail
+
+
+def receptive_field(layers: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(receptive field, output stride) of a stack of (kernel, stride) convs."""
+    field, jump = 1, 1
+    for kernel, stride in layers:
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field, jump
+
+
+class PatchNet(nn.Module):
+    """Image (B, 3, H, W) -> descriptors (B, d, H/s, W/s), one per p x p patch."""
+
+    def __init__(self, patch_size: int, out_dim: int, width: int, max_width: int, channels: int = 3,
+                 tail: int = 3) -> None:
+        super().__init__()
+        layers = patch_layers(patch_size, tail)
+        self.receptive_field, self.stride = receptive_field(layers)
+        mods: list[nn.Module] = []
+        prev, level = channels, 0
+        for kernel, stride in layers:
+            level += stride == 2
+            cout = min(width * 2 ** level, max_width)
+            mods += [nn.Conv2d(prev, cout, kernel, stride, kernel // 2), nn.LeakyReLU(SLOPE)]
+            prev = cout
+        mods.append(nn.Conv2d(prev, out_dim, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -138,11 +138,15 @@ class PatchCore(Detector):
     def __init__(self, config: PatchCoreConfig) -> None:
         super().__init__(config)
         c = config
-        self.encoder = FrozenVGG19(list(c.taps), c.channels, c.vgg_weights, c.seed, c.input_scale)
+        self.encoder = self.build_encoder(c)
         self.embed = LocallyAwarePatches(self.encoder.channels_out, c.neighbourhood)
         self.memory = PatchMemory(self.embed.dim, c.bank_rows, c.reweight_neighbours)
         self.head = ScoreHead(UpsampledMap(c.image_size), ReweightedMaxScore(), map_inputs=(PATCH_DISTANCE,),
                               score_inputs=(PATCH_DISTANCE, SUPPORT_DISTANCE))
+
+    def build_encoder(self, config: PatchCoreConfig) -> nn.Module:
+        """The frozen VGG-19 up to the deepest tap; the distilled PatchCore swaps in its own."""
+        return FrozenVGG19(list(config.taps), config.channels, config.vgg_weights, config.seed, config.input_scale)
 
     @property
     def tap_tensors(self) -> tuple[str, ...]:

@@ -11,6 +11,8 @@ from edgead.models.base import Detector, DetectorConfig, Recipe
 # `edgead --help` stays fast. A name whose module is absent from this install is not offered.
 DETECTORS: dict[str, tuple[str, str]] = {
     "patchcore": ("edgead.models.patchcore", "PatchCore: memory bank of VGG-19 patch features, kNN distance"),
+    "patchcore_distilled": ("edgead.models.distilled_patchcore",
+                            "PatchCore on a small patch network distilled from the VGG-19's relu3_4 (CPU line rate)"),
     "pni": ("edgead.models.pni", "PNI: PatchCore + position and neighbourhood likelihoods"),
     "cflow": ("edgead.models.cflow", "CFLOW-AD: conditional normalising flows on VGG-19 features"),
     "simplenet": ("edgead.models.simplenet", "SimpleNet: feature adaptor + discriminator vs noised features"),

@@ -45,23 +45,21 @@ Left out
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgead.data.synth_render import render_textures
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig, at_least_fp32
+from edgead.models.blocks import PatchNet
 from edgead.models.heads import ScoreHead, TopKMean
 from edgead.models.registry import register
 from edgead.models.vgg import FrozenVGG19, InputAdapter, tap_channels, tap_stride
 
 # patch size -> the VGG-19 tap distilled into the teacher (same stride, nearest receptive field)
 VGG_TAP = {17: "relu2_2", 33: "relu3_2", 65: "relu4_1"}
-SLOPE = 5e-3  # the paper's leaky ReLU slope
 EPS = 1e-6
 
 
@@ -88,44 +86,6 @@ class StudentsConfig(DetectorConfig):
             raise ValueError(f"patch sizes must be among {sorted(VGG_TAP)}, got {self.patch_sizes}")
         if self.image_size % 8:
             raise ValueError(f"image size must be a multiple of 8, got {self.image_size}")
-
-
-def patch_layers(patch_size: int) -> list[tuple[int, int]]:
-    """(kernel, stride) of the 3x3 convs whose receptive field is ``patch_size`` = 2^(n+3) + 1."""
-    n = int(round(math.log2((patch_size - 1) / 4))) - 1
-    if n < 0 or 2 ** (n + 3) + 1 != patch_size:
-        raise ValueError(f"patch size must be 2^k + 1 with k >= 3, got {patch_size}")
-    return [(3, 1)] + [(3, 2)] * n + [(3, 1)] * 3
-
-
-def receptive_field(layers: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """(receptive field, output stride) of a stack of (kernel, stride) convs."""
-    field, jump = 1, 1
-    for kernel, stride in layers:
-        field += (kernel - 1) * jump
-        jump *= stride
-    return field, jump
-
-
-class PatchNet(nn.Module):
-    """Image (B, 3, H, W) -> descriptors (B, d, H/s, W/s), one per p x p patch."""
-
-    def __init__(self, patch_size: int, out_dim: int, width: int, max_width: int, channels: int = 3) -> None:
-        super().__init__()
-        layers = patch_layers(patch_size)
-        self.receptive_field, self.stride = receptive_field(layers)
-        mods: list[nn.Module] = []
-        prev, level = channels, 0
-        for kernel, stride in layers:
-            level += stride == 2
-            cout = min(width * 2 ** level, max_width)
-            mods += [nn.Conv2d(prev, cout, kernel, stride, kernel // 2), nn.LeakyReLU(SLOPE)]
-            prev = cout
-        mods.append(nn.Conv2d(prev, out_dim, 1))
-        self.net = nn.Sequential(*mods)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
 
 class Teacher(nn.Module):
@@ -214,15 +174,6 @@ class UninformedStudents(Detector):
 
 
 # --------------------------------------------------------------------------- training
-
-
-def render_textures(renderers: Sequence[str], count: int, size: int, seed: int) -> np.ndarray:
-    """``count`` procedural textures (N, 3, size, size) RGB in [0, 1] from ``synth_render``."""
-    from edgead.data.synth_render import RENDERERS
-
-    rng = np.random.default_rng([seed, 7919])
-    out = [RENDERERS[renderers[i % len(renderers)]](rng, size)[..., ::-1] for i in range(count)]  # BGR -> RGB
-    return (np.stack(out).transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
 
 
 def compactness_loss(descriptors: Tensor, max_samples: int = 4096) -> Tensor:

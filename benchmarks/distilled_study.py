@@ -1,0 +1,111 @@
+"""The distilled PatchCore's student, chosen on the normal validation split only.
+
+    python -m benchmarks.distilled_study --categories fabric metal wood washer pcb \
+        --variants w32 --budget-s 120 --out results/distilled_study.json
+
+Each variant (``VARIANTS``: the student's width, depth and descriptor size, the distillation
+pool) is trained with ``edgead train``'s trainer under a CPU-time budget, then scored on the
+validation images against the PatchCore study's proxies (CutPaste, CutPaste-scar and three
+thin-line copies of each validation image, ``benchmarks.patchcore_study``). The graph's own score
+and map are used: the student runs, the VGG-19 does not. No test image is read. The VGG-19
+PatchCore's row on the same proxies is ``cut3_p1_equal`` in ``results/patchcore_study_lines.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+VARIANTS: dict[str, dict[str, Any]] = {  # student widths, descriptor size (0: all 256 channels), pool
+    "w32": {"student_width": 32, "student_max_width": 128, "descriptor_dim": 0},
+    "w32_d64": {"student_width": 32, "student_max_width": 128, "descriptor_dim": 64},
+    "w16": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 0},
+    "w16_d64": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64},
+    "w16_d128": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 128},
+    "w24_d64": {"student_width": 24, "student_max_width": 96, "descriptor_dim": 64},
+    "w16_d64_normal_only": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64,
+                            "anomaly_copies": 0, "n_textures": 0},
+}
+
+
+@torch.no_grad()
+def graph_outputs(detector: torch.nn.Module, images: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (N,), maps smoothed as the runtime does (N, H, W)) of the detector's own graph."""
+    from edgead.core.postprocess import DEFAULT_SIGMA, smooth
+
+    parts = [detector(torch.from_numpy(images[i:i + chunk])) for i in range(0, len(images), chunk)]
+    scores, maps = (torch.cat(p).numpy() for p in zip(*parts))
+    return scores, smooth(maps[:, 0], DEFAULT_SIGMA)
+
+
+def study_variant(data: dict[str, Any], proxies: dict[str, tuple[np.ndarray, np.ndarray]], category: str,
+                  name: str, budget_s: float, seed: int, work: Path, proxy: str) -> dict[str, Any]:
+    from sklearn.metrics import roc_auc_score
+
+    from benchmarks.patchcore_study import image_aurocs
+    from edgead.models.base import TrainConfig
+    from edgead.training.checkpoint import load_run
+    from edgead.training.trainer import train_from_arrays
+
+    t0 = time.process_time()
+    run = train_from_arrays("patchcore_distilled", data["train"], data["val"], work / f"{category}-{name}",
+                            config=VARIANTS[name], train=TrainConfig(epochs=1000, time_budget_s=budget_s, seed=seed, proxy=proxy),
+                            progress=False)
+    train_s = time.process_time() - t0
+    detector, _, _ = load_run(run)
+    detector.eval()
+    good, good_maps = graph_outputs(detector, data["val"])
+    bad = {kind: graph_outputs(detector, x) for kind, (x, _) in proxies.items()}
+    labels = np.concatenate([np.zeros_like(good_maps, np.uint8)] + [m for _, m in proxies.values()]).ravel()
+    maps = np.concatenate([good_maps] + [m for _, m in bad.values()]).ravel()
+    history = json.loads((run / "history.json").read_text())
+    aurocs = image_aurocs(good, {kind: s for kind, (s, _) in bad.items()})
+    return {"category": category, "variant": name, **VARIANTS[name], "train_cpu_s": round(train_s, 1),
+            "proxy": proxy, "epochs": len(history), "distill_loss": [round(h["distill"], 4) for h in history],
+            "kept_epoch": int(np.argmax([h["val_proxy_auroc"] for h in history])),
+            "proxy_pixel_auroc": float(roc_auc_score(labels, maps)),
+            "proxy_image_auroc_reweighted": aurocs.pop("all"),
+            **{f"proxy_image_auroc_{k}": v for k, v in aurocs.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.patchcore_study import _proxies
+    from benchmarks.quality import load_category
+    from benchmarks.report import write_report
+    from edgead.data import synth
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--categories", nargs="*", default=list(synth.CATEGORIES))
+    parser.add_argument("--variants", nargs="*", default=["w32"], choices=list(VARIANTS))
+    parser.add_argument("--budget-s", type=float, default=120.0, help="CPU seconds of distillation per variant")
+    parser.add_argument("--proxy", default="cutpaste+lines", choices=["cutpaste", "cutpaste+lines"],
+                        help="the trainer's epoch-selection proxy")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/distilled_study.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="edgead-distilled-"))
+    root = synth.generate(work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
+    rows = []
+    for category in args.categories:
+        data = load_category(root, category, args.image_size)
+        proxies = _proxies(data["val"], args.seed, lines=True)
+        for name in args.variants:
+            rows.append(study_variant(data, proxies, category, name, args.budget_s, args.seed, work, args.proxy))
+            print(json.dumps(rows[-1]), flush=True)
+    write_report(args.out, {"image_size": args.image_size, "budget_cpu_s": args.budget_s, "proxy": args.proxy,
+                            "selection": "validation split vs CutPaste, CutPaste-scar and 3 thin-line copies; "
+                                         "no test image", "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

