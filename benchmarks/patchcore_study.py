@@ -131,10 +131,9 @@ def _projected(train: dict[str, torch.Tensor], evaluated: list[dict[str, torch.T
                dim: int, seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """One tap's caches projected on the leading ``dim`` principal components of its training patches."""
     (tap,) = taps
-    rows = train[tap].permute(0, 2, 3, 1).reshape(-1, train[tap].shape[1])
-    sample = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:65536]]
-    mean = sample.mean(0)
-    basis = torch.linalg.svd(sample - mean, full_matrices=False)[2][:dim].T
+    from edgead.models.patch_features import principal_components
+
+    mean, basis = principal_components(train[tap].permute(0, 2, 3, 1).reshape(-1, train[tap].shape[1]), dim, seed)
 
     def project(cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = cache[tap]

@@ -53,6 +53,7 @@ from edgead.data.anomaly_synth import AnomalySynthesizer
 from edgead.data.synth_render import render_textures
 from edgead.models.base import Recipe, TrainConfig
 from edgead.models.blocks import PatchNet
+from edgead.models.patch_features import principal_components
 from edgead.models.patchcore import PatchCore, PatchCoreConfig, build_bank
 from edgead.models.registry import register
 from edgead.models.vgg import FrozenVGG19, InputAdapter, tap_channels, tap_stride
@@ -141,10 +142,8 @@ def teacher_targets(pool: Tensor, c: DistilledPatchCoreConfig, batch_size: int =
     if c.dim == feats.shape[1]:
         return feats
     rows = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-    sample = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(c.seed))[:65536]]
-    mean = sample.mean(0)
-    _, _, v = torch.linalg.svd(sample - mean, full_matrices=False)
-    projected = (rows - mean) @ v[:c.dim].T
+    mean, basis = principal_components(rows, c.dim, c.seed)
+    projected = (rows - mean) @ basis
     return projected.view(feats.shape[0], feats.shape[2], feats.shape[3], c.dim).permute(0, 3, 1, 2).contiguous()
 
 

@@ -110,3 +110,11 @@ def extract_patches(encoder: nn.Module, embed: Callable[..., Tensor], images: Te
         taps = encoder(images[start:start + batch_size])
         out.append(at_least_fp32(embed(*taps)))
     return torch.cat(out, dim=0)
+
+
+def principal_components(rows: Tensor, dim: int, seed: int, max_rows: int = 65536) -> tuple[Tensor, Tensor]:
+    """(mean (D,), basis (D, dim)) of the leading principal components of ``rows`` (N, D), fitted on
+    a seeded subsample of at most ``max_rows``: ``(x - mean) @ basis`` projects onto them."""
+    sample = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows]]
+    mean = sample.mean(0)
+    return mean, torch.linalg.svd(sample - mean, full_matrices=False)[2][:dim].T
