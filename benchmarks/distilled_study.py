@@ -29,6 +29,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # student widths, descriptor size (0: a
     "w16": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 0},
     "w16_d64": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64},
     "w16_d128": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 128},
+    "w16_d64_tail4": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64, "tail": 4},
+    "w16m128_d64": {"student_width": 16, "student_max_width": 128, "descriptor_dim": 64},
     "w24_d64": {"student_width": 24, "student_max_width": 96, "descriptor_dim": 64},
     "w16_d64_normal_only": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64,
                             "anomaly_copies": 0, "n_textures": 0},
