@@ -32,6 +32,11 @@ VARIANTS: dict[str, dict[str, Any]] = {  # student widths, descriptor size (0: a
     "w16_d64_tail4": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64, "tail": 4},
     "w16m128_d64": {"student_width": 16, "student_max_width": 128, "descriptor_dim": 64},
     "w24_d64": {"student_width": 24, "student_max_width": 96, "descriptor_dim": 64},
+    "w16_d64_anom4": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64, "anomaly_copies": 4},
+    "w16_d64_strokes": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64,
+                        "anomaly_copies": 2, "anomaly_shapes": ("perlin", "stroke")},
+    "w16_d64_bf16": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64, "train_precision": "bf16"},
+    "w32_d64_bf16": {"student_width": 32, "student_max_width": 128, "descriptor_dim": 64, "train_precision": "bf16"},
     "w16_d64_normal_only": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64,
                             "anomaly_copies": 0, "n_textures": 0},
 }

@@ -68,7 +68,14 @@ VARIANTS: dict[str, dict[str, Any]] = {  # first row of each: measured before, o
                             "tap_weighting": "equal", "taps": ("relu3_4",), "pca_dim": 64},
     "half_cut3_p1_equal": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 0.5,
                            "tap_weighting": "equal", "taps": ("relu3_4",)},
+    # the raw-patch baseline fused in: each cell's 8x8 pixels (stride 4, relu3_4's grid) as a second
+    # tap, on its own unit mean norm times ``pixel_weight`` (the baseline wins fabric's pixel AUROC)
+    "cut3_pixels_w1": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 1,
+                       "tap_weighting": "equal", "taps": ("relu3_4",), "pixel_weight": 1.0},
+    "cut3_pixels_w025": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 1,
+                         "tap_weighting": "equal", "taps": ("relu3_4",), "pixel_weight": 0.25},
 }
+PIXELS = "pixels"
 RULES = ("reweighted", "max", "smooth_max")
 LINE_COPIES = 3  # line proxies per validation image: one line each is too few to rank variants
 
@@ -142,6 +149,25 @@ def _projected(train: dict[str, torch.Tensor], evaluated: list[dict[str, torch.T
     return project(train), [project(c) for c in evaluated]
 
 
+def _with_pixels(train: dict[str, torch.Tensor], evaluated: list[dict[str, torch.Tensor]], images: list[np.ndarray],
+                 taps: tuple[str, ...], weight: float) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The caches with each grid cell's raw 8x8 pixels as one more tap, every tap on a unit mean
+    training-patch norm and the pixels' times ``weight`` (so the variant runs with weighting "none")."""
+    (tap,) = taps
+    size = train[tap].shape[-1]
+    stride = images[0].shape[-1] // size
+
+    def pixels(x: np.ndarray) -> torch.Tensor:  # padding keeps the tap's grid: (H + 4 - 8) / 4 + 1 = H / 4
+        cells = torch.nn.functional.unfold(torch.from_numpy(x), 2 * stride, padding=stride // 2, stride=stride)
+        return cells.view(len(x), -1, size, size)
+
+    caches = [{tap: c[tap], PIXELS: pixels(x)} for c, x in zip([train] + evaluated, images)]
+    norms = {t: caches[0][t].pow(2).sum(1).sqrt().mean() for t in (tap, PIXELS)}
+    scale = {tap: 1 / norms[tap], PIXELS: weight / norms[PIXELS]}
+    scaled = [{t: c[t] * scale[t] for t in c} for c in caches]
+    return scaled[0], scaled[1:]
+
+
 def _proxies(val: np.ndarray, seed: int, lines: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {"cutpaste": cutpaste_with_masks(val, seed), "scar": scar_with_masks(val, seed + 1)}
     if lines:
@@ -202,13 +228,18 @@ def study_category(root: Path, category: str, size: int, seed: int, variants: li
         train, evaluated = cached[scale]
         if v.get("pca_dim"):
             train, evaluated = _projected(train, evaluated, v["taps"], v["pca_dim"], seed)
+        if v.get("pixel_weight"):
+            sets = [_rescaled(x, scale) for x in [data["train"], data["val"]] + [x for x, _ in proxies.values()]]
+            train, evaluated = _with_pixels(train, evaluated, sets, v["taps"], v["pixel_weight"])
+            v = {**v, "taps": (*v["taps"], PIXELS), "tap_weighting": "none"}
         t0 = time.process_time()
-        det = PatchCore(PatchCoreConfig(image_size=size, taps=v["taps"], seed=seed, coreset_ratio=v["coreset_ratio"],
+        vgg_taps = tuple(t for t in v["taps"] if t != PIXELS)
+        det = PatchCore(PatchCoreConfig(image_size=size, taps=vgg_taps, seed=seed, coreset_ratio=v["coreset_ratio"],
                                         max_candidates=v["max_candidates"] or 10 ** 9,
                                         neighbourhood=v["neighbourhood"], tap_weighting=v["tap_weighting"])).eval()
         det.encoder = _Cached(train, v["taps"])
-        if v.get("pca_dim"):
-            det.embed = LocallyAwarePatches((v["pca_dim"],), v["neighbourhood"])
+        if v.get("pca_dim") or v.get("pixel_weight"):
+            det.embed = LocallyAwarePatches(tuple(train[t].shape[1] for t in v["taps"]), v["neighbourhood"])
         bank, _ = build_bank(det, torch.arange(len(data["train"])))
         det.set_bank(bank)
         bank_s = time.process_time() - t0

@@ -149,6 +149,15 @@ def _default_model() -> str:
     return str(root)
 
 
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threads takes a count or 'auto', got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=300, help="frames per measurement, split over the rounds")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3, help="alternating engine/pipeline rounds (medians reported)")
-    p.add_argument("--threads", type=int, help="engine threads, ONNX Runtime or OpenVINO (default: its own choice)")
+    p.add_argument("--threads", type=_threads,
+                   help="engine threads, ONNX Runtime or OpenVINO (default: its own choice); 'auto': "
+                        "edgead-run's choice, the best pipeline throughput with the host's work beside it")
     p.add_argument("--frame-size", type=int, help="side of the square synthetic frames (default: the model input's)")
     p.add_argument("--native", choices=("both", "on", "off"), default="both",
                    help="pipeline with the native per-frame core, without it, or both side by side")
@@ -171,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_checked_bundle(model, args.backend, args.precision, args.allow_unverified,
                                  warn=lambda m: print(m, file=sys.stderr))
     category = args.category or bundle.manifest.get("data", {}).get("category") or _demo_category(model) or "washer"
+    thread_choice = None
+    side = args.frame_size or int(bundle.input_shape[-1])  # the frames this benchmark feeds
+    if args.threads == "auto":
+        from edgead.runtime.autotune import choose_threads, host_work
+
+        thread_choice = choose_threads(lambda n: open_bundle_engine(bundle, args.backend, args.precision, n),
+                                       host_work(bundle.input_shape, bundle.calibration, (side, side)))
+        print(f"threads auto: {thread_choice['why']}")
+        args.threads = thread_choice["threads"]
     engine = open_bundle_engine(bundle, args.backend, args.precision, args.threads)
     variants = {"both": (True, False), "on": (True,), "off": (False,)}[args.native]
     if True in variants and native.module() is None:
@@ -207,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "one_at_a_time": {k: round(float(np.median([r[k] for r in single_rounds])), 3) for k in single_rounds[0]},
         "one_at_a_time_native": bool(variants[0] and native.module() is not None),
         "note": "shared, noisy machine: rounds alternate engine-only and pipeline runs; medians",
+        "thread_choice": thread_choice,
     }
     print(f"{bundle.detector} {list(bundle.input_shape)} on {args.backend}/{args.precision}, frames "
           f"{result['frame_size']}², {args.rounds} rounds x {per_round} frames (medians)")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -327,3 +328,26 @@ def test_cpu_layout_bundle_records_it_and_tensorrt_refuses_it(bundle: Path, tmp_
     engine = open_engine(out, "onnxruntime", "int8", intra_op_num_threads=1)
     x = np.random.default_rng(0).random(engine.inputs[0].shape, dtype=np.float32)
     assert np.isfinite(engine.run({"image": x})["score"]).all()
+
+
+class _SleepingEngine:
+    """An engine double whose frame takes ``seconds`` (sleeping, so it holds no core)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def run(self, feeds):  # noqa: ANN001
+        time.sleep(self.seconds)
+
+
+def test_thread_probe_paces_host_work_one_frame_per_inference(monkeypatch) -> None:
+    import edgead.certify.latency as latency
+    from edgead.runtime.autotune import pipeline_fps
+
+    monkeypatch.setattr(latency, "random_feeds", lambda engine: {})
+    calls = []
+    fast = pipeline_fps(_SleepingEngine(0.004), lambda: calls.append(1), duration_s=0.3)
+    assert 120 <= fast <= 260  # the engine's 250 frames/s: a quick host stage hides behind it
+    assert 0.29 <= len(calls) / fast <= 0.45  # one host work per inferred frame (~0.3 s of them), not a busy loop
+    slow = pipeline_fps(_SleepingEngine(0.001), lambda: time.sleep(0.01), duration_s=0.3)
+    assert 50 <= slow <= 105  # a 10 ms host stage sets the rate, though the engine could do 1000

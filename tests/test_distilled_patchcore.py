@@ -123,3 +123,29 @@ def test_the_student_learns_the_teacher():
 def test_bad_configs_are_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         DistilledPatchCore(DistilledPatchCoreConfig(image_size=SIZE, **bad))
+
+
+def test_bf16_training_follows_the_cpu_and_keeps_the_student_fp32(monkeypatch):
+    import edgead.models.distilled_patchcore as dp
+
+    monkeypatch.setattr(dp, "has_native_bf16", lambda: False)
+    assert not dp.use_bf16("auto", "cpu") and dp.use_bf16("bf16", "cpu") and not dp.use_bf16("fp32", "cpu")
+    monkeypatch.setattr(dp, "has_native_bf16", lambda: True)
+    assert dp.use_bf16("auto", "cpu") and not dp.use_bf16("fp32", "cpu")
+    with pytest.raises(ValueError, match="train_precision"):
+        DistilledPatchCoreConfig(train_precision="fp8")
+    torch.manual_seed(0)  # the student's initialisation
+    detector = DistilledPatchCore(DistilledPatchCoreConfig(image_size=SIZE, **{**TINY, "train_precision": "bf16"}))
+    recipe = DistilledPatchCoreRecipe(detector, TrainConfig(device="cpu", batch_size=4))
+    assert recipe.bf16
+    recipe.prepare(torch.from_numpy(_normal(4)))
+    def pool_loss() -> float:  # in FP32, over the whole pool: the steps' own losses are of random batches
+        with torch.no_grad():
+            return float((detector.encoder(recipe.pool)[0] - recipe.targets).pow(2).sum(1).mean())
+
+    before = pool_loss()
+    losses = [recipe.step(torch.zeros(4, 3, SIZE, SIZE), "distill")["distill"] for _ in range(20)]
+    assert np.isfinite(losses).all() and pool_loss() < 0.7 * before
+    weights = list(detector.encoder.parameters())
+    assert all(w.dtype == torch.float32 and w.is_contiguous() for w in weights)
+

@@ -41,9 +41,10 @@ def test_generator_is_deterministic_for_a_seed() -> None:
     assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
 
 
-def test_masks_cover_what_was_pasted_and_only_that() -> None:
+@pytest.mark.parametrize("shapes", [("perlin",), ("perlin", "stroke")])
+def test_masks_cover_what_was_pasted_and_only_that(shapes: tuple[str, ...]) -> None:
     images = _normals(4)
-    synth = AnomalySynthesizer(images, seed=0)
+    synth = AnomalySynthesizer(images, seed=0, shapes=shapes)
     anomalous = 0
     for aug, masks, has in _draws(synth, images, rounds=10):
         assert aug.shape == images.shape and aug.dtype == np.float32 and masks.shape == (4, 1, SIZE, SIZE)
@@ -200,3 +201,19 @@ def test_export_fp32_and_fp16_match_torch_on_ort(trained) -> None:
     sess = ort.InferenceSession(str(bundle / manifest["graphs"]["reconstructive"]["fp32"]),
                                 providers=["CPUExecutionProvider"])
     assert np.abs(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] - recon.numpy()).max() <= 1e-4
+
+
+def test_stroke_masks_are_thin_curves_and_unknown_shapes_are_refused() -> None:
+    from edgead.data.anomaly_synth import stroke_mask
+
+    rng = np.random.default_rng(0)
+    masks = [stroke_mask(rng, 128) for _ in range(20)]
+    areas = np.array([m.sum() for m in masks])
+    assert (areas > 0).mean() >= 0.9 and areas.max() < 0.03 * 128 * 128  # a stroke, not a blob
+    for m in masks:
+        if m.any():  # a few px wide (3 px drawn, more where it bends back): a 7x7 erosion leaves nothing
+            assert not cv2.erode(m, np.ones((7, 7), np.uint8)).any()
+    np.testing.assert_array_equal(stroke_mask(np.random.default_rng(5), 64), stroke_mask(np.random.default_rng(5), 64))
+    with pytest.raises(ValueError, match="mask shapes"):
+        AnomalySynthesizer(_normals(2), shapes=("blob",))
+

@@ -231,3 +231,19 @@ def test_pipeline_benchmark(bundle, tmp_path, capsys):
     assert result["engine_only"]["fps"] > 0 and result["pipeline"]["fps"] > 0
     assert result["pipeline"]["frames"]["inspected"] == result["frames"] == 39 and result["ratio"] > 0  # 3 x 13
     assert "pipeline / engine-only" in capsys.readouterr().out
+    assert result["thread_choice"] is None  # the engine's own default
+
+
+def test_pipeline_benchmark_takes_edgead_runs_thread_choice(bundle, tmp_path, capsys):
+    from benchmarks.pipeline import main as bench
+
+    out = tmp_path / "bench.json"
+    assert bench(["--model", str(bundle), "--frames", "20", "--rounds", "1", "--warmup", "2", "--threads", "auto",
+                  "--native", "off", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    choice = result["thread_choice"]
+    assert choice["threads"] == result["engine"]["threads"] and str(choice["threads"]) in choice["fps"]
+    assert all(fps > 0 for fps in choice["fps"].values())
+    assert "threads auto:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench(["--model", str(bundle), "--threads", "many"])

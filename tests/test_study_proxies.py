@@ -67,3 +67,21 @@ def test_chunked_scoring_equals_scoring_all_images_at_once():
         np.testing.assert_allclose(chunked[0][rule], whole[0][rule], rtol=1e-6)
     np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-6, atol=1e-7)
     assert whole[1].shape == (13, 32, 32)
+
+
+def test_pixel_tap_holds_each_cells_raw_patch_on_the_taps_grid_and_weight():
+    import torch
+
+    from benchmarks.patchcore_study import PIXELS, _with_pixels
+
+    images = [_images(3, 32), _images(2, 32)]
+    taps = [{"relu3_4": torch.rand(3, 5, 8, 8) + 0.1}, {"relu3_4": torch.rand(2, 5, 8, 8)}]
+    train, (evaluated,) = _with_pixels(taps[0], taps[1:], images, ("relu3_4",), weight=0.25)
+    assert train[PIXELS].shape == (3, 3 * 8 * 8, 8, 8)  # 8x8 pixels per cell of the stride-4 grid
+    # cell (2, 3) is the 8x8 window at rows 2*4-2.., cols 3*4-2..; up to the tap's scale
+    cell = evaluated[PIXELS][1, :, 2, 3].view(3, 8, 8)
+    window = torch.from_numpy(images[1][1, :, 6:14, 10:18])
+    ratio = cell / window
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-5)
+    norm = lambda t: float(t.pow(2).sum(1).sqrt().mean())  # noqa: E731
+    assert abs(norm(train["relu3_4"]) - 1) < 1e-5 and abs(norm(train[PIXELS]) - 0.25) < 1e-5

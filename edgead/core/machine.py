@@ -54,3 +54,11 @@ def cpu_fingerprint() -> str:
     info = describe()
     present = [f for f, on in info["isa"].items() if on]
     return f"{info['cpu']} [{' '.join(present)}]"
+
+
+def has_native_bf16() -> bool:
+    """True where the CPU computes BF16 in hardware (AVX-512 BF16 or AMX BF16; ARM ``bf16``): there
+    mixed-precision training is ~2x faster, elsewhere it is emulated and slower than FP32."""
+    isa = describe()["isa"]
+    return any(isa.get(flag, False) for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+

@@ -7,7 +7,9 @@ imgaug set), is blended into the normal image I inside M only::
 
     I_a = I + β·M·(A − I),   β ∈ [0.1, 1] (the texture's opacity)
 
-so every pixel outside M is exactly I. With probability ``1 − anomaly_prob`` the image is returned
+so every pixel outside M is exactly I. ``shapes=("perlin", "stroke")`` also draws thin curved
+strokes (:func:`stroke_mask`, CutPaste-scar's thin shapes filled with foreign texture) for the
+distilled PatchCore's pool; DRAEM uses Perlin masks alone, as the paper. With probability ``1 − anomaly_prob`` the image is returned
 unchanged with an empty mask (the reference code trains on half clean images).
 
 Texture sources. The DTD set the paper uses is not available here, so A comes from:
@@ -78,6 +80,26 @@ def perlin_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     noise = cv2.warpAffine(noise, rot, (size, size), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
     return (noise > PERLIN_THRESHOLD).astype(np.float32)
+
+
+def stroke_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A binary HxW mask: one quadratic Bezier stroke, 1/8-1/2 of the side long and 1-3 px wide at
+    128² (CutPaste-scar's thin shapes, curved). Filled with foreign texture like a Perlin mask."""
+    length = rng.uniform(size / 8, size / 2)
+    start = rng.uniform(0, size, 2)
+    angle = rng.uniform(0, 2 * math.pi)
+    end = start + length * np.array([math.cos(angle), math.sin(angle)])
+    bend = (start + end) / 2 + rng.normal(0, length / 4, 2)  # the control point: how far it curves
+    t = np.linspace(0, 1, 32)[:, None]
+    curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * bend + t ** 2 * end
+    mask = np.zeros((size, size), np.uint8)
+    width = int(rng.integers(max(1, size // 128), max(2, 3 * size // 128) + 1))
+    cv2.polylines(mask, [np.round(curve).astype(np.int32)], False, 1, width, cv2.LINE_8)
+    return mask.astype(np.float32)
+
+
+MASK_SHAPES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
+    "perlin": perlin_mask, "stroke": stroke_mask}
 
 
 # ---------------------------------------------------------------------- colour augmentations
@@ -182,13 +204,19 @@ class AnomalySynthesizer:
 
     ``images``: (N, C, H, W) float32 in [0, 1], the training set (also a texture source, chosen
     with probability ``self_fraction``). ``source_dir``: a folder of images that replaces the
-    procedural texture pool.
+    procedural texture pool. ``shapes``: the masks drawn from, in equal shares (:data:`MASK_SHAPES`;
+    DRAEM's is ``perlin`` alone).
     """
 
     def __init__(self, images: np.ndarray, *, seed: int = 0, source_dir: str | os.PathLike | None = None,
-                 anomaly_prob: float = 0.5, self_fraction: float = 0.5, pool_size: int = 40) -> None:
+                 anomaly_prob: float = 0.5, self_fraction: float = 0.5, pool_size: int = 40,
+                 shapes: tuple[str, ...] = ("perlin",)) -> None:
         if images.ndim != 4:
             raise ValueError(f"expected (N, C, H, W) images, got {images.shape}")
+        unknown = sorted(set(shapes) - set(MASK_SHAPES))
+        if not shapes or unknown:
+            raise ValueError(f"anomaly mask shapes must be among {sorted(MASK_SHAPES)}, got {list(shapes)}")
+        self.shapes = tuple(shapes)
         self.size = int(images.shape[-1])
         self.channels = int(images.shape[1])
         self.rng = np.random.default_rng(seed)
@@ -216,7 +244,8 @@ class AnomalySynthesizer:
         empty = np.zeros((1, *image.shape[1:]), np.float32)
         if self.rng.random() >= self.anomaly_prob:
             return SynthAnomaly(image.astype(np.float32, copy=True), empty, 0.0)
-        mask = perlin_mask(self.rng, self.size)[None]
+        shape = self.shapes[int(self.rng.integers(len(self.shapes)))] if len(self.shapes) > 1 else self.shapes[0]
+        mask = MASK_SHAPES[shape](self.rng, self.size)[None]
         if not mask.any():
             return SynthAnomaly(image.astype(np.float32, copy=True), empty, 0.0)
         beta = np.float32(self.rng.uniform(*OPACITY))

@@ -27,9 +27,12 @@ Distillation (stage ``distill``)
     what the VGG-19 answers where a part is *not* normal: a student that only ever saw good parts
     could map a defect back onto a normal descriptor, which PatchCore would then not see. The
     proxies that choose the epoch (CutPaste) and the studies' thin lines are other generators.
+    ``anomaly_shapes`` adds thin strokes to the Perlin masks (measured on fabric, README).
     The VGG-19 runs once over the pool, in :meth:`prepare`; it is not part of the detector and
     never runs at inference. Loss: squared error summed over channels, mean over positions;
-    Adam (``distill_lr``), ``steps_per_batch`` steps on random pool batches per trainer batch.
+    Adam (``distill_lr``), ``steps_per_batch`` steps on random pool batches per trainer batch;
+    ``train_precision="bf16"`` runs the student's forward pass under BF16 autocast (FP32 loss,
+    FP32 weights), 2.3x the steps a second on a CPU with BF16 in hardware.
 Memory bank and score
     PatchCore's: after each epoch the bank is rebuilt from the student's descriptors of the
     training images (coreset, ``coreset_ratio``), and the epoch is scored on the validation proxy;
@@ -49,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from edgead.core.machine import has_native_bf16
 from edgead.data.anomaly_synth import AnomalySynthesizer
 from edgead.data.synth_render import render_textures
 from edgead.models.base import Recipe, TrainConfig
@@ -59,6 +63,7 @@ from edgead.models.registry import register
 from edgead.models.vgg import FrozenVGG19, InputAdapter, tap_channels, tap_stride
 
 DESCRIPTOR = "descriptor"
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -71,16 +76,24 @@ class DistilledPatchCoreConfig(PatchCoreConfig):
     n_textures: int = 64
     texture_renderers: tuple[str, ...] = ("fabric", "metal", "wood", "washer", "pcb")
     anomaly_copies: int = 1
+    anomaly_shapes: tuple[str, ...] = ("perlin",)  # the synthetic anomalies' masks (anomaly_synth.MASK_SHAPES)
     distill_lr: float = 1e-3
     steps_per_batch: int = 4
+    # Student forward passes under BF16 autocast (loss and Adam in FP32), channels-last: "bf16", or
+    # "auto" where the CPU has BF16 in hardware (2.3x the FP32 steps a second on the AVX-512 BF16
+    # EPYC); "fp32", the default, trains the same on every CPU. Training only: the student stays FP32.
+    train_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.taps = tuple(self.taps)
         self.texture_renderers = tuple(self.texture_renderers)
+        self.anomaly_shapes = tuple(self.anomaly_shapes)
         if len(self.taps) != 1:
             raise ValueError(f"the distilled PatchCore distils one VGG-19 tap, got {self.taps}")
         if self.input_scale != 1:
             raise ValueError("the distilled PatchCore runs at input_scale 1")
+        if self.train_precision not in TRAIN_PRECISIONS:
+            raise ValueError(f"train_precision must be one of {TRAIN_PRECISIONS}, got {self.train_precision!r}")
 
     @property
     def dim(self) -> int:
@@ -128,7 +141,7 @@ def distillation_pool(images: Tensor, c: DistilledPatchCoreConfig, seed: int) ->
         parts.append(torch.from_numpy(textures.mean(axis=1, keepdims=True) if c.channels == 1 else textures))
     if c.anomaly_copies:
         normal = images.cpu().numpy()
-        synth = AnomalySynthesizer(normal, seed=seed, anomaly_prob=1.0)
+        synth = AnomalySynthesizer(normal, seed=seed, anomaly_prob=1.0, shapes=c.anomaly_shapes)
         parts += [torch.from_numpy(synth.batch(normal)[0]) for _ in range(c.anomaly_copies)]
     return torch.cat([p.to(images) for p in parts])
 
@@ -147,6 +160,15 @@ def teacher_targets(pool: Tensor, c: DistilledPatchCoreConfig, batch_size: int =
     return projected.view(feats.shape[0], feats.shape[2], feats.shape[3], c.dim).permute(0, 3, 1, 2).contiguous()
 
 
+def use_bf16(precision: str, device: str) -> bool:
+    """Whether the distillation runs under BF16 autocast: on a CPU only, and for "auto" only with BF16 in hardware."""
+    if precision == "bf16" and device not in ("cpu", "auto"):
+        raise ValueError(f"train_precision bf16 is for CPU training, not device {device!r}")
+    if device not in ("cpu", "auto") or (device == "auto" and torch.cuda.is_available()):
+        return False
+    return precision == "bf16" or (precision == "auto" and has_native_bf16())
+
+
 class DistilledPatchCoreRecipe(Recipe):
     stages = ("distill",)
     default_betas = (0.9, 0.999)
@@ -159,12 +181,15 @@ class DistilledPatchCoreRecipe(Recipe):
         self.pool: Tensor | None = None
         self.targets: Tensor | None = None
         self.train_images: Tensor | None = None
+        self.bf16 = use_bf16(c.train_precision, train.device)
 
     def prepare(self, images: Tensor) -> None:
         c: DistilledPatchCoreConfig = self.detector.config  # type: ignore[assignment]
         self.train_images = images
         self.pool = distillation_pool(images, c, self.train.seed)
         self.targets = teacher_targets(self.pool, c)
+        if self.bf16:
+            self.pool = self.pool.contiguous(memory_format=torch.channels_last)  # the weights stay contiguous
 
     def step(self, images: Tensor, stage: str) -> dict[str, float]:
         if stage != "distill":
@@ -175,8 +200,9 @@ class DistilledPatchCoreRecipe(Recipe):
         losses = []
         for _ in range(c.steps_per_batch):
             idx = torch.randint(len(self.pool), (len(images),), generator=self.generator).to(self.pool.device)
-            (student,) = self.detector.encoder(self.pool[idx])
-            loss = (student - self.targets[idx]).pow(2).sum(dim=1).mean()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                (student,) = self.detector.encoder(self.pool[idx])
+            loss = (student.float() - self.targets[idx]).pow(2).sum(dim=1).mean()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
