@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "model": str(bundle.root), "engine": describe_engine(engine), "input_shape": list(bundle.input_shape),
-        "frame_size": args.frame_size or int(bundle.input_shape[-1]), "machine": machine(),
+        "frame_size": side, "machine": machine(),
         "frames": per_round * args.rounds, "rounds": args.rounds, "cpu_count": os.cpu_count(), "category": category,
         "engine_only": {k: round(v, 3) for k, v in eng.items()},
         "engine_only_rounds_fps": [round(e["fps"], 2) for e in engine_rounds],

@@ -351,3 +351,10 @@ def test_thread_probe_paces_host_work_one_frame_per_inference(monkeypatch) -> No
     assert 0.29 <= len(calls) / fast <= 0.45  # one host work per inferred frame (~0.3 s of them), not a busy loop
     slow = pipeline_fps(_SleepingEngine(0.001), lambda: time.sleep(0.01), duration_s=0.3)
     assert 50 <= slow <= 105  # a 10 ms host stage sets the rate, though the engine could do 1000
+
+    def broken() -> None:
+        raise RuntimeError("post-processing failed")
+
+    with pytest.raises(RuntimeError, match="post-processing failed"):  # raised, not a hung start-up
+        pipeline_fps(_SleepingEngine(0.001), broken, duration_s=0.3)
+

@@ -9,8 +9,9 @@ imgaug set), is blended into the normal image I inside M only::
 
 so every pixel outside M is exactly I. ``shapes=("perlin", "stroke")`` also draws thin curved
 strokes (:func:`stroke_mask`, CutPaste-scar's thin shapes filled with foreign texture) for the
-distilled PatchCore's pool; DRAEM uses Perlin masks alone, as the paper. With probability ``1 − anomaly_prob`` the image is returned
-unchanged with an empty mask (the reference code trains on half clean images).
+distilled PatchCore's pool; DRAEM uses Perlin masks alone, as the paper. With probability
+``1 − anomaly_prob`` the image is returned unchanged with an empty mask (the reference code trains
+on half clean images).
 
 Texture sources. The DTD set the paper uses is not available here, so A comes from:
 
@@ -244,6 +245,7 @@ class AnomalySynthesizer:
         empty = np.zeros((1, *image.shape[1:]), np.float32)
         if self.rng.random() >= self.anomaly_prob:
             return SynthAnomaly(image.astype(np.float32, copy=True), empty, 0.0)
+        # one shape draws nothing here, so a seed gives DRAEM the same sequence as before strokes existed
         shape = self.shapes[int(self.rng.integers(len(self.shapes)))] if len(self.shapes) > 1 else self.shapes[0]
         mask = MASK_SHAPES[shape](self.rng, self.size)[None]
         if not mask.any():

@@ -116,27 +116,34 @@ def pipeline_fps(engine: Engine, work: HostWork, duration_s: float = 1.0, depth:
     feeds = random_feeds(engine)
     engine.run(feeds)
     inferred, in_flight = threading.Semaphore(0), threading.Semaphore(depth)
-    stop = threading.Event()
+    stop, failed = threading.Event(), []
 
     def host() -> None:
         while not stop.is_set():
             if inferred.acquire(timeout=0.05):
                 try:
                     work()
-                finally:
-                    in_flight.release()
+                except Exception as exc:  # noqa: BLE001 - re-raised on the engine's thread
+                    failed.append(exc)
+                    return
+                in_flight.release()
+
+    def slot() -> None:  # wait for a frame's host work to finish, or re-raise its failure
+        while not in_flight.acquire(timeout=0.05):
+            if failed:
+                raise failed[0]
 
     worker = threading.Thread(target=host, daemon=True)
     worker.start()
     frames, began = 0, time.perf_counter()
     try:
         while time.perf_counter() - began < duration_s or frames < 3:
-            in_flight.acquire()
+            slot()
             engine.run(feeds)
             frames += 1
             inferred.release()
         for _ in range(depth):  # the last frames' host work is part of the time
-            in_flight.acquire()
+            slot()
         elapsed = time.perf_counter() - began
     finally:
         stop.set()
