@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -86,22 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.patchcore_study import _proxies
     from benchmarks.quality import load_category
     from benchmarks.report import write_report
-    from edgead.data import synth
+    from benchmarks.study_data import add_data_arguments, generate_study_data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--categories", nargs="*", default=list(synth.CATEGORIES))
+    add_data_arguments(parser)
     parser.add_argument("--variants", nargs="*", default=["w16_d64"], choices=list(VARIANTS),
                         help="default: the detector's defaults, chosen with this study")
     parser.add_argument("--budget-s", type=float, default=300.0, help="CPU seconds of distillation per variant")
     parser.add_argument("--proxy", default="cutpaste+lines", choices=["cutpaste", "cutpaste+lines"],
                         help="the trainer's epoch-selection proxy")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/distilled_study.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="edgead-distilled-"))
-    root = synth.generate(work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
+    work, root = generate_study_data(args, "edgead-distilled-")
     rows = []
     for category in args.categories:
         data = load_category(root, category, args.image_size)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -102,16 +101,13 @@ class _Cached(torch.nn.Module):
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import write_report
-    from edgead.data import synth
+    from benchmarks.study_data import add_data_arguments, generate_study_data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--categories", nargs="*", default=["fabric", "washer"])
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    add_data_arguments(parser, ['fabric', 'washer'])
     parser.add_argument("--out", default="results/patch_tap_study.json")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="edgead-tapstudy-"))
-    root = synth.generate(work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
+    work, root = generate_study_data(args, "edgead-tapstudy-")
     rows = [r for c in args.categories for r in study_category(root, c, args.image_size, args.seed)]
     write_report(args.out, {"image_size": args.image_size, "coreset_ratio": 0.01,
                             "selection": "validation split vs CutPaste copies of it; no test image", "rows": rows})

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -254,19 +253,16 @@ def study_category(root: Path, category: str, size: int, seed: int, variants: li
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import write_report
-    from edgead.data import synth
+    from benchmarks.study_data import add_data_arguments, generate_study_data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--categories", nargs="*", default=list(synth.CATEGORIES))
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    add_data_arguments(parser)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--lines", action="store_true", help="add the thin-line (scratch-like) proxy")
     parser.add_argument("--out", default="results/patchcore_study.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="edgead-pcstudy-"))
-    root = synth.generate(work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
+    work, root = generate_study_data(args, "edgead-pcstudy-")
     rows = [r for c in args.categories
             for r in study_category(root, c, args.image_size, args.seed, args.variants, args.lines)]
     proxies = "CutPaste, CutPaste-scar" + (f" and {LINE_COPIES} thin-line" if args.lines else "")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,19 +71,16 @@ def study_category(root: Path, category: str, size: int, seed: int, noises: list
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import write_report
-    from edgead.data import synth
+    from benchmarks.study_data import add_data_arguments, generate_study_data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--categories", nargs="*", default=list(synth.CATEGORIES))
+    add_data_arguments(parser)
     parser.add_argument("--noise", nargs="*", type=float, default=[0.015, 0.1, 0.3])
     parser.add_argument("--budget-s", type=float, default=90.0, help="training budget, CPU seconds (process time)")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/simplenet_study.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="edgead-snstudy-"))
-    root = synth.generate(work / "data", args.categories, synth.SynthSpec(image_size=args.image_size, seed=args.seed))
+    work, root = generate_study_data(args, "edgead-snstudy-")
     rows = [r for c in args.categories
             for r in study_category(root, c, args.image_size, args.seed, args.noise, args.budget_s, work)]
     write_report(args.out, {"image_size": args.image_size, "budget_cpu_s": args.budget_s,
