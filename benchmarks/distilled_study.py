@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,7 +52,9 @@ def graph_outputs(detector: torch.nn.Module, images: np.ndarray, chunk: int = 16
 
 
 def study_variant(data: dict[str, Any], proxies: dict[str, tuple[np.ndarray, np.ndarray]], category: str,
-                  name: str, budget_s: float, seed: int, work: Path, proxy: str) -> dict[str, Any]:
+                  name: str, budget_s: float, seed: int, work: Path, proxy: str,
+                  model: str = "patchcore_distilled", config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``model`` with ``config`` (default: ``VARIANTS[name]``) under the budget; score it on the proxies."""
     from sklearn.metrics import roc_auc_score
 
     from benchmarks.patchcore_study import image_aurocs
@@ -60,9 +62,10 @@ def study_variant(data: dict[str, Any], proxies: dict[str, tuple[np.ndarray, np.
     from edgead.training.checkpoint import load_run
     from edgead.training.trainer import train_from_arrays
 
+    config = VARIANTS[name] if config is None else config
     t0 = time.process_time()
-    run = train_from_arrays("patchcore_distilled", data["train"], data["val"], work / f"{category}-{name}",
-                            config=VARIANTS[name], train=TrainConfig(epochs=1000, time_budget_s=budget_s, seed=seed, proxy=proxy),
+    run = train_from_arrays(model, data["train"], data["val"], work / f"{category}-{name}",
+                            config=config, train=TrainConfig(epochs=1000, time_budget_s=budget_s, seed=seed, proxy=proxy),
                             progress=False)
     train_s = time.process_time() - t0
     detector, _, _ = load_run(run)
@@ -73,42 +76,54 @@ def study_variant(data: dict[str, Any], proxies: dict[str, tuple[np.ndarray, np.
     maps = np.concatenate([good_maps] + [m for _, m in bad.values()]).ravel()
     history = json.loads((run / "history.json").read_text())
     aurocs = image_aurocs(good, {kind: s for kind, (s, _) in bad.items()})
-    return {"category": category, "variant": name, **VARIANTS[name], "train_cpu_s": round(train_s, 1),
-            "proxy": proxy, "epochs": len(history), "distill_loss": [round(h["distill"], 4) for h in history],
-            "kept_epoch": int(np.argmax([h["val_proxy_auroc"] for h in history])),
+    scored = [i for i, h in enumerate(history) if "val_proxy_auroc" in h]  # the final stage's epochs
+    losses = {k: [round(h[k], 4) for h in history if k in h] for k in sorted({k for h in history for k in h})
+              if k not in ("stage", "epoch", "val_proxy_auroc")}
+    return {"category": category, "model": model, "variant": name, **config, "train_cpu_s": round(train_s, 1),
+            "proxy": proxy, "epochs": len(history), **{f"{k}_loss": v for k, v in losses.items()},
+            "kept_epoch": max(scored, key=lambda i: history[i]["val_proxy_auroc"]),
             "proxy_pixel_auroc": float(roc_auc_score(labels, maps)),
             "proxy_image_auroc_reweighted": aurocs.pop("all"),
             **{f"proxy_image_auroc_{k}": v for k, v in aurocs.items()}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def study_main(argv: list[str] | None, *, doc: str, model: str, variants: dict[str, dict[str, Any]],
+               default: str, config_of: Callable[[str], dict[str, Any]], prefix: str, out: str) -> int:
+    """The command line of a trained-detector study: train each variant per category, score it on
+    the validation proxies, and rewrite the JSON after every row."""
     from benchmarks.patchcore_study import _proxies
     from benchmarks.quality import load_category
     from benchmarks.report import write_report
     from benchmarks.study_data import add_data_arguments, generate_study_data
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
-    parser.add_argument("--variants", nargs="*", default=["w16_d64"], choices=list(VARIANTS),
+    parser.add_argument("--variants", nargs="*", default=[default], choices=list(variants),
                         help="default: the detector's defaults, chosen with this study")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="CPU seconds of distillation per variant")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="CPU seconds of training per variant")
     parser.add_argument("--proxy", default="cutpaste+lines", choices=["cutpaste", "cutpaste+lines"],
                         help="the trainer's epoch-selection proxy")
-    parser.add_argument("--out", default="results/distilled_study.json")
+    parser.add_argument("--out", default=out)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    work, root = generate_study_data(args, "edgead-distilled-")
+    work, root = generate_study_data(args, prefix)
     rows = []
     for category in args.categories:
         data = load_category(root, category, args.image_size)
         proxies = _proxies(data["val"], args.seed, lines=True)
         for name in args.variants:
-            rows.append(study_variant(data, proxies, category, name, args.budget_s, args.seed, work, args.proxy))
+            rows.append(study_variant(data, proxies, category, name, args.budget_s, args.seed, work, args.proxy,
+                                      model=model, config=config_of(name)))
             print(json.dumps(rows[-1]), flush=True)
-    write_report(args.out, {"image_size": args.image_size, "budget_cpu_s": args.budget_s, "proxy": args.proxy,
-                            "selection": "validation split vs CutPaste, CutPaste-scar and 3 thin-line copies; "
-                                         "no test image", "rows": rows})
+            write_report(args.out, {"image_size": args.image_size, "budget_cpu_s": args.budget_s, "proxy": args.proxy,
+                                    "selection": "validation split vs CutPaste, CutPaste-scar and 3 thin-line "
+                                                 "copies; no test image", "rows": rows})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return study_main(argv, doc=__doc__ or "", model="patchcore_distilled", variants=VARIANTS, default="w16_d64",
+                      config_of=VARIANTS.__getitem__, prefix="edgead-distilled-", out="results/distilled_study.json")
 
 
 if __name__ == "__main__":

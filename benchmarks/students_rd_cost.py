@@ -28,8 +28,8 @@ from benchmarks.cost import interleaved_ms, ort_session, torch_gflops
 MODELS = ("rd", "rdpp", "students")
 
 
-def _export(model: str, size: int, out: Path) -> dict[str, Any]:
-    """Export ``model`` at ``size``; returns its cost row and the graphs to time."""
+def _export(model: str, size: int, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Export ``model`` at ``size`` (config: ``CPU_OVERRIDES`` + ``overrides``); returns its cost row and the graphs to time."""
     import torch
 
     from benchmarks.quality import CPU_OVERRIDES, model_cost
@@ -39,8 +39,8 @@ def _export(model: str, size: int, out: Path) -> dict[str, Any]:
     from edgead.models.students import VGG_TAP, render_textures
     from edgead.models.vgg import FrozenVGG19
 
-    detector = registry.create(model, image_size=size, **CPU_OVERRIDES.get(model, {})).eval()
-    row: dict[str, Any] = {"model": model, "image_size": size, **model_cost(detector, size)}
+    detector = registry.create(model, image_size=size, **{**CPU_OVERRIDES.get(model, {}), **overrides}).eval()
+    row: dict[str, Any] = {"model": model, "image_size": size, "config_set": overrides, **model_cost(detector, size)}
     manifest = export_detector(detector, out / model)
     fused = out / model / manifest["graphs"]["detector"]["fp32"]
     calib = render_textures(("fabric", "metal", "wood"), 8, size, seed=1)
@@ -66,9 +66,10 @@ def _time(sessions: dict[str, Any], size: int, rounds: int, repeats: int) -> dic
     return interleaved_ms(runs, rounds * repeats, rounds)
 
 
-def measure(size: int, threads: int, rounds: int, repeats: int) -> list[dict[str, Any]]:
+def measure(size: int, threads: int, rounds: int, repeats: int, models: tuple[str, ...] = MODELS,
+            overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        built = {m: _export(m, size, Path(tmp)) for m in MODELS}
+        built = {m: _export(m, size, Path(tmp), overrides or {}) for m in models}
         sessions = {(m, g): ort_session(p, threads) for m, b in built.items() for g, p in b["graphs"].items()}
         flat = _time({f"{m}/{g}": s for (m, g), s in sessions.items()}, size, rounds, repeats)
     rows = []
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config fields for every model measured, e.g. 'patch_sizes=[33]' for the students")
     parser.add_argument("--out", default="results/cost_students_rd.json")
     args = parser.parse_args(argv)
     import torch
@@ -99,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    rows = [r for size in args.sizes for r in measure(size, args.threads, args.rounds, args.repeats)]
+    from edgead.cli import parse_kv
+
+    overrides = parse_kv(args.set)
+    rows = [r for size in args.sizes
+            for r in measure(size, args.threads, args.rounds, args.repeats, tuple(args.models), overrides)]
     write_report(args.out, {"threads": args.threads, "batch": 1,
                             "note": "ORT CPUExecutionProvider, medians of interleaved rounds on a shared, "
                                     "loaded 2-core machine: compare ratios within one size",

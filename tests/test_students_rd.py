@@ -156,3 +156,84 @@ def test_students_inference_graph_has_no_vgg() -> None:
     names = {n for c in detector.components() for n, _ in c.module.named_modules()}
     assert not any("features.convs" in n for n in names)
     assert sum(p.numel() for c in detector.components() for p in c.module.parameters()) < 2e6
+
+
+def test_students_hard_regression_loss_counts_only_the_hardest_elements() -> None:
+    from edgead.models.students import hard_regression_loss
+
+    difference = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        difference[0, 1, 2, 2] = 3.0
+        difference[1, 3, 0, 1] = -2.0
+        difference[1, 0, 1, 1] = 0.5
+    full = hard_regression_loss(difference)
+    assert float(full) == pytest.approx((9 + 4 + 0.25) / (2 * 3 * 3))  # summed over channels, mean over positions
+    hard = hard_regression_loss(difference, hard_fraction=2 / difference.numel())  # the two largest squares
+    assert float(hard) == pytest.approx((9 + 4) / 2 * 4)
+    hard.backward()
+    touched = difference.grad != 0
+    assert int(touched.sum()) == 2 and bool(touched[0, 1, 2, 2]) and bool(touched[1, 3, 0, 1])
+
+
+def test_students_penalty_pulls_the_students_output_on_textures_to_zero_and_needs_textures() -> None:
+    config = {**TINY["students"], "patch_sizes": (17,), "penalty_weight": 10.0}
+    detector = registry.create("students", image_size=SIZE, **config)
+    _, recipe_cls = registry.get("students")
+    recipe = recipe_cls(detector, TrainConfig(lr=1e-2))
+    images = torch.from_numpy(_images(6))
+    recipe.prepare(images)
+    recipe.begin_stage("students")
+    losses = [recipe.step(images[:3], "students") for _ in range(30)]
+    assert losses[-1]["penalty"] < 0.2 * losses[0]["penalty"]
+    with pytest.raises(ValueError, match="n_textures"):
+        registry.create("students", image_size=SIZE, **{**config, "n_textures": 0})
+
+
+def test_students_teacher_targets_keep_the_taps_geometry_on_a_unit_patch_norm() -> None:
+    from edgead.models.students import distillation_target
+
+    torch.manual_seed(0)
+    features = torch.rand(4, 6, 5, 5) * torch.tensor([10.0, 1.0, 1.0, 0.1, 0.1, 0.01]).view(1, 6, 1, 1)
+    target = distillation_target(features, "patch_norm")
+    assert float(target.norm(dim=1).mean()) == pytest.approx(1.0, rel=1e-5)
+    ratio = target / features  # one global factor: distances between patches keep their proportions
+    assert float(ratio.std()) < 1e-6
+    standardised = distillation_target(features, "channel")
+    assert torch.allclose(standardised.std(dim=(0, 2, 3)), torch.ones(6), atol=1e-3)  # the tiny channel as loud as the big
+    with pytest.raises(ValueError, match="target_scaling"):
+        registry.create("students", image_size=SIZE, **{**TINY["students"], "target_scaling": "pca"})
+
+
+def test_stage_budget_follows_the_recipes_shares_else_the_stages_epochs() -> None:
+    from edgead.training.trainer import _stage_deadlines
+
+    train = TrainConfig(epochs=10, time_budget_s=100.0, extra={"epochs_teacher": 30})
+    assert _stage_deadlines(("teacher", "students"), train, 5.0) == pytest.approx([80.0, 105.0])  # 30 : 10 epochs
+    assert _stage_deadlines(("teacher", "students"), train, 5.0, (0.25, 0.75)) == pytest.approx([30.0, 105.0])
+    with pytest.raises(ValueError, match="2 stages"):
+        _stage_deadlines(("teacher", "students"), train, 5.0, (1.0,))
+    detector = registry.create("students", image_size=SIZE, **{**TINY["students"], "teacher_budget_share": 0.2})
+    _, recipe_cls = registry.get("students")
+    assert recipe_cls(detector, TrainConfig()).budget_shares() == pytest.approx((0.2, 0.8))
+
+
+def test_students_train_on_one_random_crop_on_the_coarsest_grid() -> None:
+    config = {**TINY["students"], "patch_sizes": (17,), "student_crop": 24}
+    detector = registry.create("students", image_size=SIZE, **config)
+    _, recipe_cls = registry.get("students")
+    recipe = recipe_cls(detector, TrainConfig(seed=3))
+    images = torch.arange(2 * 3 * SIZE * SIZE, dtype=torch.float32).view(2, 3, SIZE, SIZE)
+    corners = set()
+    for _ in range(20):
+        crop = recipe._crop(images)
+        assert crop.shape == (2, 3, 24, 24)
+        y, x = divmod(int(crop[0, 0, 0, 0]), SIZE)
+        assert torch.equal(crop, images[..., y:y + 24, x:x + 24]) and y % 2 == 0 and x % 2 == 0  # stride of scale 17
+        corners.add((y, x))
+    assert len(corners) > 3
+    recipe.prepare(torch.from_numpy(_images(4)))
+    recipe.begin_stage("students")
+    assert np.isfinite(recipe.step(torch.from_numpy(_images(3)), "students")["regression"])
+    for bad in (16, 40, 20):  # below the largest patch size (17), above the image, not a multiple of 8
+        with pytest.raises(ValueError, match="student_crop"):
+            registry.create("students", image_size=SIZE, **{**config, "student_crop": bad})

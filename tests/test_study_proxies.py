@@ -85,3 +85,20 @@ def test_pixel_tap_holds_each_cells_raw_patch_on_the_taps_grid_and_weight():
     assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-5)
     norm = lambda t: float(t.pow(2).sum(1).sqrt().mean())  # noqa: E731
     assert abs(norm(train["relu3_4"]) - 1) < 1e-5 and abs(norm(train[PIXELS]) - 0.25) < 1e-5
+
+
+def test_trained_study_scores_the_final_stage_and_records_every_stages_losses(tmp_path):
+    from benchmarks.distilled_study import study_variant
+
+    val = _images(4, size=32)
+    data = {"train": _images(6, size=32), "val": val}
+    config = {"width": 4, "max_width": 8, "descriptor_dim": 8, "n_textures": 4, "patch_sizes": (17,),
+              "vgg_weights": None, "student_crop": 24}
+    row = study_variant(data, _proxies(val, 0, lines=True), "toy", "tiny", budget_s=1.0, seed=0, work=tmp_path,
+                        proxy="cutpaste", model="students", config=config)
+    assert row["model"] == "students" and row["student_crop"] == 24
+    teacher_epochs = len(row["distill_loss"])
+    assert teacher_epochs >= 1 and len(row["regression_loss"]) == row["epochs"] - teacher_epochs >= 1
+    assert row["kept_epoch"] >= teacher_epochs  # only the students' epochs are scored
+    for key in ("proxy_pixel_auroc", "proxy_image_auroc_reweighted", "proxy_image_auroc_line"):
+        assert 0.0 <= row[key] <= 1.0

@@ -180,6 +180,10 @@ class Recipe:
         is scored, so before model selection and calibration: statistics that a method standardises
         its map with (Uninformed Students) come from the validation split, never the test split."""
 
+    def budget_shares(self) -> tuple[float, ...] | None:
+        """The fraction of a CPU-time budget each stage gets; None: in proportion to the stages' epochs."""
+        return None
+
     def adam(self, *modules: nn.Module, lr: float | None = None,
              betas: tuple[float, float] | None = None) -> torch.optim.Adam:
         params = [p for m in modules for p in m.parameters()]

