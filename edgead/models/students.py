@@ -341,10 +341,11 @@ class StudentsRecipe(Recipe):
             x = s.fp32_normalize(images)
             with torch.no_grad():
                 target = s.teacher(x)
+            off_part = None if textures is None else s.fp32_normalize(textures)
             for student in s.students:
                 regression = regression + hard_regression_loss(student(x) - target, c.hard_fraction)
-                if textures is not None:  # EfficientAD's L_ST penalty: no imitation off the normal images
-                    penalty = penalty + student(s.fp32_normalize(textures)).pow(2).sum(dim=1).mean()
+                if off_part is not None:  # EfficientAD's L_ST penalty: no imitation off the normal images
+                    penalty = penalty + student(off_part).pow(2).sum(dim=1).mean()
         total = regression + c.penalty_weight * penalty
         self.opt_students.zero_grad(set_to_none=True)
         total.backward()
