@@ -1,6 +1,6 @@
 """Uninformed Students' training choices, taken on the normal validation split only.
 
-    python -m benchmarks.students_study --categories metal --variants quality hard_penalty \
+    python -m benchmarks.students_study --categories metal --variants one_scale one_scale_crop64_share25 \
         --budget-s 300 --out results/students_study.json
 
 Each variant (``VARIANTS``, on top of the quality run's CPU settings) trains with ``edgead train``'s
