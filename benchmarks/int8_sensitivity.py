@@ -11,7 +11,9 @@ and reports the check's numbers (``edgead.export.int8.output_errors``; the bound
 
 * all weighted layers in INT8;
 * each layer alone in INT8 (the others FP32): its sensitivity;
-* the most sensitive k layers kept in FP32, k = 1..``--greedy``.
+* the most sensitive k layers kept in FP32, k = 1..``--greedy``;
+* with ``--bf16``, the whole FP32 component compiled by OpenVINO with FP32, then BF16, inference
+  precision (on CPUs that list BF16): the other reduced precision this kind of CPU offers.
 
 It also splits the score error into a shift shared by all images (which a recalibrated threshold
 would absorb) and per-image noise (which it would not). No torch; no test images.
@@ -75,6 +77,14 @@ class Study:
                                layout=self.args.layout, reduce_range=False if self.args.full_range else None)
             got = self._run({**self.sessions, **int8.open_sessions({self.component: path})})
             ms = _latency_ms(path, self.feeds[0])
+        return self._row(got, ms, label, fp32_layers)
+
+    def openvino_trial(self, inference_precision: str) -> dict[str, Any]:
+        session = _OpenVinoSession(self.fp32, inference_precision)
+        got = self._run({**self.sessions, self.component: session})
+        return self._row(got, session.latency_ms(self.feeds[0]), f"OpenVINO {inference_precision.upper()}", [])
+
+    def _row(self, got: list[dict[str, np.ndarray]], ms: float, label: str, fp32_layers: list[str]) -> dict[str, Any]:
         err = int8.output_errors(self.reference, got)
         ref = np.array([r["score"].ravel()[0] for r in self.reference])
         delta = np.array([g["score"].ravel()[0] for g in got]) - ref
@@ -87,6 +97,33 @@ class Study:
               f"noise {row['score_noise_rel_spread']:.2f})  map {err['map_mean_rel_spread']:.3f}  "
               f"r {err['map_pearson']:.4f}  {ms:6.1f} ms  {'pass' if row['pass'] else 'fail'}", flush=True)
         return row
+
+
+class _OpenVinoSession:
+    """An ONNX graph compiled by OpenVINO at a given inference precision, with ORT's ``run`` signature."""
+
+    def __init__(self, path: Path, inference_precision: str) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        self.compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": inference_precision,
+                                                             "INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.request.infer(feeds)
+        names = names or [o.any_name for o in self.compiled.outputs]
+        return [np.array(self.request.get_tensor(n).data, copy=True) for n in names]
+
+    def latency_ms(self, feed: dict[str, np.ndarray], repeats: int = 11) -> float:
+        for _ in range(3):
+            self.request.infer(feed)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.request.infer(feed)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times) * 1e3)
 
 
 def _short(node: str) -> str:
@@ -106,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", default="cpu", choices=sorted(int8.INT8_LAYOUTS))
     p.add_argument("--full-range", action="store_true", help="8-bit weights (the cpu layout uses 7 bits)")
     p.add_argument("--greedy", type=int, default=6, help="keep up to this many most sensitive layers in FP32")
+    p.add_argument("--bf16", action="store_true", help="also the whole component in OpenVINO BF16 (needs openvino)")
+    p.add_argument("--only-whole", action="store_true", help="skip the per-layer trials")
     p.add_argument("--out", default="results/int8_sensitivity.json")
     args = p.parse_args(argv)
     images, _, _ = load_arrays(folder_samples(args.images), *_input_size(args.bundle), skip_bad=True)
@@ -116,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     fp32_ms = _latency_ms(study.fp32, study.feeds[0])
     print(f"{args.component} FP32 {fp32_ms:.1f} ms; {len(study.layers)} weighted layers")
     rows = [study.trial([], "all INT8")]
+    if args.bf16:  # OpenVINO's FP32 beside it: the speed-up is BF16's over the same backend
+        rows += [study.openvino_trial("f32"), study.openvino_trial("bf16")]
+    if args.only_whole:
+        study.layers, args.greedy = [], 0
     for layer in study.layers:
         rows.append(study.trial([n for n in study.layers if n != layer], f"only {_short(layer)} INT8"))
-    singles = {layer: row["score_max_rel_spread"] for layer, row in zip(study.layers, rows[1:])}
+    singles = {layer: row["score_max_rel_spread"] for layer, row in zip(study.layers, rows[1 + 2 * args.bf16:])}
     order = sorted(study.layers, key=lambda n: -singles[n])
     for k in range(1, args.greedy + 1):
         rows.append(study.trial(order[:k], f"{k} most sensitive FP32"))

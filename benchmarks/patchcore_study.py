@@ -73,6 +73,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # first row of each: measured before, o
                        "tap_weighting": "equal", "taps": ("relu3_4",), "pixel_weight": 1.0},
     "cut3_pixels_w025": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 1,
                          "tap_weighting": "equal", "taps": ("relu3_4",), "pixel_weight": 0.25},
+    # a finer cut for thin scratches: relu2_2 alone (receptive field 14 px, stride 2, 128 channels)
+    "cut2_p1_equal": {"coreset_ratio": 0.01, "max_candidates": 65536, "neighbourhood": 1, "input_scale": 1,
+                      "tap_weighting": "equal", "taps": ("relu2_2",)},
 }
 PIXELS = "pixels"
 RULES = ("reweighted", "max", "smooth_max")

@@ -102,3 +102,14 @@ def test_trained_study_scores_the_final_stage_and_records_every_stages_losses(tm
     assert row["kept_epoch"] >= teacher_epochs  # only the students' epochs are scored
     for key in ("proxy_pixel_auroc", "proxy_image_auroc_reweighted", "proxy_image_auroc_line"):
         assert 0.0 <= row[key] <= 1.0
+
+
+def test_pose_probe_shift_translates_and_repeats_the_border():
+    from benchmarks.pyramidflow_pose_probe import _shifted
+
+    images = np.arange(2 * 3 * 6 * 7, dtype=np.float32).reshape(2, 3, 6, 7)
+    moved = _shifted(images, 2)
+    assert moved.shape == images.shape
+    np.testing.assert_array_equal(moved[:, :, 2:, 2:], images[:, :, :-2, :-2])  # content moved right and down
+    np.testing.assert_array_equal(moved[:, :, 0, 2:], images[:, :, 0, :-2])  # top rows repeat the first row
+    np.testing.assert_array_equal(moved[:, :, 2:, 0], images[:, :, :-2, 0])  # left columns repeat the first column
