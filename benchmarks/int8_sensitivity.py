@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -38,18 +38,22 @@ from edgead.data.datasets import folder_samples, load_arrays
 from edgead.export import int8
 
 
-def _latency_ms(path: Path, feed: dict[str, np.ndarray], repeats: int = 11) -> float:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        session.run(None, feed)
+def _median_ms(call: Callable[[], object], repeats: int = 11, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        call()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        session.run(None, feed)
+        call()
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
+
+
+def _latency_ms(path: Path, feed: dict[str, np.ndarray]) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _median_ms(lambda: session.run(None, feed))
 
 
 class Study:
@@ -115,15 +119,8 @@ class _OpenVinoSession:
         names = names or [o.any_name for o in self.compiled.outputs]
         return [np.array(self.request.get_tensor(n).data, copy=True) for n in names]
 
-    def latency_ms(self, feed: dict[str, np.ndarray], repeats: int = 11) -> float:
-        for _ in range(3):
-            self.request.infer(feed)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.request.infer(feed)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times) * 1e3)
+    def latency_ms(self, feed: dict[str, np.ndarray]) -> float:
+        return _median_ms(lambda: self.request.infer(feed))
 
 
 def _short(node: str) -> str:
@@ -157,13 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [study.trial([], "all INT8")]
     if args.bf16:  # OpenVINO's FP32 beside it: the speed-up is BF16's over the same backend
         rows += [study.openvino_trial("f32"), study.openvino_trial("bf16")]
-    if args.only_whole:
-        study.layers, args.greedy = [], 0
-    for layer in study.layers:
-        rows.append(study.trial([n for n in study.layers if n != layer], f"only {_short(layer)} INT8"))
-    singles = {layer: row["score_max_rel_spread"] for layer, row in zip(study.layers, rows[1 + 2 * args.bf16:])}
-    order = sorted(study.layers, key=lambda n: -singles[n])
-    for k in range(1, args.greedy + 1):
+    layers = [] if args.only_whole else study.layers
+    singles = [study.trial([n for n in study.layers if n != layer], f"only {_short(layer)} INT8") for layer in layers]
+    rows += singles
+    error = {layer: row["score_max_rel_spread"] for layer, row in zip(layers, singles)}
+    order = sorted(layers, key=lambda n: -error[n])
+    for k in range(1, (0 if args.only_whole else args.greedy) + 1):
         rows.append(study.trial(order[:k], f"{k} most sensitive FP32"))
     write_report(args.out, {"bundle": str(args.bundle), "component": args.component, "images": str(args.images),
                             "calib_count": args.calib_count, "eval_count": args.eval_count, "method": args.method,
