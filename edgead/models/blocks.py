@@ -1,6 +1,6 @@
 """Shared building blocks: DCGAN encoder/decoder pyramids, the pix2pix U-Net, the classic
 double-conv U-Net (DRAEM), the dense patch network (Uninformed Students, the distilled PatchCore
-encoder), weight init.
+encoder), the decoders' upsampling layers, weight init.
 
 Every detector builds its networks from these, so a fix here reaches all of them.
 """
@@ -46,6 +46,36 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}")
 
 
+UPSAMPLING = ("transpose", "resize")
+
+
+def _check_upsampling(kind: str) -> None:
+    if kind not in UPSAMPLING:
+        raise ValueError(f"upsample must be one of {UPSAMPLING}, got {kind!r}")
+
+
+def upsample_conv(in_ch: int, out_ch: int, kind: str = "transpose", bias: bool = False) -> nn.Module:
+    """x2 upsampling of a decoder: the papers' 4x4/2 transposed conv (``transpose``), or a nearest
+    resize and a 3x3 conv (``resize``; Odena et al., "Deconvolution and Checkerboard Artifacts",
+    Distill 2016). ONNX Runtime's CPU provider has no INT8 ConvTranspose: it runs one in float
+    between Q/DQ pairs, while the resize + conv form quantises to a QLinearConv.
+    """
+    _check_upsampling(kind)
+    if kind == "transpose":
+        return nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=bias)
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=bias))
+
+
+def grow_from_code(in_ch: int, out_ch: int, size: int, kind: str = "transpose", bias: bool = False) -> nn.Module:
+    """(B, in_ch, 1, 1) code -> (B, out_ch, size, size). ``transpose``: a size x size transposed conv;
+    ``resize``: the same linear map as a 1x1 conv to out_ch·size² channels and a pixel shuffle,
+    which INT8 backends run as a quantised conv (no ConvTranspose in the graph)."""
+    _check_upsampling(kind)
+    if kind == "transpose":
+        return nn.ConvTranspose2d(in_ch, out_ch, size, 1, 0, bias=bias)
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch * size * size, 1, bias=bias), nn.PixelShuffle(size))
+
+
 class DCGANEncoder(nn.Module):
     """Image (B, C, S, S) -> latent (B, out_dim, 1, 1), with the 4x4 features before the last conv.
 
@@ -75,21 +105,23 @@ class DCGANEncoder(nn.Module):
 
 
 class DCGANDecoder(nn.Module):
-    """Latent (B, in_dim, 1, 1) -> image (B, C, S, S) in [-1, 1]; the mirror of :class:`DCGANEncoder`."""
+    """Latent (B, in_dim, 1, 1) -> image (B, C, S, S) in [-1, 1]; the mirror of :class:`DCGANEncoder`.
+
+    ``upsample``: the paper's transposed convs, or resize + conv (:func:`upsample_conv`).
+    """
 
     def __init__(self, image_size: int, channels: int, in_dim: int, width: int = 64,
-                 max_width: int = 512, norm: str = "batch") -> None:
+                 max_width: int = 512, norm: str = "batch", upsample: str = "transpose") -> None:
         super().__init__()
         depth = pyramid_depth(image_size)
         widths = [min(width * 2 ** i, max_width) for i in range(depth)]  # widths[i]: channels at stage i
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(in_dim, widths[-1], 4, 1, 0, bias=False), _norm(norm, widths[-1]),
-            nn.ReLU(inplace=True),
+            grow_from_code(in_dim, widths[-1], 4, upsample), _norm(norm, widths[-1]), nn.ReLU(inplace=True),
         ]
         for i in range(depth - 1, 0, -1):
-            layers += [nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1, bias=False),
+            layers += [upsample_conv(widths[i], widths[i - 1], upsample),
                        _norm(norm, widths[i - 1]), nn.ReLU(inplace=True)]
-        layers += [nn.ConvTranspose2d(widths[0], channels, 4, 2, 1, bias=False), nn.Tanh()]
+        layers += [upsample_conv(widths[0], channels, upsample), nn.Tanh()]
         self.main = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -117,7 +149,8 @@ class UNetGenerator(nn.Module):
     Used by Skip-GANomaly. ``bottleneck`` exposes the 1x1 code for latent losses.
     """
 
-    def __init__(self, image_size: int, channels: int, width: int = 64, max_width: int = 512) -> None:
+    def __init__(self, image_size: int, channels: int, width: int = 64, max_width: int = 512,
+                 upsample: str = "transpose") -> None:
         super().__init__()
         depth = int(math.log2(image_size))
         if 2 ** depth != image_size:
@@ -134,9 +167,9 @@ class UNetGenerator(nn.Module):
         self.up = nn.ModuleList()
         for i in range(depth - 1, 0, -1):
             in_ch = widths[i] if i == depth - 1 else widths[i] * 2
-            self.up.append(nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(in_ch, widths[i - 1], 4, 2, 1, bias=False),
+            self.up.append(nn.Sequential(nn.ReLU(), upsample_conv(in_ch, widths[i - 1], upsample),
                                          nn.BatchNorm2d(widths[i - 1])))
-        self.out = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(widths[0] * 2, channels, 4, 2, 1), nn.Tanh())
+        self.out = nn.Sequential(nn.ReLU(), upsample_conv(widths[0] * 2, channels, upsample, bias=True), nn.Tanh())
 
     def forward(self, x: Tensor) -> Tensor:
         import torch

@@ -113,7 +113,8 @@ class EGBAD(Detector):
         super().__init__(config)
         c = config
         self.encoder = ImageEncoder(DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
-        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width,
+                                                   upsample=c.upsample))
         self.discriminator = JointFeatures(JointDiscriminator(
             c.image_size, c.channels, c.latent_dim, c.width, c.max_width, norm=c.disc_norm,
             hidden=c.disc_hidden, dropout=0.0 if c.loss == "wgan" else c.dropout))

@@ -67,7 +67,8 @@ class FAnoGAN(Detector):
         c = config
         self.encoder = ImageEncoder(nn.Sequential(
             DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width), nn.Tanh()))
-        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width,
+                                                   upsample=c.upsample))
         self.critic = DiscriminatorFeatures(FeatureDiscriminator(c.image_size, c.channels, c.width, c.max_width,
                                                                  norm=c.critic_norm, sigmoid=False))
         # map: distance(x, x̂); score: mean((x - x̂)²) + κ·mean((f(x) - f(x̂))²)

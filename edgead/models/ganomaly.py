@@ -48,7 +48,8 @@ class GANomaly(Detector):
         super().__init__(config)
         c = config
         self.encoder = ImageEncoder(DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
-        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.generator = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width,
+                                                   upsample=c.upsample))
         self.encoder2 = ImageEncoder(DCGANEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
         # map: distance(x, x̂); score: mean((z - ẑ)²)
         self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), MeanSquaredDistance(),

@@ -73,7 +73,8 @@ class SkipGANomaly(Detector):
         super().__init__(config)
         c = config
         # [0, 1] -> [-1, 1] -> U-Net (tanh) -> [0, 1]
-        self.generator = ImageEncoder(ImageDecoder(UNetGenerator(c.image_size, c.channels, c.width, c.max_width)))
+        self.generator = ImageEncoder(ImageDecoder(UNetGenerator(c.image_size, c.channels, c.width, c.max_width,
+                                                                 c.upsample)))
         self.discriminator = DiscriminatorFeatures(FeatureDiscriminator(c.image_size, c.channels, c.width,
                                                                         c.max_width))
         self.generator.apply(dcgan_init)

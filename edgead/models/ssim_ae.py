@@ -4,7 +4,8 @@ structural similarity to autoencoders", VISAPP 2019, arXiv 1807.02011).
 Network
     The paper's 128² encoder: conv 32 4x4/2 -> 32 4/2 -> 32 3/1 -> 64 4/2 -> 64 3/1 -> 128 4/2
     -> 64 3/1 -> 32 3/1 -> latent d with an 8x8 valid conv; the decoder mirrors it with transposed
-    convs; LeakyReLU(0.2). Other sizes add or drop leading stride-2 stages so the code is always
+    convs (``upsample="resize"``: nearest resize + conv instead, which ONNX Runtime runs in INT8);
+    LeakyReLU(0.2). Other sizes add or drop leading stride-2 stages so the code is always
     computed from an 8x8 grid (scaled to the input size, as the issue asks).
 Loss
     1 - SSIM with an 11x11 Gaussian window, the very module that scores at test time.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, TrainConfig
+from edgead.models.blocks import grow_from_code, upsample_conv
 from edgead.models.heads import RENAMED_SCORER_KEYS, ScoreHead, TopKMean
 from edgead.models.losses import update
 from edgead.models.registry import register
@@ -52,7 +54,8 @@ def _paper_layers(image_size: int, width: int) -> list[tuple[int, int, int]]:
 
 
 class SSIMAutoencoder(nn.Module):
-    def __init__(self, image_size: int, channels: int, latent_dim: int, width: int) -> None:
+    def __init__(self, image_size: int, channels: int, latent_dim: int, width: int,
+                 upsample: str = "transpose") -> None:
         super().__init__()
         layers = _paper_layers(image_size, width)
         enc: list[nn.Module] = []
@@ -62,13 +65,14 @@ class SSIMAutoencoder(nn.Module):
             prev = out
         enc += [nn.Conv2d(prev, latent_dim, 8, 1, 0)]  # 8x8 -> 1x1 code
         self.encoder = nn.Sequential(*enc)
-        dec: list[nn.Module] = [nn.ConvTranspose2d(latent_dim, prev, 8, 1, 0), nn.LeakyReLU(0.2, inplace=True)]
+        dec: list[nn.Module] = [grow_from_code(latent_dim, prev, 8, upsample, bias=True),
+                                nn.LeakyReLU(0.2, inplace=True)]
         for i in range(len(layers) - 1, -1, -1):
             out_ch, k, s = layers[i]
             nxt = layers[i - 1][0] if i > 0 else channels
             # mirror: the conv that produced out_ch from nxt is undone by a transposed conv
             if s == 2:
-                dec += [nn.ConvTranspose2d(out_ch, nxt, 4, 2, 1)]
+                dec += [upsample_conv(out_ch, nxt, upsample, bias=True)]
             else:
                 dec += [nn.Conv2d(out_ch, nxt, k, 1, (k - 1) // 2)]
             if i > 0:
@@ -88,7 +92,7 @@ class SSIMAE(Detector):
     def __init__(self, config: SSIMAEConfig) -> None:
         super().__init__(config)
         c = config
-        self.autoencoder = SSIMAutoencoder(c.image_size, c.channels, c.latent_dim, c.width)
+        self.autoencoder = SSIMAutoencoder(c.image_size, c.channels, c.latent_dim, c.width, c.upsample)
         # map: 1 - SSIM(x, x̂) (or the chosen distance); score: the top-k mean of the map
         self.head = ScoreHead(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed), TopKMean(c.top_k),
                               map_inputs=("image", "reconstruction"))

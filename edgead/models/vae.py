@@ -127,7 +127,8 @@ class VAE(Detector):
         c = config
         self.encoder = GaussianEncoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width)
         self.sampler = LatentSamples(c.latent_dim, c.mc_samples, c.seed) if c.mc_samples > 0 else None
-        self.decoder = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width))
+        self.decoder = ImageDecoder(DCGANDecoder(c.image_size, c.channels, c.latent_dim, c.width, c.max_width,
+                                                 upsample=c.upsample))
         self.head = ScoreHead(SampleMean(make_scorer(c.scorer, c.channels, c.vgg_weights, c.seed)),
                               NegativeELBO(c.recon_loss, c.beta, c.mc_samples),
                               map_inputs=("image", "reconstruction"),
