@@ -69,10 +69,12 @@ def link_events(path: Path) -> list[tuple[int, list[str]]]:
 
 # -- mosquitto -----------------------------------------------------------------------------------
 
-def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+def mosquitto_binary(tool: str = "mosquitto") -> str:
+    """Path of mosquitto (or of a tool of its package, e.g. mosquitto_passwd); the test skips without it."""
+    found = shutil.which(tool) or next((str(p) for p in (Path("/usr/sbin") / tool, Path("/usr/bin") / tool)
+                                        if p.exists()), None)
     if not found:
-        pytest.skip("mosquitto is not installed (.ci/run installs it: apt-get install mosquitto)")
+        pytest.skip(f"{tool} is not installed (.ci/run installs it: apt-get install mosquitto)")
     return found
 
 

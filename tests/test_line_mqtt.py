@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("paho.mqtt")
 
-from line_support import (LOOPBACK, SIZE, Mosquitto, Subscriber, make_ca_and_server_cert, read_log,  # noqa: E402
-                          run_context, line_bundle, wait_until)
+from line_support import (LOOPBACK, SIZE, Mosquitto, Subscriber, make_ca_and_server_cert, mosquitto_binary,  # noqa: E402
+                          read_log, run_context, line_bundle, wait_until)
 
 from edgead.runtime.cli import main  # noqa: E402
 from edgead.runtime.pipeline import Frame  # noqa: E402
@@ -117,8 +117,8 @@ def test_last_will_says_offline_when_the_station_dies(bundle, broker, tmp_path):
 def test_tls_and_a_password_from_a_file_or_the_environment(bundle, tmp_path, monkeypatch):
     ca, cert, key = make_ca_and_server_cert(tmp_path / "pki")
     passwd = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "station", "s3cret"], check=True,
-                   capture_output=True)
+    subprocess.run([mosquitto_binary("mosquitto_passwd"), "-b", "-c", str(passwd), "station", "s3cret"],
+                   check=True, capture_output=True)
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     for path, password in ((good, "s3cret"), (bad, "wrong")):
         path.write_text(json.dumps({"username": "station", "password": password}))
