@@ -36,6 +36,11 @@ VARIANTS: dict[str, dict[str, Any]] = {  # student widths, descriptor size (0: a
                         "anomaly_copies": 2, "anomaly_shapes": ("perlin", "stroke")},
     "w16_d64_bf16": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64, "train_precision": "bf16"},
     "w32_d64_bf16": {"student_width": 32, "student_max_width": 128, "descriptor_dim": 64, "train_precision": "bf16"},
+    "w16_d64_px8": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64, "pixel_patch": 8},
+    "w16_d64_px8_d32": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64, "pixel_patch": 8,
+                        "pixel_dim": 32},
+    "w16_d64_px8_g05": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64, "pixel_patch": 8,
+                        "tap_gains": (1.0, 0.5)},
     "w16_d64_normal_only": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64,
                             "anomaly_copies": 0, "n_textures": 0},
 }

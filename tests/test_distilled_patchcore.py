@@ -16,7 +16,8 @@ from chain_check import assert_forward_is_chain
 from edgead.data import synth
 from edgead.models.base import TrainConfig
 from edgead.models.distilled_patchcore import (DistilledPatchCore, DistilledPatchCoreConfig,
-                                               DistilledPatchCoreRecipe, distillation_pool, teacher_targets)
+                                               DistilledPatchCoreRecipe, PixelPatches, distillation_pool,
+                                               teacher_targets)
 from edgead.training.checkpoint import load_run
 from edgead.training.trainer import train_from_arrays
 
@@ -119,7 +120,9 @@ def test_the_student_learns_the_teacher():
 
 @pytest.mark.parametrize("bad, message", [({"taps": ("relu3_4", "relu4_4")}, "one VGG-19 tap"),
                                           ({"input_scale": 2}, "input_scale 1"),
-                                          ({"patch_size": 65}, "stride 8")])
+                                          ({"patch_size": 65}, "stride 8"),
+                                          ({"pixel_patch": 7}, "pixel_patch must be"),
+                                          ({"pixel_patch": 4, "pixel_dim": 49}, "exceeds")])
 def test_bad_configs_are_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         DistilledPatchCore(DistilledPatchCoreConfig(image_size=SIZE, **bad))
@@ -149,3 +152,52 @@ def test_bf16_training_follows_the_cpu_and_keeps_the_student_fp32(monkeypatch):
     weights = list(detector.encoder.parameters())
     assert all(w.dtype == torch.float32 and w.is_contiguous() for w in weights)
 
+
+
+def test_pixel_tap_is_the_baselines_raw_windows_or_their_leading_components():
+    import torch.nn.functional as F
+
+    images = torch.from_numpy(_normal(6, category="fabric"))
+    windows = F.unfold(images, 8, padding=2, stride=4)  # (N, 192, 16 * 16): the kNN baseline's 8x8 patches
+    raw = PixelPatches(3, 8, 4)
+    assert torch.equal(raw(images).flatten(2), windows)
+    raw.fit(images, seed=0)  # the raw windows have nothing to fit
+    assert torch.equal(raw(images).flatten(2), windows)
+    short = PixelPatches(3, 8, 4, dim=24)
+    short.fit(images, seed=0)
+    rows = short(images).flatten(2).transpose(1, 2).reshape(-1, 24)
+    centred = windows.transpose(1, 2).reshape(-1, 192)
+    centred = centred - centred.mean(0)
+    assert abs(rows.mean(0)).max() < 1e-4  # centred on the training windows' mean
+    kept = rows.pow(2).sum() / centred.pow(2).sum()
+    assert 0.5 < kept <= 1.0 + 1e-5  # 24 of 192 components carry most of a texture's variance, never more than all
+    idx = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:300]
+    exact = lambda a: torch.cdist(a, a, compute_mode="donot_use_mm_for_euclid_dist")  # noqa: E731
+    assert (exact(rows[idx]) <= exact(centred[idx]) + 1e-5).all()  # a projection never lengthens a distance
+
+
+def test_pixel_tap_trains_into_the_bank_and_exports_with_ort_parity(tmp_path):
+    from edgead.export.fp16 import fp32_node_names
+    from edgead.export.onnx_export import export_detector
+
+    config = {**TINY, "pixel_patch": 8, "pixel_dim": 12}
+    run = train_from_arrays("patchcore_distilled", _normal(12), _normal(4, offset=100), tmp_path / "run",
+                            config=config, progress=False, train=TrainConfig(epochs=1, batch_size=4))
+    detector, _, _ = load_run(run)
+    pixels = detector.encoder.fp32_pixels
+    assert pixels is not None and pixels.weight.abs().sum() > 0  # fitted, and restored from the run
+    assert detector.memory.fp32_knn.search.bank.shape[1] == TINY["descriptor_dim"] + 12
+    weights = detector.embed.tap_weight
+    assert weights.shape == (2,) and (weights > 0).all() and not torch.equal(weights[0], weights[1])
+    export_detector(detector, tmp_path / "bundle")
+    x = _normal(1, category="fabric", offset=300)
+    with torch.no_grad():
+        score, amap = detector(torch.from_numpy(x))
+    sess = ort.InferenceSession(str(tmp_path / "bundle" / "detector.fp32.onnx"), providers=["CPUExecutionProvider"])
+    o_score, o_map = sess.run(None, {sess.get_inputs()[0].name: x})
+    np.testing.assert_allclose(o_score, score.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(o_map, amap.numpy(), rtol=1e-4, atol=1e-4)
+    encoder = onnx.load(str(tmp_path / "bundle" / "encoder.fp32.onnx"))
+    assert [o.name for o in encoder.graph.output] == ["descriptor", "pixels"]
+    kept_fp32 = fp32_node_names(encoder)
+    assert any("/fp32_pixels/" in name and "Conv" in name for name in kept_fp32)  # the raw window stays FP32

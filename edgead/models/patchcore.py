@@ -62,6 +62,7 @@ class PatchCoreConfig(DetectorConfig):
     input_scale: int = 1  # the backbone sees the image upsampled this many times (README: PatchCore's study)
     neighbourhood: int = 1  # local aggregation window (paper: p = 3; 1 chosen on validation, see the README)
     tap_weighting: str = "equal"  # "equal": each tap scaled to mean patch norm 1 on the training set; "none"
+    tap_gains: tuple[float, ...] = ()  # with "equal": each tap's mean patch norm instead of 1 (one per tap)
     coreset_ratio: float = 0.01
     project_dim: int = 128  # random projection for the coreset selection (paper: 128)
     max_candidates: int = 65536  # seeded subsample of the patches the greedy selection runs on
@@ -186,7 +187,7 @@ def training_patches(detector: PatchCore, images: Tensor, batch_size: int = 16) 
         raise ValueError(f"{detector.name}: tap_weighting must be one of {TAP_WEIGHTINGS}, got {c.tap_weighting!r}")
     detector.embed.tap_weight.fill_(1.0)  # a rebuilt bank starts from the raw taps
     patches = extract_patches(detector.encoder, detector.embed, images, batch_size, desc=f"{detector.name} features")
-    return equalise_taps(detector.embed, patches) if c.tap_weighting == "equal" else patches
+    return equalise_taps(detector.embed, patches, tuple(c.tap_gains)) if c.tap_weighting == "equal" else patches
 
 
 def build_bank(detector: PatchCore, images: Tensor, batch_size: int = 16) -> tuple[Tensor, Tensor]:
