@@ -187,6 +187,7 @@ def test_pixel_tap_trains_into_the_bank_and_exports_with_ort_parity(tmp_path):
     pixels = detector.encoder.fp32_pixels
     assert pixels is not None and pixels.weight.abs().sum() > 0  # fitted, and restored from the run
     assert detector.memory.fp32_knn.search.bank.shape[1] == TINY["descriptor_dim"] + 12
+    assert detector.manifest_extras()["backbone"]["pixel_tap"] == {"window": 8, "dim": 12}
     weights = detector.embed.tap_weight
     assert weights.shape == (2,) and (weights > 0).all() and not torch.equal(weights[0], weights[1])
     export_detector(detector, tmp_path / "bundle")

@@ -164,6 +164,8 @@ class DistilledEncoder(nn.Module):
         self.weights_info: dict[str, Any] = {"source": "distilled", "teacher": f"vgg19 {c.taps[0]}",
                                              "teacher_weights": c.vgg_weights,
                                              "receptive_field": self.net.receptive_field}
+        if self.fp32_pixels is not None:
+            self.weights_info["pixel_tap"] = {"window": c.pixel_patch, "dim": self.fp32_pixels.dim}
 
     def descriptors(self, image: Tensor) -> Tensor:
         """The student's descriptors alone: what the distillation trains."""

@@ -174,7 +174,7 @@ def bank_summary(config: PatchCoreConfig, dim: int) -> dict[str, Any]:
     """Rows, dimension and size of the bank, for the manifest and the README."""
     return {"rows": int(config.bank_rows), "dim": int(dim), "mb": round(bank_megabytes(config.bank_rows, dim), 3),
             "coreset_ratio": config.coreset_ratio, "max_bank_mb": config.max_bank_mb,
-            "taps": list(config.taps), "tap_weighting": config.tap_weighting}
+            "taps": list(config.taps), "tap_weighting": config.tap_weighting, "tap_gains": list(config.tap_gains)}
 
 
 TAP_WEIGHTINGS = ("equal", "none")
