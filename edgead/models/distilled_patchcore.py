@@ -72,7 +72,6 @@ from edgead.models.registry import register
 from edgead.models.vgg import FrozenVGG19, InputAdapter, tap_channels, tap_stride
 
 DESCRIPTOR, PIXELS = "descriptor", "pixels"
-STRIDE = 4  # the student's and relu3_4's grid
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -106,8 +105,9 @@ class DistilledPatchCoreConfig(PatchCoreConfig):
             raise ValueError("the distilled PatchCore runs at input_scale 1")
         if self.train_precision not in TRAIN_PRECISIONS:
             raise ValueError(f"train_precision must be one of {TRAIN_PRECISIONS}, got {self.train_precision!r}")
-        if self.pixel_patch and (self.pixel_patch < STRIDE or (self.pixel_patch - STRIDE) % 2):
-            raise ValueError(f"pixel_patch must be 0, or {STRIDE} plus an even number (the grid of stride {STRIDE}), "
+        stride = tap_stride(self.taps[0])  # the pixel tap's windows sit on the tap's grid
+        if self.pixel_patch and (self.pixel_patch < stride or (self.pixel_patch - stride) % 2):
+            raise ValueError(f"pixel_patch must be 0, or {stride} plus an even number (the grid of stride {stride}), "
                              f"got {self.pixel_patch}")
         if self.pixel_dim > self.channels * self.pixel_patch ** 2:
             raise ValueError(f"pixel_dim {self.pixel_dim} exceeds the window's {self.channels * self.pixel_patch ** 2} values")
@@ -154,13 +154,13 @@ class DistilledEncoder(nn.Module):
         super().__init__()
         self.fp32_normalize = InputAdapter(c.channels, imagenet=True)
         self.net = PatchNet(c.patch_size, c.dim, c.student_width, c.student_max_width, channels=3, tail=c.tail)
-        if self.net.stride != tap_stride(c.taps[0]) or self.net.stride != STRIDE:
+        if self.net.stride != tap_stride(c.taps[0]):
             raise ValueError(f"patch size {c.patch_size} gives stride {self.net.stride}, "
                              f"{c.taps[0]} has {tap_stride(c.taps[0])}")
-        self.fp32_pixels = PixelPatches(c.channels, c.pixel_patch, STRIDE, c.pixel_dim) if c.pixel_patch else None
+        self.fp32_pixels = PixelPatches(c.channels, c.pixel_patch, self.net.stride, c.pixel_dim) if c.pixel_patch else None
         self.tap_names = (DESCRIPTOR,) + ((PIXELS,) if self.fp32_pixels else ())
         self.channels_out = (c.dim,) + ((self.fp32_pixels.dim,) if self.fp32_pixels else ())
-        self.strides = (STRIDE,) * len(self.tap_names)
+        self.strides = (self.net.stride,) * len(self.tap_names)
         self.weights_info: dict[str, Any] = {"source": "distilled", "teacher": f"vgg19 {c.taps[0]}",
                                              "teacher_weights": c.vgg_weights,
                                              "receptive_field": self.net.receptive_field}
