@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-VARIANTS: dict[str, dict[str, Any]] = {  # student widths, descriptor size (0: all 256 channels), pool
+_STUDIED = {  # student widths, descriptor size (0: all 256 channels), pool; measured before the 2026-12-05 defaults
     "w32": {"student_width": 32, "student_max_width": 128, "descriptor_dim": 0},
     "w32_d64": {"student_width": 32, "student_max_width": 128, "descriptor_dim": 64},
     "w16": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 0},
@@ -44,16 +44,47 @@ VARIANTS: dict[str, dict[str, Any]] = {  # student widths, descriptor size (0: a
     "w16_d64_normal_only": {"student_width": 16, "student_max_width": 64, "descriptor_dim": 64,
                             "anomaly_copies": 0, "n_textures": 0},
 }
+# Each studied variant keeps what it was measured with (no pixel tap unless named, the reweighted
+# maximum); "defaults" is the detector's own configuration.
+VARIANTS: dict[str, dict[str, Any]] = {
+    **{name: {"pixel_patch": 0, "image_score": "reweighted", **v} for name, v in _STUDIED.items()},
+    "defaults": {},
+}
 
 
 @torch.no_grad()
-def graph_outputs(detector: torch.nn.Module, images: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (N,), maps smoothed as the runtime does (N, H, W)) of the detector's own graph."""
+def graph_outputs(detector: torch.nn.Module, images: np.ndarray, chunk: int = 16,
+                  raw: bool = False) -> tuple[np.ndarray, ...]:
+    """(scores (N,), maps smoothed as the runtime does (N, H, W)[, the graph's raw maps]) of the detector's own graph."""
     from edgead.core.postprocess import DEFAULT_SIGMA, smooth
 
     parts = [detector(torch.from_numpy(images[i:i + chunk])) for i in range(0, len(images), chunk)]
     scores, maps = (torch.cat(p).numpy() for p in zip(*parts))
-    return scores, smooth(maps[:, 0], DEFAULT_SIGMA)
+    return (scores, smooth(maps[:, 0], DEFAULT_SIGMA)) + ((maps[:, 0],) if raw else ())
+
+
+def _top_mean(fraction: float, smoothed: bool) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def score(smoothed_maps: np.ndarray, raw_maps: np.ndarray) -> np.ndarray:
+        flat = (smoothed_maps if smoothed else raw_maps).reshape(len(raw_maps), -1)
+        k = max(1, int(flat.shape[1] * fraction + 0.5))
+        return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+    return score
+
+
+# Other image scores of the same maps, beside the graph's own: what a score head could compute.
+# "top1_raw" is the kNN baseline's rule (the mean of the top 1% of the bilinear map).
+AGGREGATIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "max_raw": _top_mean(0.0, False), "top1_raw": _top_mean(0.01, False), "top5_raw": _top_mean(0.05, False),
+    "max_smoothed": _top_mean(0.0, True), "top1_smoothed": _top_mean(0.01, True),
+}
+
+
+def aggregation_aurocs(good: tuple[np.ndarray, ...], bad: dict[str, tuple[np.ndarray, ...]]) -> dict[str, float]:
+    """Proxy image AUROC (all proxies) of each of ``AGGREGATIONS``, from (score, smoothed, raw) outputs."""
+    from benchmarks.patchcore_study import image_aurocs
+
+    return {f"proxy_image_auroc_{name}": image_aurocs(rule(*good[1:]), {k: rule(*v[1:]) for k, v in bad.items()})["all"]
+            for name, rule in AGGREGATIONS.items()}
 
 
 def study_variant(data: dict[str, Any], proxies: dict[str, tuple[np.ndarray, np.ndarray]], category: str,
@@ -75,8 +106,10 @@ def study_variant(data: dict[str, Any], proxies: dict[str, tuple[np.ndarray, np.
     train_s = time.process_time() - t0
     detector, _, _ = load_run(run)
     detector.eval()
-    good, good_maps = graph_outputs(detector, data["val"])
-    bad = {kind: graph_outputs(detector, x) for kind, (x, _) in proxies.items()}
+    good_outputs = graph_outputs(detector, data["val"], raw=True)
+    bad_outputs = {kind: graph_outputs(detector, x, raw=True) for kind, (x, _) in proxies.items()}
+    good, good_maps = good_outputs[:2]
+    bad = {kind: outputs[:2] for kind, outputs in bad_outputs.items()}
     labels = np.concatenate([np.zeros_like(good_maps, np.uint8)] + [m for _, m in proxies.values()]).ravel()
     maps = np.concatenate([good_maps] + [m for _, m in bad.values()]).ravel()
     history = json.loads((run / "history.json").read_text())
@@ -89,7 +122,8 @@ def study_variant(data: dict[str, Any], proxies: dict[str, tuple[np.ndarray, np.
             "kept_epoch": max(scored, key=lambda i: history[i]["val_proxy_auroc"]),
             "proxy_pixel_auroc": float(roc_auc_score(labels, maps)),
             "proxy_image_auroc_reweighted": aurocs.pop("all"),
-            **{f"proxy_image_auroc_{k}": v for k, v in aurocs.items()}}
+            **{f"proxy_image_auroc_{k}": v for k, v in aurocs.items()},
+            **aggregation_aurocs(good_outputs, bad_outputs)}
 
 
 def study_main(argv: list[str] | None, *, doc: str, model: str, variants: dict[str, dict[str, Any]],
@@ -127,7 +161,7 @@ def study_main(argv: list[str] | None, *, doc: str, model: str, variants: dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    return study_main(argv, doc=__doc__ or "", model="patchcore_distilled", variants=VARIANTS, default="w16_d64",
+    return study_main(argv, doc=__doc__ or "", model="patchcore_distilled", variants=VARIANTS, default="defaults",
                       config_of=VARIANTS.__getitem__, prefix="edgead-distilled-", out="results/distilled_study.json")
 
 

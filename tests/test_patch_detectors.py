@@ -264,3 +264,47 @@ def test_unknown_tap_weighting_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="tap_weighting must be one of"):
         train_from_arrays("patchcore", train, val, tmp_path / "r", progress=False,
                           config={"image_size": 32, "tap_weighting": "loudest", "coreset_ratio": 0.1})
+
+
+def _with_score(run, **score) -> torch.nn.Module:
+    """The trained PatchCore of ``run`` (same bank, same weights) with another image score."""
+    from edgead.models.patchcore import PatchCore, PatchCoreConfig
+
+    detector, _, _ = load_run(run)
+    other = PatchCore(PatchCoreConfig.from_dict({**detector.config.to_dict(), **score}))
+    other.load_state_dict(detector.state_dict())
+    return other.eval()
+
+
+def test_top_k_image_score_is_the_smoothed_maps_top_mean_in_torch_and_in_onnx(runs, tmp_path):
+    from edgead.core.postprocess import smooth
+    from edgead.export.onnx_export import export_detector
+
+    x = _normal(2, offset=400)
+    x[1, :, 20:28, 20:28] = x[1, :, 20:28, 20:28][:, ::-1, ::-1] * 0.3  # a dark, flipped square
+    k = max(1, int(SIZE * SIZE * 0.02 + 0.5))
+    for sigma in (0.0, 4.0):
+        detector = _with_score(runs["patchcore"], image_score="top_k", top_k=0.02, score_sigma=sigma)
+        with torch.no_grad():
+            score, amap = detector(torch.from_numpy(x))
+        smoothed = smooth(amap.numpy()[:, 0], sigma).reshape(2, -1)
+        expected = np.sort(smoothed, axis=1)[:, -k:].mean(axis=1)
+        np.testing.assert_allclose(score.numpy(), expected, rtol=1e-5)
+        export_detector(detector, tmp_path / f"s{sigma}")
+        for i in range(2):  # the bundle's graphs take batch 1
+            o_score, o_map = _ort(tmp_path / f"s{sigma}" / "detector.fp32.onnx", x[i:i + 1])
+            np.testing.assert_allclose(o_score, score.numpy()[i:i + 1], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(o_map, amap.numpy()[i:i + 1], rtol=1e-4, atol=1e-4)
+    reweighted, _ = _with_score(runs["patchcore"])(torch.from_numpy(x))
+    assert not np.allclose(reweighted.detach().numpy(), score.numpy())  # another rule, another score
+
+
+def test_unknown_image_score_and_pni_with_top_k_are_clear_errors(runs):
+    from edgead.models.pni import PNI, PNIConfig
+
+    with pytest.raises(ValueError, match="image_score must be one of"):
+        _with_score(runs["patchcore"], image_score="mean")
+    with pytest.raises(ValueError, match="score_sigma"):
+        _with_score(runs["patchcore"], image_score="top_k", score_sigma=-1.0)
+    with pytest.raises(ValueError, match="pni scores an image by its largest patch score"):
+        PNI(PNIConfig(image_size=SIZE, vgg_weights=None, image_score="top_k"))

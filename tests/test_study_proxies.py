@@ -113,3 +113,19 @@ def test_pose_probe_shift_translates_and_repeats_the_border():
     np.testing.assert_array_equal(moved[:, :, 2:, 2:], images[:, :, :-2, :-2])  # content moved right and down
     np.testing.assert_array_equal(moved[:, :, 0, 2:], images[:, :, 0, :-2])  # top rows repeat the first row
     np.testing.assert_array_equal(moved[:, :, 2:, 0], images[:, :, :-2, 0])  # left columns repeat the first column
+
+
+def test_study_aggregations_score_the_same_maps_by_each_rule():
+    from benchmarks.distilled_study import AGGREGATIONS, aggregation_aurocs
+
+    rng = np.random.default_rng(0)
+    good_maps = rng.random((6, 16, 16)).astype(np.float32) * 0.1
+    good_maps[:, 0, 0] = 1.0  # one hot pixel in every map, good or not: the maximum cannot tell them apart
+    blob = good_maps.copy()
+    blob[:, 4:8, 4:8] += 0.5  # 16 raised pixels below the hot one: every top-k mean sees them
+    row = aggregation_aurocs((np.zeros(6), good_maps, good_maps), {"blob": (np.zeros(6), blob, blob)})
+    assert set(row) == {f"proxy_image_auroc_{name}" for name in AGGREGATIONS}
+    assert row["proxy_image_auroc_max_raw"] == row["proxy_image_auroc_max_smoothed"] == 0.5
+    assert row["proxy_image_auroc_top1_raw"] == row["proxy_image_auroc_top5_raw"] == 1.0
+    top1 = AGGREGATIONS["top1_raw"](good_maps, good_maps)
+    np.testing.assert_allclose(top1, np.sort(good_maps.reshape(6, -1), axis=1)[:, -3:].mean(axis=1))  # 1% of 256: 3

@@ -96,6 +96,10 @@ class Detector(nn.Module):
     # State-dict prefixes renamed since runs were first saved, {old: new}: loading a run applies
     # them (:meth:`upgrade_state_dict`), so an older model.safetensors keeps loading.
     renamed_state_keys: ClassVar[dict[str, str]] = {}
+    # Config fields whose default changed, {field: the value runs saved before that field existed
+    # were trained with}: loading a run whose config lacks the field uses this value, not the new
+    # default, so an older run keeps the graph and the score its calibration was fitted to.
+    legacy_config: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__()

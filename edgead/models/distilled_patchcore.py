@@ -15,7 +15,7 @@ Encoder (the ``encoder`` component)
     64, 64, 64, 64). Stride 4, the grid of the VGG-19's relu3_4 (32 x 32 at 128²); receptive field
     33 px with ``tail`` = 3 (relu3_4 sees 48).
     The input is ImageNet-normalised in an FP32 island, as for the VGG-19.
-Pixel tap (``pixel_patch`` > 0; off by default)
+Pixel tap (``pixel_patch`` = 8, ``pixel_dim`` = 32 by default; 0 turns it off)
     A second tap on the same stride-4 grid, :class:`PixelPatches`: each ``pixel_patch`` x
     ``pixel_patch`` window of the raw [0, 1] image (the raw-patch kNN baseline's descriptor), or its
     projection on the training windows' ``pixel_dim`` leading principal components. It is fixed,
@@ -44,7 +44,10 @@ Distillation (stage ``distill``)
 Memory bank and score
     PatchCore's: after each epoch the bank is rebuilt from the student's descriptors of the
     training images (coreset, ``coreset_ratio``), and the epoch is scored on the validation proxy;
-    the best epoch is kept (the trainer's rule). Map and score are PatchCore's.
+    the best epoch is kept (the trainer's rule). The map is PatchCore's; the image score is the mean
+    of the map's top 1% (``image_score="top_k"``, the kNN baseline's rule), which scored the
+    validation proxies above PatchCore's reweighted maximum in 7 of 10 category x tap rows and at most
+    0.002 below in the rest (README).
 Departures from EfficientAD
     Only its distillation is taken: its student-teacher and autoencoder branches (which need the
     teacher at inference) are left out; the teacher's targets are VGG-19 relu3_4, not
@@ -92,8 +95,11 @@ class DistilledPatchCoreConfig(PatchCoreConfig):
     # "auto" where the CPU has BF16 in hardware (2.3x the FP32 steps a second on the AVX-512 BF16
     # EPYC); "fp32", the default, trains the same on every CPU. Training only: the student stays FP32.
     train_precision: str = "fp32"
-    pixel_patch: int = 0  # raw-pixel window of the pixel tap (0: no pixel tap; 8: the kNN baseline's)
-    pixel_dim: int = 0  # its leading principal components (0: the raw window, channels * pixel_patch²)
+    # The pixel tap and the image score, chosen on the validation proxies (README; before 2026-12-05: 0, 0,
+    # "reweighted", which runs saved then still load with, DistilledPatchCore.legacy_config).
+    pixel_patch: int = 8  # raw-pixel window of the pixel tap (0: no pixel tap; 8: the kNN baseline's)
+    pixel_dim: int = 32  # its leading principal components (0: the raw window, channels * pixel_patch²)
+    image_score: str = "top_k"  # the mean of the map's top 1% (PatchCore's "reweighted": its paper's)
 
     def __post_init__(self) -> None:
         self.taps = tuple(self.taps)
@@ -109,7 +115,7 @@ class DistilledPatchCoreConfig(PatchCoreConfig):
         if self.pixel_patch and (self.pixel_patch < stride or (self.pixel_patch - stride) % 2):
             raise ValueError(f"pixel_patch must be 0, or {stride} plus an even number (the grid of stride {stride}), "
                              f"got {self.pixel_patch}")
-        if self.pixel_dim > self.channels * self.pixel_patch ** 2:
+        if self.pixel_patch and self.pixel_dim > self.channels * self.pixel_patch ** 2:  # no tap: no window to exceed
             raise ValueError(f"pixel_dim {self.pixel_dim} exceeds the window's {self.channels * self.pixel_patch ** 2} values")
 
     @property
@@ -179,6 +185,7 @@ class DistilledEncoder(nn.Module):
 class DistilledPatchCore(PatchCore):
     name = "patchcore_distilled"
     Config = DistilledPatchCoreConfig
+    legacy_config = {"pixel_patch": 0, "pixel_dim": 0, "image_score": "reweighted"}  # runs saved before 2026-12-05
 
     def build_encoder(self, config: PatchCoreConfig) -> nn.Module:
         assert isinstance(config, DistilledPatchCoreConfig)

@@ -33,6 +33,9 @@ Score (Sec. 3.3)
     nearest bank rows of m* (found once when the bank is built; the graph only gathers them).
     The nearest-neighbour search is a MatMul + TopK against the bank (an initializer), and the
     whole search and score run in FP32 islands.
+    ``image_score="top_k"`` scores the image instead by the mean of the map's top ``top_k`` pixels,
+    after a Gaussian of ``score_sigma`` px (0: the bilinear map; ``top_k=0``: its maximum), in the
+    same graph: the raw-patch kNN baseline's rule is ``top_k`` 0.01 on the bilinear map.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgead.models.base import Component, Detector, DetectorConfig, Recipe, at_least_fp32
-from edgead.models.heads import ScoreHead
+from edgead.models.heads import ScoreHead, TopKMean
 from edgead.models.memory_bank import (BankSizeError, NearestNeighbourSearch, bank_megabytes, bank_neighbours,
                                        coreset_size, greedy_coreset)
 from edgead.models.patch_features import LocallyAwarePatches, equalise_taps, extract_patches, patches_to_rows
+from edgead.models.postprocess_graph import GaussianSmoothing
 from edgead.models.registry import register
 from edgead.models.vgg import FrozenVGG19
 
@@ -68,6 +72,9 @@ class PatchCoreConfig(DetectorConfig):
     max_candidates: int = 65536  # seeded subsample of the patches the greedy selection runs on
     max_bank_mb: float = 100.0
     reweight_neighbours: int = 9  # b of the image-score reweighting
+    image_score: str = "reweighted"  # "reweighted": the paper's (Sec. 3.3); "top_k": mean of the map's top_k
+    top_k: float = 0.01  # with "top_k": the fraction of the map's pixels averaged (0: its maximum)
+    score_sigma: float = 0.0  # with "top_k": Gaussian smoothing of the map first, in px (0: the bilinear map)
     bank_rows: int = 0  # set when the bank is built (0: not built yet)
 
 
@@ -89,6 +96,35 @@ class ReweightedMaxScore(nn.Module):
         s_star = patch_distance.flatten(1).max(dim=1).values
         weight = 1.0 - torch.softmax(support_distance, dim=1)[:, 0]
         return weight * s_star
+
+
+IMAGE_SCORES = ("reweighted", "top_k")
+
+
+class SmoothedTopKMean(nn.Module):
+    """map (B, 1, H, W) -> (B,): the top-k mean of the map after a Gaussian of ``sigma`` px (BORDER_REFLECT,
+    as the runtime's smoothing), so one hot patch weighs less than a defect's neighbourhood."""
+
+    def __init__(self, fraction: float, sigma: float, size: int) -> None:
+        super().__init__()
+        self.smooth = GaussianSmoothing(sigma, size, size)
+        self.top_k = TopKMean(fraction)
+
+    def forward(self, anomaly_map: Tensor) -> Tensor:
+        return self.top_k(self.smooth(anomaly_map))
+
+
+def score_head(c: PatchCoreConfig) -> ScoreHead:
+    """The bilinear map of patch distances, and the image score ``image_score`` names."""
+    if c.image_score not in IMAGE_SCORES:
+        raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {c.image_score!r}")
+    if c.score_sigma < 0:
+        raise ValueError(f"score_sigma must be >= 0 px, got {c.score_sigma}")
+    if c.image_score == "reweighted":
+        return ScoreHead(UpsampledMap(c.image_size), ReweightedMaxScore(), map_inputs=(PATCH_DISTANCE,),
+                         score_inputs=(PATCH_DISTANCE, SUPPORT_DISTANCE))
+    score = SmoothedTopKMean(c.top_k, c.score_sigma, c.image_size) if c.score_sigma else TopKMean(c.top_k)
+    return ScoreHead(UpsampledMap(c.image_size), score, map_inputs=(PATCH_DISTANCE,))
 
 
 class BankSearch(nn.Module):
@@ -142,8 +178,7 @@ class PatchCore(Detector):
         self.encoder = self.build_encoder(c)
         self.embed = LocallyAwarePatches(self.encoder.channels_out, c.neighbourhood)
         self.memory = PatchMemory(self.embed.dim, c.bank_rows, c.reweight_neighbours)
-        self.head = ScoreHead(UpsampledMap(c.image_size), ReweightedMaxScore(), map_inputs=(PATCH_DISTANCE,),
-                              score_inputs=(PATCH_DISTANCE, SUPPORT_DISTANCE))
+        self.head = score_head(c)
 
     def build_encoder(self, config: PatchCoreConfig) -> nn.Module:
         """The frozen VGG-19 up to the deepest tap; the distilled PatchCore swaps in its own."""
@@ -167,7 +202,10 @@ class PatchCore(Detector):
 
     def manifest_extras(self) -> dict[str, Any]:
         c = self.config
-        return {"memory_bank": bank_summary(c, self.embed.dim), "backbone": self.encoder.weights_info}
+        score = {"image_score": c.image_score, **({"top_k": c.top_k, "score_sigma": c.score_sigma}
+                                                   if c.image_score == "top_k" else {})}
+        return {"memory_bank": bank_summary(c, self.embed.dim), "backbone": self.encoder.weights_info,
+                "score": score}
 
 
 def bank_summary(config: PatchCoreConfig, dim: int) -> dict[str, Any]:

@@ -133,6 +133,9 @@ class PNI(PatchCore):
     Config = PNIConfig
 
     def __init__(self, config: PNIConfig) -> None:
+        if config.image_score != "reweighted":
+            raise ValueError(f"pni scores an image by its largest patch score; image_score={config.image_score!r} "
+                             "is PatchCore's option: leave it unset")
         super().__init__(config)
         c = config
         del self.memory  # PatchCore's plain memory: replaced by the gated one

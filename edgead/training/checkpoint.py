@@ -100,12 +100,14 @@ def _create_for_loading(meta: dict[str, Any]) -> Detector:
     run trained with ``--vgg-weights FILE`` loads on a machine that lacks FILE."""
     from edgead.models.vgg_weights import VGGWeightsError
 
+    detector_cls, _ = registry.get(meta["detector"])
+    config = {**detector_cls.legacy_config, **meta["config"]}  # fields added since the run was saved
     try:
-        return registry.create(meta["detector"], **meta["config"])
+        return registry.create(meta["detector"], **config)
     except VGGWeightsError:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the random init is overwritten by the run's weights
-            return registry.create(meta["detector"], **{**meta["config"], "vgg_weights": None})
+            return registry.create(meta["detector"], **{**config, "vgg_weights": None})
 
 
 def save_resume(path: Path, state: dict[str, Any]) -> None:
