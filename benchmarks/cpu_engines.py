@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgead.certify import roofline  # noqa: E402
 from edgead.certify.latency import measure  # noqa: E402
 from edgead.core import machine  # noqa: E402
+from edgead.core.bundle import ENGINE_ONLY_PRECISIONS  # noqa: E402
 from edgead.engines import EngineError, open_engine  # noqa: E402
 from edgead.export.graph_work import graph_gflops  # noqa: E402
 
-ENGINES = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8"))
+ENGINES = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8"),
+           ("openvino", "bf16"))  # bf16: the FP32 graph, FP32 islands kept (a bundle: its component chain)
 
 
 def _time(open_: Callable[[], Any], duration: float) -> dict[str, Any]:
@@ -46,7 +48,9 @@ def _time(open_: Callable[[], Any], duration: float) -> dict[str, Any]:
         return {"skipped": str(exc).splitlines()[0][:200]}
     try:
         r = measure(engine, warmup_ms=300, duration_s=duration)
-        return {"median_ms": r["latency_ms"]["median"], "p90_ms": r["latency_ms"]["p90"], "iterations": r["iterations"]}
+        parts = getattr(engine, "component_precisions", None)  # a chain: what each component ran in
+        return {"median_ms": r["latency_ms"]["median"], "p90_ms": r["latency_ms"]["p90"], "iterations": r["iterations"],
+                **({"component_precisions": parts} if parts else {})}
     finally:
         engine.close()
 
@@ -120,7 +124,7 @@ def bench_vgg(size: int, threads: int, duration: float, tmp: Path) -> dict[str, 
     quantize_int8(fp32, int8_cpu, calib, layout="cpu")
     rows: dict[str, Any] = {"torch/fp32 (eager)": _time(lambda: _TorchModule(model, (1, 3, size, size)), duration)}
     for backend, precision in ENGINES:
-        graph = fp32 if precision == "fp32" else int8
+        graph = int8 if precision == "int8" else fp32
         rows[f"{backend}/{precision}"] = _time(
             lambda: open_engine(graph, backend, precision, intra_op_num_threads=threads), duration)
     for backend in ("onnxruntime", "openvino"):
@@ -140,12 +144,12 @@ def add_ratios(entry: dict[str, Any], peak: dict[str, Any]) -> None:
         precision = key.split("/")[1].split()[0]
         if torch_ms:
             r["speedup_vs_torch"] = torch_ms / r["median_ms"]
-        gflops = entry["gflops_per_frame"].get(precision)
+        gflops = entry["gflops_per_frame"].get(ENGINE_ONLY_PRECISIONS.get(precision, precision))
         if gflops:
             rate = peak["int8_gops"] if precision == "int8" else peak["fp32_gflops"]
             r["fraction_of_peak"] = gflops / (r["median_ms"] / 1e3) / rate
-        if precision == "int8":
-            fp32 = rows.get(key.split()[0].replace("int8", "fp32"), {}).get("median_ms")
+        if precision in ("int8", "bf16"):
+            fp32 = rows.get(key.split()[0].replace(precision, "fp32"), {}).get("median_ms")
             if fp32:
                 r["speedup_vs_fp32_same_backend"] = fp32 / r["median_ms"]
 

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="bundle (default: the demo bundle)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino", "tensorrt"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8", "bf16"))
     p.add_argument("--category", help="synthetic category of the frames (default: the bundle's, else washer)")
     p.add_argument("--frames", type=int, default=300, help="frames per measurement, split over the rounds")
     p.add_argument("--warmup", type=int, default=30)

@@ -169,7 +169,9 @@ def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, 
     history = json.loads((run / "history.json").read_text())
     common = {"train_s": round(seconds, 1), "train_cpu_s": json.loads((run / "config.json").read_text())["train"]["cpu_seconds"],
               "epochs": len(history), **_selected_epoch(history),
-              "prepare_cpu_s": json.loads((run / "config.json").read_text())["train"].get("prepare_cpu_seconds")}
+              "prepare_cpu_s": json.loads((run / "config.json").read_text())["train"].get("prepare_cpu_seconds"),
+              **({"chosen_after_training": meta["train"]["chosen_after_training"]}
+                 if "chosen_after_training" in meta.get("train", {}) else {})}
     results = [{"model": model, **_evaluate(detector, calibration, data), **common,
                 **model_cost(detector, data["test"].shape[-1])}]
     if latency and detector.exportable:

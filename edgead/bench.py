@@ -52,7 +52,8 @@ def _parity_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", "--backends", dest="backends", nargs="+", default=["onnxruntime"],
                         choices=["onnxruntime", "openvino", "tensorrt"])
     parser.add_argument("--precision", "--precisions", dest="precisions", nargs="+",
-                        choices=["fp32", "fp16", "int8"], help="default: every precision in the bundle")
+                        choices=["fp32", "fp16", "int8", "bf16"],
+                        help="default: every precision in the bundle (and bf16 on openvino where this CPU computes BF16)")
     parser.add_argument("--against-run", "--run", dest="run", metavar="RUN",
                         help="compare with the live PyTorch model of this training run instead of the golden "
                              "outputs (needs torch); on the golden images unless --data/--category are given")

@@ -187,7 +187,8 @@ def build_parser(list_detectors: bool = True) -> argparse.ArgumentParser:
     p.add_argument("run", help="training run, or bundle (then --backend/--precision choose the engine)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino", "tensorrt"],
                    help="bundle only")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="bundle only")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16"],
+                   help="bundle only (bf16: openvino, the FP32 graph at BF16 outside its FP32 islands)")
     _add_data_arguments(p, test=True)
     p.add_argument("--out", default=None, help="default: RUN/eval, or BUNDLE-eval-BACKEND-PRECISION beside a bundle")
     p.add_argument("--skip-bad", action="store_true")

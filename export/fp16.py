@@ -38,7 +38,9 @@ import onnx
 from onnx import TensorProto, helper
 from onnxconverter_common import float16
 
-FP32_MARKER = "/fp32_"
+from edgead.core.contract import FP32_SCOPE
+
+FP32_MARKER = FP32_SCOPE
 # Op types kept in FP32 wherever they appear (see the module docstring for why).
 FP32_OPS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
             "ReduceMax", "ReduceMin", "ReduceProd", "Pow", "Sqrt", "TopK", "Softmax", "LogSoftmax",

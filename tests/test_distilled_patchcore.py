@@ -230,3 +230,36 @@ def test_defaults_carry_the_pixel_tap_and_top_k_score_and_older_runs_load_as_tra
     x = torch.from_numpy(_normal(2, offset=200))
     with torch.no_grad():
         torch.testing.assert_close(detector(x), reference(x))
+
+
+@pytest.mark.parametrize("preferred", [1.0, 2.0])
+def test_pixel_gain_is_chosen_on_the_validation_proxy_and_saved_with_the_run(preferred, tmp_path, monkeypatch):
+    import edgead.training.trainer as trainer
+
+    def proxy(detector, val, seed=0, kind="cutpaste"):  # epochs: 0.5; after training, the preferred gain wins
+        gains = tuple(detector.config.tap_gains)
+        return 0.5 if not gains else (0.8 if gains[1] == preferred else 0.6)
+
+    monkeypatch.setattr(trainer, "proxy_auroc", proxy)
+    train = _normal(12)
+    run = train_from_arrays("patchcore_distilled", train, _normal(4, offset=100), tmp_path / "run",
+                            config={**TINY, "pixel_patch": 8, "pixel_dim": 12}, progress=False,
+                            train=TrainConfig(epochs=1, batch_size=4))
+    detector, _, meta = load_run(run)
+    chosen = meta["train"]["chosen_after_training"]
+    assert chosen["tap_gains"] == [1.0, preferred] == meta["config"]["tap_gains"]
+    assert chosen["val_proxy_auroc_by_pixel_gain"] == {"1.0": 0.8 if preferred == 1 else 0.6,
+                                                       "2.0": 0.8 if preferred == 2 else 0.6}
+    with torch.no_grad():  # the saved bank and weights are those of the chosen gain
+        patches = detector.run(torch.from_numpy(train), until="patches")["patches"]
+    student, pixels = patches.split([TINY["descriptor_dim"], 12], dim=1)
+    ratio = pixels.norm(dim=1).mean() / student.norm(dim=1).mean()
+    assert float(ratio) == pytest.approx(preferred, rel=1e-3)
+
+
+def test_a_set_tap_gain_is_kept(tmp_path):
+    run = train_from_arrays("patchcore_distilled", _normal(8), _normal(4, offset=100), tmp_path / "run",
+                            config={**TINY, "pixel_patch": 8, "pixel_dim": 12, "tap_gains": [1.0, 3.0]},
+                            progress=False, train=TrainConfig(epochs=1, batch_size=4))
+    _, _, meta = load_run(run)
+    assert "chosen_after_training" not in meta["train"] and meta["config"]["tap_gains"] == [1.0, 3.0]

@@ -135,15 +135,22 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "device"
 
 
-def certificate_path(bundle: Bundle, precision: str, device: Device, graph: str = FUSED) -> Path:
+def _stem(bundle: Bundle, precision: str, graph: str) -> Path:
+    """``<graph>.<precision>`` beside the graph; a precision computed on another precision's graph
+    (bf16 on the FP32 graph) adds its own name, so its certificates never share the graph's."""
     onnx = bundle.graph_path(graph, precision)
+    return onnx.with_name(onnx.stem if onnx.stem.endswith(f".{precision}") else f"{onnx.stem}.{precision}")
+
+
+def certificate_path(bundle: Bundle, precision: str, device: Device, graph: str = FUSED) -> Path:
+    stem = _stem(bundle, precision, graph)
     tag = hashlib.sha256(json.dumps(device.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    return onnx.with_name(f"{onnx.stem}.{device.backend}.{_slug(device.name)}-{tag}{SUFFIX}")
+    return stem.with_name(f"{stem.name}.{device.backend}.{_slug(device.name)}-{tag}{SUFFIX}")
 
 
 def certificates_for(bundle: Bundle, backend: str, precision: str, graph: str = FUSED) -> list[Path]:
-    onnx = bundle.graph_path(graph, precision)
-    return sorted(onnx.parent.glob(f"{onnx.stem}.{backend}.*{SUFFIX}"))
+    stem = _stem(bundle, precision, graph)
+    return sorted(stem.parent.glob(f"{stem.name}.{backend}.*{SUFFIX}"))
 
 
 def write_certificate(bundle: Bundle, engine: Any, precision: str, result: dict[str, Any],
@@ -153,8 +160,8 @@ def write_certificate(bundle: Bundle, engine: Any, precision: str, result: dict[
     key = station_key(create=True)
     assert key is not None
     body = {"edgead_certificate": VERSION, "backend": device.backend, "precision": precision,
-            "device": device.to_dict(), "graph": bundle.spec.graphs[graph][precision],
-            "graph_sha256": bundle.spec.files.get(bundle.spec.graphs[graph][precision]),
+            "device": device.to_dict(), "graph": bundle.graph_file(graph, precision),
+            "graph_sha256": bundle.spec.files.get(bundle.graph_file(graph, precision)),
             "engine_sha256": getattr(engine, "plan_sha256", None), "manifest_digest": bundle.digest,
             "station_key_id": key_id(key),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result}
@@ -188,7 +195,7 @@ def _reason(cert: dict[str, Any], key: bytes | None, device: Device, bundle: Bun
         return f"made on {made_on.label if made_on else 'an unnamed device'}"
     # The file name says which graph a certificate is for, but only its sealed body counts: a
     # passing FP32 certificate copied to the FP16 name must not unlock the FP16 engine.
-    wanted = (device.backend, precision, bundle.spec.graphs[graph][precision])
+    wanted = (device.backend, precision, bundle.graph_file(graph, precision))
     made_for = (cert.get("backend"), cert.get("precision"), cert.get("graph"))
     if made_for != wanted:
         return f"made for {made_for[0]}/{made_for[1]} {made_for[2]}, not {wanted[0]}/{wanted[1]} {wanted[2]}"

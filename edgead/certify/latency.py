@@ -24,7 +24,7 @@ import numpy as np
 from edgead.core import machine
 from edgead.core.bundle import FUSED, Bundle, load_bundle
 from edgead.core.engine import Engine
-from edgead.engines import EngineError, open_engine
+from edgead.engines import EngineError, engine_precisions, open_engine
 
 CPU_THREADED = ("onnxruntime", "openvino")  # backends whose CPU threads --threads sets
 EngineFactory = Callable[[str], Engine]  # graph name ("detector" or a component) -> engine
@@ -87,23 +87,32 @@ def bench_engine(bundle: Bundle, open_graph: EngineFactory, settings: dict[str, 
     engine = open_graph(FUSED)
     try:
         result = measure(engine, **settings)
+        if components:
+            result.update(_components(bundle, engine, open_graph, settings))
     finally:
         engine.close()
-    if components:
-        comps: dict[str, Any] = {}
-        for comp in bundle.manifest["components"]:
-            name = comp["name"]
-            part = open_graph(name)
-            try:
-                comps[name] = {"graph": str(getattr(part, "path", "") or "") or None, **measure(part, **settings)}
-            finally:
-                part.close()
-        total = sum(c["latency_ms"]["median"] for c in comps.values())
-        for c in comps.values():
-            c["share"] = c["latency_ms"]["median"] / total if total > 0 else float("nan")
-        result["components"] = comps
-        result["components_sum_median_ms"] = total
     return result
+
+
+def _components(bundle: Bundle, engine: Any, open_graph: EngineFactory, settings: dict[str, Any]) -> dict[str, Any]:
+    """Each component graph timed on its own. A chain (OpenVINO BF16) times its own components, at the
+    precision each of them runs."""
+    chain = getattr(engine, "parts", None)
+    comps: dict[str, Any] = {}
+    for comp in bundle.manifest["components"]:
+        name = comp["name"]
+        part = chain[name] if chain else open_graph(name)
+        try:
+            comps[name] = {"graph": str(getattr(part, "path", "") or "") or None, **measure(part, **settings)}
+            if chain:
+                comps[name]["precision"] = part.precision
+        finally:
+            if not chain:
+                part.close()
+    total = sum(c["latency_ms"]["median"] for c in comps.values())
+    for c in comps.values():
+        c["share"] = c["latency_ms"]["median"] / total if total > 0 else float("nan")
+    return {"components": comps, "components_sum_median_ms": total}
 
 
 def add_roofline(row: dict[str, Any], gflops: float | None, peak: dict[str, Any], precision: str) -> None:
@@ -132,7 +141,7 @@ def benchmark(bundle_dir: str | Path, backends: Sequence[str] = ("onnxruntime",)
     base = bench_engine(bundle, baseline, settings, components) if baseline is not None else None
     results: dict[str, Any] = {}
     for backend in backends:
-        for precision in precisions or bundle.precisions(FUSED):
+        for precision in precisions or engine_precisions(bundle, backend):
             key = f"{backend}/{precision}"
             try:
                 r = bench_engine(bundle, engine_factory(bundle, backend, precision, threads), settings, components)
@@ -180,7 +189,7 @@ def print_table(report: dict[str, Any], file: Any = None) -> None:
             continue
         lat = r["latency_ms"]
         speed = r.get("speedup_vs_torch", {}).get("median", 1.0)
-        comps = "  ".join(f"{n} {c['share']:.0%}" for n, c in r.get("components", {}).items())
+        comps = "  ".join(f"{n}{'@' + c['precision'] if c.get('precision') else ''} {c['share']:.0%}" for n, c in r.get("components", {}).items())
         roof = r.get("roofline")
         work = f"{roof['gflops_per_frame']:>7.2f}{roof['fraction_of_peak']:>8.1%}" if roof else " " * 15
         print(f"{key:<22}{lat['median']:>10.2f}{lat['p99']:>9.2f}{lat['min']:>9.2f}{r['throughput_fps']:>8.1f}"

@@ -35,7 +35,7 @@ from edgead.core.engine import Engine, run_batch
 from edgead.core.golden import read_golden
 from edgead.core.postprocess import smooth
 from edgead.core.statistics import auroc, pearson, spearman
-from edgead.engines import EngineError, open_engine
+from edgead.engines import EngineError, engine_precisions, open_engine
 
 __all__ = ["TOLERANCES", "certify", "certify_engine", "certify_golden", "compare", "error_stats", "noise_floor",
            "load_data", "print_table", "run_engine"]
@@ -191,7 +191,7 @@ def certify(bundle_dir: str | Path | Bundle, images: np.ndarray, masks: np.ndarr
     graphs = [g for g in (FUSED, POSTPROCESS_GRAPH) if g in bundle.spec.graphs]
     for backend in backends:
         for graph in graphs:
-            for precision in precisions or bundle.precisions(graph):
+            for precision in precisions or engine_precisions(bundle, backend, graph):
                 key = f"{backend}/{precision}" + ("" if graph == FUSED else f" {graph}")
                 results[key] = _certify_one(bundle, backend, precision, graph, images, masks, labels, reference,
                                             reference64, report if write else None, (engine_kw or {}).get(backend, {}))

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from edgead.core.bundle import ENGINE_ONLY_PRECISIONS
+
 GEMM_SIZE = 1024
 GEMM_DIR = Path(__file__).resolve().parent / "gemm"
 
@@ -57,6 +59,7 @@ def peaks(threads: int | None = None, n: int = GEMM_SIZE) -> dict[str, Any]:
 
 
 def graph_gflops(bundle: Any, graph: str, precision: str) -> float | None:
-    """GFLOP (GOP) per frame of a bundle's graph, as counted at export (None for older bundles)."""
-    value = bundle.manifest.get("work_gflops", {}).get(graph, {}).get(precision)
+    """GFLOP (GOP) per frame of a bundle's graph, as counted at export (None for older bundles); bf16
+    does the work of the FP32 graph it compiles."""
+    value = bundle.manifest.get("work_gflops", {}).get(graph, {}).get(ENGINE_ONLY_PRECISIONS.get(precision, precision))
     return float(value) if value is not None else None

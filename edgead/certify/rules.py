@@ -7,8 +7,9 @@ Numbers, per precision:
   output misses that bound it still passes if its max error against the model evaluated in
   float64 is at most ``noise_floor_factor`` (2) times PyTorch FP32's own (the SSIM map: var =
   E[x²] − μ² cancels in flat regions, so FP32 itself is ~2.5e-4 from float64 there).
-- **FP16 / INT8** change the numbers by design; what must not change is what the line sees: image
-  and pixel AUROC within 0.005 (FP16) / 0.01 (INT8) of the reference.
+- **FP16 / INT8 / BF16** change the numbers by design; what must not change is what the line sees: image
+  and pixel AUROC within 0.005 (FP16) / 0.01 (INT8, and BF16: OpenVINO's BF16 keeps 8 significant
+  bits, as INT8 keeps 256 levels) of the reference.
 - Every precision: **the OK/NG verdicts agree**, by the band rule below. Polygraphy's element-wise
   atol/rtol rule is reported for every engine and decides nothing (its docs say its defaults suit
   FP32 only).
@@ -55,12 +56,14 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "fp16": {"max_abs_delta_auroc": 0.005, "min_verdict_agreement": 0.99, "atol": 1e-2, "rtol": 1e-2},
     "int8": {"max_abs_delta_auroc": 0.01, "min_verdict_agreement": 0.99, "atol": 5e-2, "rtol": 5e-2},
 }
+TOLERANCES["bf16"] = dict(TOLERANCES["int8"])  # 8 significant bits, as INT8 has 256 levels
 
 VERDICT_BAND: dict[str, dict[str, float]] = {
     "fp32": {"spread": 1e-3, "floor": 1e-6},
     "fp16": {"spread": 1e-2, "floor": 1e-5},
     "int8": {"spread": 2e-2, "floor": 1e-4},
 }
+VERDICT_BAND["bf16"] = dict(VERDICT_BAND["int8"])
 MIN_DECISIVE = 30  # decisive images a verdict agreement needs before it means anything
 
 

@@ -39,6 +39,9 @@ __all__ = ["BundleError", "Bundle", "FUSED", "MANIFEST", "SCHEMA_VERSION", "load
 
 MANIFEST = "manifest.json"
 FUSED = "detector"  # the graph name of the fused image -> (score, map) graph
+# Precisions an engine computes in without a graph file of their own, and the graph they compile:
+# OpenVINO's BF16 runs the FP32 graph with BF16 inference precision outside its FP32 islands.
+ENGINE_ONLY_PRECISIONS = {"bf16": "fp32"}
 NOT_EXPORTED = (MANIFEST, "signature.json")  # files of the bundle that the manifest cannot list
 
 
@@ -91,14 +94,19 @@ class Bundle:
     def precisions(self, graph: str = FUSED) -> list[str]:
         return list(self.spec.graphs.get(graph, {}))
 
-    def graph_path(self, graph: str = FUSED, precision: str = "fp32") -> Path:
+    def graph_file(self, graph: str = FUSED, precision: str = "fp32") -> str:
+        """The bundle's file name of ``graph`` at ``precision`` (bf16: the FP32 graph it compiles)."""
         graphs = self.spec.graphs
         if graph not in graphs:
             raise BundleError(f"{self.root}: bundle has no component {graph!r}; it has {sorted(graphs)}")
-        if precision not in graphs[graph]:
-            raise BundleError(f"{self.root}: component {graph!r} has no {precision} graph; "
-                              f"it has {sorted(graphs[graph])} (export with --precision {precision})")
-        return self.root / graphs[graph][precision]
+        stored = ENGINE_ONLY_PRECISIONS.get(precision, precision)
+        if stored not in graphs[graph]:
+            raise BundleError(f"{self.root}: component {graph!r} has no {stored} graph; "
+                              f"it has {sorted(graphs[graph])} (export with --precision {stored})")
+        return graphs[graph][stored]
+
+    def graph_path(self, graph: str = FUSED, precision: str = "fp32") -> Path:
+        return self.root / self.graph_file(graph, precision)
 
 
 def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:

@@ -17,5 +17,9 @@ SMOOTHED_MAP, SCORE_NORM, MAP_NORM = "smoothed_map", "score_norm", "map_norm"
 POSTPROCESS_OUTPUTS = (SMOOTHED_MAP, SCORE_NORM, MAP_NORM)
 POSTPROCESS_GRAPH = "detector_post"  # the fused detector + post-processing graph
 
+# Modules whose scope path holds this stay FP32 in every reduced-precision engine (input
+# normalisation, distance reductions, scorers): the FP16 and INT8 exports and OpenVINO's BF16 read it.
+FP32_SCOPE = "/fp32_"
+
 OK, NG, ERROR = "OK", "NG", "ERROR"
 VERDICTS = (OK, NG, ERROR)

@@ -10,13 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgead.core.bundle import FUSED, Bundle, BundleError, load_bundle
+from edgead.core import machine
+from edgead.core.bundle import ENGINE_ONLY_PRECISIONS, FUSED, Bundle, BundleError, load_bundle
 from edgead.core.engine import Engine, EngineError, SlottedEngine, TensorSpec
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+# Precisions computed by one backend from another precision's graph (edgead.core.bundle.ENGINE_ONLY_PRECISIONS)
+BACKEND_PRECISIONS = {"bf16": "openvino"}
 
-__all__ = ["BACKENDS", "BundleError", "Engine", "EngineError", "SlottedEngine", "TensorSpec", "available_backends", "open_engine",
-           "resolve_graph"]
+__all__ = ["BACKENDS", "BundleError", "Engine", "EngineError", "SlottedEngine", "TensorSpec", "available_backends",
+           "engine_precisions", "open_engine", "resolve_graph"]
+
+
+def engine_precisions(bundle: Bundle, backend: str, graph: str = FUSED) -> list[str]:
+    """The precisions ``backend`` can run of ``graph`` here: the bundle's graphs, plus OpenVINO's BF16
+    of the FP32 graph where this CPU computes BF16."""
+    found = bundle.precisions(graph)
+    extra = [p for p, b in BACKEND_PRECISIONS.items()
+             if b == backend and ENGINE_ONLY_PRECISIONS[p] in found and machine.has_native_bf16()]
+    return found + extra
 
 
 def resolve_graph(bundle_or_path: Bundle | str | Path, precision: str = "fp32", graph: str = FUSED,
@@ -38,13 +50,16 @@ def open_engine(bundle_or_path: Bundle | str | Path, backend: str = "onnxruntime
     * ``onnxruntime``: kw go to :class:`~edgead.engines.ort_engine.OrtEngine` (``providers``,
       ``intra_op_num_threads``...).
     * ``openvino``: :class:`~edgead.engines.openvino_engine.OpenVinoEngine` on this CPU; kw
-      ``threads`` (or ``intra_op_num_threads``), ``cache``, ``num_slots``.
+      ``threads`` (or ``intra_op_num_threads``), ``cache``, ``num_slots``. ``bf16`` of a bundle's
+      fused graph: :class:`~edgead.engines.openvino_chain.OpenVinoChain` of its components.
     * ``tensorrt``: builds (or loads the cached) plan of the precision's ONNX on this GPU via
       ``tensorrt_engine.load_or_build``; kw go to it.
 
     ``verify=False`` skips the SHA-256 check of a bundle folder (it is on by default).
     """
     verify = bool(kw.pop("verify", True))
+    if precision in BACKEND_PRECISIONS and backend != BACKEND_PRECISIONS[precision]:
+        raise EngineError(f"precision {precision} runs on --backend {BACKEND_PRECISIONS[precision]} only, not {backend}")
     bundle, path = resolve_graph(bundle_or_path, precision, graph, verify)
     if backend == "tensorrt" and precision == "int8" and bundle is not None:
         layout = bundle.manifest.get("quantization", {}).get("int8", {}).get("layout", "tensorrt")
@@ -60,6 +75,10 @@ def open_engine(bundle_or_path: Bundle | str | Path, backend: str = "onnxruntime
 
         if "intra_op_num_threads" in kw:  # the runtime's thread option, whatever the backend
             kw["threads"] = kw.pop("intra_op_num_threads")
+        if precision == "bf16" and bundle is not None and graph == FUSED and bundle.manifest.get("components"):
+            from edgead.engines.openvino_chain import OpenVinoChain
+
+            return OpenVinoChain(bundle, precision, **kw)
         return OpenVinoEngine(path, precision=precision, **kw)
     if backend == "tensorrt":
         try:

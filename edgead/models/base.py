@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -184,6 +184,12 @@ class Recipe:
         """Called with the normal validation images (N, C, H, W) before each epoch of the final stage
         is scored, so before model selection and calibration: statistics that a method standardises
         its map with (Uninformed Students) come from the validation split, never the test split."""
+
+    def finish(self, images: Tensor, objective: Callable[[], float]) -> dict[str, Any]:
+        """Called once after training, with the best epoch restored and before calibration: settings
+        that need no training, chosen on the validation proxy (``objective()`` scores the detector as
+        it stands; ``images`` are the validation images). Returns what was chosen, for the run's record."""
+        return {}
 
     def budget_shares(self) -> tuple[float, ...] | None:
         """The fraction of a CPU-time budget each stage gets; None: in proportion to the stages' epochs."""

@@ -20,7 +20,9 @@ Pixel tap (``pixel_patch`` = 8, ``pixel_dim`` = 32 by default; 0 turns it off)
     ``pixel_patch`` window of the raw [0, 1] image (the raw-patch kNN baseline's descriptor), or its
     projection on the training windows' ``pixel_dim`` leading principal components. It is fixed,
     not learned, and runs in an FP32 island. PatchCore's equal tap weighting puts it beside the
-    student's descriptor at the same weight. It gives back what the student drops: the student
+    student's descriptor; its mean patch norm (the student's is 1) is chosen after training among
+    ``pixel_gain_choices`` (1 and 2) on the validation proxy, the bank rebuilt for each (the
+    recipe's :meth:`~DistilledPatchCoreRecipe.finish`), unless ``tap_gains`` is set. It gives back what the student drops: the student
     leaves a quarter of the teacher's variance unexplained on fabric, and its error on thin lines is
     3x that of normal patches (README).
 Distillation (stage ``distill``)
@@ -57,7 +59,7 @@ Departures from EfficientAD
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -100,11 +102,17 @@ class DistilledPatchCoreConfig(PatchCoreConfig):
     pixel_patch: int = 8  # raw-pixel window of the pixel tap (0: no pixel tap; 8: the kNN baseline's)
     pixel_dim: int = 32  # its leading principal components (0: the raw window, channels * pixel_patch²)
     image_score: str = "top_k"  # the mean of the map's top 1% (PatchCore's "reweighted": its paper's)
+    # The pixel tap's mean patch norm (the student's is 1), chosen after training on the validation
+    # proxy among these, unless tap_gains is set; () keeps the equal weighting.
+    pixel_gain_choices: tuple[float, ...] = (1.0, 2.0)
 
     def __post_init__(self) -> None:
         self.taps = tuple(self.taps)
         self.texture_renderers = tuple(self.texture_renderers)
         self.anomaly_shapes = tuple(self.anomaly_shapes)
+        self.pixel_gain_choices = tuple(float(g) for g in self.pixel_gain_choices)
+        if any(g <= 0 for g in self.pixel_gain_choices):
+            raise ValueError(f"pixel_gain_choices must be positive, got {list(self.pixel_gain_choices)}")
         if len(self.taps) != 1:
             raise ValueError(f"the distilled PatchCore distils one VGG-19 tap, got {self.taps}")
         if self.input_scale != 1:
@@ -283,6 +291,25 @@ class DistilledPatchCoreRecipe(Recipe):
         bank, _ = build_bank(detector, self.train_images)
         detector.set_bank(bank)
         detector.train(was_training)
+
+
+    @torch.no_grad()
+    def finish(self, images: Tensor, objective: Callable[[], float]) -> dict[str, Any]:
+        """The pixel tap's gain: each of ``pixel_gain_choices``, the bank rebuilt, scored on the
+        validation proxy; the best is kept (the first of equal scores)."""
+        c: DistilledPatchCoreConfig = self.detector.config  # type: ignore[assignment]
+        if not c.pixel_patch or c.tap_gains or not c.pixel_gain_choices:
+            return {}
+        scored: dict[float, float] = {}
+        for gain in c.pixel_gain_choices:
+            c.tap_gains = (1.0, gain)
+            self.validate(images)
+            value = objective()
+            scored[gain] = value if np.isfinite(value) else -np.inf
+        best = max(scored, key=scored.__getitem__)
+        c.tap_gains = (1.0, best)
+        self.validate(images)
+        return {"tap_gains": list(c.tap_gains), "val_proxy_auroc_by_pixel_gain": {str(g): v for g, v in scored.items()}}
 
 
 register(DistilledPatchCore, DistilledPatchCoreRecipe)

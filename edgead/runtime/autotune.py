@@ -53,7 +53,9 @@ def choose_precision(bundle: Bundle, backend: str, open_precision: Callable[[str
     check = check or certified_here(bundle, graph)
     candidates: dict[str, dict[str, Any]] = {}
     device = None
-    for precision in bundle.precisions(graph):
+    from edgead.engines import engine_precisions
+
+    for precision in engine_precisions(bundle, backend, graph):
         try:
             engine = open_precision(precision)
         except Exception as exc:  # noqa: BLE001 - a precision this backend can't open is not a candidate

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="BUNDLE", help="bundle directory (from `edgead export`)")
     p.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt"), default="onnxruntime",
                    help="engine runtime (openvino: extra edgead[openvino], this CPU)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "auto"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "bf16", "auto"), default="fp32",
                    help="engine precision; auto: the fastest precision with a passing certificate of this "
                         "device on --backend, timed at start-up (the choice and why are printed)")
     p.add_argument("--threads", type=positive_int, metavar="N",
@@ -368,8 +368,9 @@ def _inspect(state: _State, uri: str, outputs: list[str], stack: ExitStack) -> i
     pipeline = Pipeline(source, engine, post, sinks, log, config, alerts=state.alerts)
     running.append(pipeline)
     mode = "live" if source.live else ("read on demand" if policy == "block" else "read ahead")
-    threads = getattr(engine, "threads", None)
-    say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{args.precision}"
+    threads, parts = getattr(engine, "threads", None), getattr(engine, "component_precisions", None)
+    say(f"edgead-run: {bundle.detector} bundle {bundle.root} on {args.backend}/{getattr(engine, 'precision', args.precision)}"
+        f"{' [' + ', '.join(f'{k} {v}' for k, v in parts.items()) + ']' if parts else ''}"
         f"{f' ({threads} thread' + 's' * (threads > 1) + ')' if threads else ''}, "
         f"input {uri} ({mode}, drop policy {policy}), results {results}; "
         f"{describe_native(pipeline.pre, pipeline.post)}; map smoothing and normalisation on the {args.postprocess}")

@@ -190,4 +190,7 @@ def describe_engine(engine: Any) -> dict[str, Any]:
     return {"backend": getattr(engine, "backend", "?"), "precision": getattr(engine, "precision", "?"),
             "slots": getattr(engine, "num_slots", 1), "threads": getattr(engine, "threads", None),
             "inputs": [(s.name, list(s.shape)) for s in engine.inputs],
-            "outputs": [(s.name, list(s.shape)) for s in engine.outputs]}
+            "outputs": [(s.name, list(s.shape)) for s in engine.outputs],
+            # a chain (OpenVINO BF16): what each component runs in, and why one is not reduced
+            **({"component_precisions": engine.component_precisions,
+                "fallbacks": getattr(engine, "fallbacks", {})} if hasattr(engine, "component_precisions") else {})}

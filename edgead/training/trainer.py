@@ -8,6 +8,9 @@ Model selection needs a signal without anomalies, so each epoch is scored by a *
 validation images against copies of themselves with a CutPaste patch (Li et al. 2021), and with
 ``TrainConfig.proxy = "cutpaste+lines"`` also with a thin line (:mod:`edgead.training.proxies`).
 Neither is the test split's defect painter, so selection cannot tune towards the test set.
+Settings that need no training (the distilled PatchCore's pixel-tap gain) are chosen on the same
+proxy once the best epoch is restored (:meth:`~edgead.models.base.Recipe.finish`) and recorded in
+the run's ``train.chosen_after_training``.
 """
 
 from __future__ import annotations
@@ -170,12 +173,15 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
     (out / HISTORY).write_text(json.dumps(history, indent=1) + "\n")  # also when no epoch ran (memory banks)
     if best is not None:
         detector.load_state_dict(best[1])
+    val_tensor = torch.from_numpy(np.ascontiguousarray(val_images, dtype=np.float32)).to(device)
+    chosen = recipe.finish(val_tensor, lambda: proxy_auroc(detector, val_images, seed=train.seed, kind=train.proxy))
     calibration = calibrate_detector(detector, val_images)
     run_meta = {
         "train": {**vars(train), "device": str(device), "seconds": round(time.perf_counter() - started, 1),
                   "cpu_seconds": round(time.process_time() - cpu_started, 1),
                   "prepare_cpu_seconds": round(prepare_cpu, 1),
-                  "best_val_proxy_auroc": None if best is None else best[0]},
+                  "best_val_proxy_auroc": None if best is None else best[0],
+                  **({"chosen_after_training": chosen} if chosen else {})},
         "edgead_version": __version__, "torch_version": torch.__version__, "host": platform.node(),
         **(meta or {}),
     }

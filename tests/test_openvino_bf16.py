@@ -1,0 +1,164 @@
+"""OpenVINO BF16 (issue 15): the FP32 graph at BF16 inference precision with its FP32 islands kept f32,
+a bundle's detector as a chain of its components, its own certificates, and ``--precision auto``.
+
+On a CPU without BF16 in hardware the precision is refused and not offered; the tests that need
+BF16 compute skip there."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bundles import tiny_bundle  # noqa: E402
+
+ov = pytest.importorskip("openvino")
+torch = pytest.importorskip("torch")
+
+HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU computes no BF16 (no AVX512-BF16 or AMX-BF16)")
+SIZE = 32
+
+
+def _normal(n: int, offset: int = 0) -> np.ndarray:
+    from edgead.data.images import to_model_input
+    from edgead.data.synth import sample
+
+    return np.stack([to_model_input(sample("metal", offset + i, size=SIZE, stream="train")[0], SIZE, 3)
+                     for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def patchcore_bundle(tmp_path_factory) -> Path:
+    """A PatchCore (random VGG-19, relu3_4) fitted on 6 normal parts and exported FP32 with its golden set."""
+    from edgead.export.bundle_writer import export_run
+    from edgead.models.base import TrainConfig
+    from edgead.training.trainer import train_from_arrays
+
+    root = tmp_path_factory.mktemp("bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random backbone warns, as it should
+        run = train_from_arrays("patchcore", _normal(6), _normal(8, offset=100), root / "run",
+                                config={"vgg_weights": "random", "coreset_ratio": 0.1}, progress=False,
+                                meta={"data": {"layout": "synthetic", "category": "metal"}},
+                                train=TrainConfig(epochs=1, batch_size=4))
+        return Path(export_run(run, root / "bundle", precisions=["fp32"]))
+
+
+def test_every_fp32_op_of_the_fp16_export_is_mapped_to_openvino() -> None:
+    from edgead.engines.openvino_engine import FP32_OPS_OV
+    from edgead.export.fp16 import FP32_OPS
+
+    assert set(FP32_OPS_OV) == set(FP32_OPS)
+
+
+@needs_bf16
+def test_precise_islands_run_fp32_and_the_rest_bf16(tmp_path: Path) -> None:
+    from edgead.engines.openvino_engine import OpenVinoEngine
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fp32_normalize = torch.nn.Conv2d(3, 3, 1)
+            self.body = torch.nn.Conv2d(3, 32, 3, padding=1)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.body(self.fp32_normalize(image))
+
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(Net().eval(), (torch.rand(1, 3, 16, 16),), str(path), input_names=["image"],
+                      output_names=["out"], opset_version=17, dynamo=False)
+    engine = OpenVinoEngine(path, precision="bf16", threads=1, cache=False)
+    ran = {}
+    for op in engine.compiled.get_runtime_model().get_ops():
+        rt = op.get_rt_info()
+        if rt["layerType"].astype(str) == "Convolution":
+            ran[rt["originalLayersNames"].astype(str)] = rt["runtimePrecision"].astype(str)
+    assert engine.inference_precision == "bf16" and engine.fp32_islands
+    assert {("fp32_normalize" in k, v) for k, v in ran.items()} == {(True, "f32"), (False, "bf16")}, ran
+
+
+@needs_bf16
+def test_a_graph_whose_island_openvino_runs_in_bf16_is_refused(patchcore_bundle: Path) -> None:
+    from edgead.engines.openvino_engine import IslandInBf16, OpenVinoEngine
+
+    # the kNN search's MatMul becomes a FullyConnected that ignores the attribute
+    with pytest.raises(IslandInBf16, match="memory.fp32.onnx: OpenVINO runs FP32 island op.*in BF16"):
+        OpenVinoEngine(patchcore_bundle / "memory.fp32.onnx", precision="bf16", cache=False)
+
+
+@needs_bf16
+def test_bf16_chain_certifies_apart_from_fp32(patchcore_bundle: Path) -> None:
+    from edgead.certify.certificate import find_certificate
+    from edgead.certify.parity import certify_golden
+    from edgead.core.bundle import load_bundle
+    from edgead.engines import engine_precisions, open_engine
+    from edgead.engines.openvino_chain import OpenVinoChain
+
+    bundle = load_bundle(patchcore_bundle)
+    assert engine_precisions(bundle, "openvino") == ["fp32", "bf16"]
+    assert engine_precisions(bundle, "onnxruntime") == ["fp32"]
+    chain = open_engine(bundle, "openvino", "bf16", threads=1, cache=False)
+    assert isinstance(chain, OpenVinoChain)
+    assert chain.component_precisions["encoder"] == "bf16" and chain.component_precisions["memory"] == "fp32"
+    assert "FullyConnected" in chain.fallbacks["memory"]
+    fp32 = open_engine(bundle, "openvino", "fp32", threads=1, cache=False)
+    image = {"image": _normal(1, offset=300)}
+    got, want = chain.run(image), fp32.run(image)
+    assert set(got) == {"score", "anomaly_map"} and got["anomaly_map"].shape == want["anomaly_map"].shape
+    rel = abs(float(got["score"][0]) - float(want["score"][0])) / abs(float(want["score"][0]))
+    assert 0 < rel < 0.05  # really reduced, and close
+    report = certify_golden(bundle, backends=("openvino",), precisions=("bf16",))
+    stats = report["results"]["openvino/bf16"]
+    assert stats["pass"], stats["checks"]
+    assert ".fp32.bf16.openvino." in stats["certificate"]
+    assert find_certificate(bundle, chain, "bf16").problem is None
+    # the BF16 certificate unlocks BF16 only: FP32 is still uncertified on OpenVINO
+    assert "no parity certificate" in find_certificate(bundle, fp32, "fp32").problem
+    chain.close()
+    fp32.close()
+
+
+def test_bf16_is_openvino_only_and_refused_without_bf16_compute(patchcore_bundle: Path) -> None:
+    from edgead.engines import EngineError, engine_precisions, open_engine
+    from edgead.engines.openvino_engine import OpenVinoEngine
+
+    with pytest.raises(EngineError, match="bf16 runs on --backend openvino only"):
+        open_engine(patchcore_bundle, "onnxruntime", "bf16")
+    if not HAS_BF16:
+        from edgead.core.bundle import load_bundle
+
+        assert "bf16" not in engine_precisions(load_bundle(patchcore_bundle), "openvino")
+        with pytest.raises(EngineError, match="no BF16"):
+            OpenVinoEngine(patchcore_bundle / "encoder.fp32.onnx", precision="bf16")
+
+
+@needs_bf16
+def test_precision_auto_considers_bf16_once_certified(patchcore_bundle: Path) -> None:
+    from edgead.runtime.autotune import open_station_engine
+
+    quiet = lambda *a: None  # noqa: E731
+    _, engine, _, choices = open_station_engine(str(patchcore_bundle), "openvino", "auto", threads=1,
+                                                certify="auto", say=quiet, warn=quiet)
+    engine.close()
+    candidates = choices["precision"]["candidates"]
+    assert set(candidates) == {"fp32", "bf16"}
+    assert all("median_ms" in c for c in candidates.values()), candidates  # both certified here at start-up
+    assert engine.precision == min(candidates, key=lambda p: candidates[p]["median_ms"])
+
+
+def test_tiny_bundle_bf16_parity_or_refusal(tmp_path_factory) -> None:
+    """The SSIM-AE: its SSIM head is all FP32 island; the autoencoder runs BF16 where the CPU can."""
+    from edgead.certify.parity import certify_golden
+
+    bundle = tiny_bundle(tmp_path_factory.mktemp("tiny_bf16"), "washer")
+    report = certify_golden(bundle, backends=("openvino",), precisions=("bf16",), write=False)
+    stats = report["results"]["openvino/bf16"]
+    if HAS_BF16:
+        assert stats.get("pass"), stats
+    else:
+        assert "no BF16" in stats["skipped"]
