@@ -162,3 +162,25 @@ def test_tiny_bundle_bf16_parity_or_refusal(tmp_path_factory) -> None:
         assert stats.get("pass"), stats
     else:
         assert "no BF16" in stats["skipped"]
+
+
+def test_a_signal_after_openvino_engines_is_handled_not_a_crash(tmp_path_factory) -> None:
+    """OpenVINO leaves an alternate signal stack on the thread that compiled a model; with AMX in use,
+    SIGINT then killed the process with SIGSEGV (no summary). The engine puts the thread's own back."""
+    import subprocess
+
+    bundle = tiny_bundle(tmp_path_factory.mktemp("tiny_signal"), "washer")
+    precision = "bf16" if HAS_BF16 else "fp32"
+    script = f"""
+import os, signal, sys, time
+from edgead.certify.parity import certify_golden
+report = certify_golden({str(bundle)!r}, backends=("openvino",), precisions=({precision!r},), write=False)
+assert report["results"]["openvino/{precision}"]["pass"], report["results"]
+got = []
+signal.signal(signal.SIGINT, lambda *a: got.append(1))
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.2)
+print("handled", got)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "handled [1]" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -22,13 +22,15 @@ compiled for this CPU by OpenVINO's CPU plugin. No torch.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import html
 import json
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -86,6 +88,31 @@ def cache_dir(onnx_path: Path, key: dict[str, Any]) -> Path:
     name = (f"{onnx_path.stem}.ov{version}.{key['precision']}.{_slug(key['cpu'])}.{isa}.t{key['threads']}"
             f".{key['onnx_sha256'][:12]}.ovcache")
     return onnx_path.with_name(name)
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def thread_signal_stack_kept() -> Iterator[None]:
+    """Give the calling thread its own alternate signal stack back after OpenVINO's CPU plugin.
+
+    Compiling a model installs an alternate signal stack on the compiling thread and leaves it
+    there. On a CPU with AMX, a later SIGINT or SIGTERM on that thread then killed the process with
+    SIGSEGV: the kernel could not write the signal frame (si_code SI_KERNEL), so Ctrl-C lost the
+    run's summary. Linux only; elsewhere nothing is changed."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        saved = _SignalStack()
+        ok = libc.sigaltstack(None, ctypes.byref(saved)) == 0
+    except (OSError, AttributeError):  # not Linux/glibc: nothing to restore
+        ok = False
+    try:
+        yield
+    finally:
+        if ok:
+            libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def island_ops(model: Any) -> list[str]:
@@ -156,6 +183,11 @@ class OpenVinoEngine(SlottedEngine):
 
     def __init__(self, onnx_path: str | Path, precision: str = "fp32", threads: int | None = None,
                  num_slots: int = 2, cache: bool = True, device: str = "CPU") -> None:
+        with thread_signal_stack_kept():  # the plugin leaves its own on this thread (see there)
+            self._open(onnx_path, precision, threads, num_slots, cache, device)
+
+    def _open(self, onnx_path: str | Path, precision: str, threads: int | None, num_slots: int, cache: bool,
+              device: str) -> None:
         ov = _ov()
         self.path = Path(onnx_path)
         if not self.path.is_file():
