@@ -167,11 +167,11 @@ def run_detector(model: str, data: dict[str, Any], budget_s: float, work: Path, 
     seconds = time.perf_counter() - start
     detector, calibration, meta = load_run(run)
     history = json.loads((run / "history.json").read_text())
-    common = {"train_s": round(seconds, 1), "train_cpu_s": json.loads((run / "config.json").read_text())["train"]["cpu_seconds"],
+    record = meta["train"]  # the run's config.json, read by load_run
+    common = {"train_s": round(seconds, 1), "train_cpu_s": record["cpu_seconds"],
               "epochs": len(history), **_selected_epoch(history),
-              "prepare_cpu_s": json.loads((run / "config.json").read_text())["train"].get("prepare_cpu_seconds"),
-              **({"chosen_after_training": meta["train"]["chosen_after_training"]}
-                 if "chosen_after_training" in meta.get("train", {}) else {})}
+              "prepare_cpu_s": record.get("prepare_cpu_seconds"),
+              **({"chosen_after_training": record["chosen_after_training"]} if "chosen_after_training" in record else {})}
     results = [{"model": model, **_evaluate(detector, calibration, data), **common,
                 **model_cost(detector, data["test"].shape[-1])}]
     if latency and detector.exportable:

@@ -9,7 +9,7 @@ its own ``call``; the order, the name lookup and the checks are written here onc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -83,6 +83,16 @@ def run_wiring(nodes: Sequence[Wired], feeds: Mapping[str, T], call: Callable[[A
             raise WiringError(f"component {node.name!r} returned {len(result)} tensors, declared {node.outputs}")
         values.update(zip(node.outputs, result))
     return values
+
+
+def io_mismatch(node: Wired, inputs: Iterable[str], outputs: Iterable[str], what: str = "graph") -> str | None:
+    """Why a ``what`` (graph, plan) with these input and output names cannot stand in ``node``'s place
+    in the wiring; None when its names are the node's."""
+    declared, actual = (sorted(node.inputs), sorted(node.outputs)), (sorted(inputs), sorted(outputs))
+    if declared == actual:
+        return None
+    return (f"component {node.name!r}: {what} I/O {actual[0]} -> {actual[1]} does not match the wiring "
+            f"{declared[0]} -> {declared[1]}")
 
 
 def producers(nodes: Sequence[Wired]) -> dict[str, str]:

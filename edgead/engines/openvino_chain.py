@@ -19,7 +19,7 @@ import numpy as np
 from edgead.core.bundle import FUSED, Bundle
 from edgead.core.contract import IMAGE, OUTPUT_NAMES
 from edgead.core.engine import EngineError, SlottedEngine
-from edgead.core.wiring import Node, WiringError, check_wiring, run_wiring
+from edgead.core.wiring import Node, WiringError, check_wiring, io_mismatch, run_wiring
 from edgead.engines.openvino_engine import IslandInBf16, OpenVinoEngine
 
 
@@ -64,11 +64,9 @@ class OpenVinoChain(SlottedEngine):
 
     def _check_part(self, node: Node) -> None:
         part = self.parts[node.name]
-        declared = (sorted(node.inputs), sorted(node.outputs))
-        actual = (sorted(s.name for s in part.inputs), sorted(s.name for s in part.outputs))
-        if declared != actual:
-            raise EngineError(f"component {node.name!r}: graph I/O {actual[0]} -> {actual[1]} does not match the "
-                              f"wiring {declared[0]} -> {declared[1]}")
+        mismatch = io_mismatch(node, (s.name for s in part.inputs), (s.name for s in part.outputs))
+        if mismatch:
+            raise EngineError(mismatch)
 
     @property
     def component_precisions(self) -> dict[str, str]:

@@ -54,11 +54,12 @@ PRECISE = "precise"  # OpenVINO's runtime attribute that keeps a node out of red
 _PRECISE_KEY = "DisablePrecisionConversion_0"  # how the attribute reads back in rt_info
 _LAYER = re.compile(r'<layer id="\d+" name="([^"]*)".*?</layer>', re.S)
 
+_OV_TYPES = {"f32": "float32", "f16": "float16", "f64": "float64", "i64": "int64", "i32": "int32", "i8": "int8",
+             "u8": "uint8", "boolean": "bool"}
+
 
 class IslandInBf16(EngineError):
     """OpenVINO would run an FP32 island of the graph in BF16."""
-_OV_TYPES = {"f32": "float32", "f16": "float16", "f64": "float64", "i64": "int64", "i32": "int32", "i8": "int8",
-             "u8": "uint8", "boolean": "bool"}
 
 
 def _ov() -> Any:

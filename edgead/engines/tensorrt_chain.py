@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 from edgead.core.contract import IMAGE, OUTPUT_NAMES
 from edgead.core.engine import EngineError, TensorSpec
-from edgead.core.wiring import Node, WiringError, check_wiring, run_wiring
+from edgead.core.wiring import Node, WiringError, check_wiring, io_mismatch, run_wiring
 from edgead.engines import cuda_rt
 from edgead.engines.tensorrt_engine import TensorRTEngine, _Component
 
@@ -51,11 +51,9 @@ class TensorRTChain(TensorRTEngine):
             raise EngineError(f"TensorRT chain: {exc}") from exc
         specs: dict[str, TensorSpec] = {}
         for node, part in zip(wiring, self._parts):
-            declared = (sorted(node.inputs), sorted(node.outputs))
-            actual = (sorted(s.name for s in part.inputs), sorted(s.name for s in part.outputs))
-            if declared != actual:
-                raise EngineError(f"component {node.name!r}: plan I/O {actual[0]} -> {actual[1]} does not match "
-                                  f"the wiring {declared[0]} -> {declared[1]}")
+            mismatch = io_mismatch(node, (s.name for s in part.inputs), (s.name for s in part.outputs), "plan")
+            if mismatch:
+                raise EngineError(mismatch)
             for spec in part.inputs:
                 if spec.name in specs and specs[spec.name] != spec:
                     raise EngineError(f"component {node.name!r} input {spec.name!r} is {spec}, upstream wrote "

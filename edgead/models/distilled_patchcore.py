@@ -307,8 +307,9 @@ class DistilledPatchCoreRecipe(Recipe):
             value = objective()
             scored[gain] = value if np.isfinite(value) else -np.inf
         best = max(scored, key=scored.__getitem__)
-        c.tap_gains = (1.0, best)
-        self.validate(images)
+        if best != c.tap_gains[1]:  # the bank holds the last gain tried
+            c.tap_gains = (1.0, best)
+            self.validate(images)
         return {"tap_gains": list(c.tap_gains), "val_proxy_auroc_by_pixel_gain": {str(g): v for g, v in scored.items()}}
 
 

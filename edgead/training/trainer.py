@@ -126,6 +126,7 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
     prepare_cpu = time.process_time()
     recipe.prepare(data.to(device))  # memory banks are built here, feature caches filled
     prepare_cpu = time.process_time() - prepare_cpu
+    val_tensor = torch.from_numpy(np.ascontiguousarray(val_images, dtype=np.float32)).to(device)
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     started, cpu_started = time.perf_counter(), time.process_time()
     deadlines = _stage_deadlines(recipe.stages, train, cpu_started, recipe.budget_shares())
@@ -155,7 +156,7 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
             record: dict[str, Any] = {"stage": stage, "epoch": epoch,
                                       **{k: float(np.mean(v)) for k, v in losses.items()}}
             if final_stage:
-                recipe.validate(torch.from_numpy(np.ascontiguousarray(val_images, dtype=np.float32)).to(device))
+                recipe.validate(val_tensor)
                 record["val_proxy_auroc"] = proxy_auroc(detector, val_images, seed=train.seed, kind=train.proxy)
                 objective = record["val_proxy_auroc"]
                 if np.isfinite(objective) and (best is None or objective > best[0]):
@@ -173,7 +174,6 @@ def train_from_arrays(model: str, train_images: np.ndarray, val_images: np.ndarr
     (out / HISTORY).write_text(json.dumps(history, indent=1) + "\n")  # also when no epoch ran (memory banks)
     if best is not None:
         detector.load_state_dict(best[1])
-    val_tensor = torch.from_numpy(np.ascontiguousarray(val_images, dtype=np.float32)).to(device)
     chosen = recipe.finish(val_tensor, lambda: proxy_auroc(detector, val_images, seed=train.seed, kind=train.proxy))
     calibration = calibrate_detector(detector, val_images)
     run_meta = {
