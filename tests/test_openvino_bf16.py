@@ -83,12 +83,65 @@ def test_precise_islands_run_fp32_and_the_rest_bf16(tmp_path: Path) -> None:
 
 
 @needs_bf16
-def test_a_graph_whose_island_openvino_runs_in_bf16_is_refused(patchcore_bundle: Path) -> None:
+def test_a_graph_whose_island_openvino_runs_in_bf16_is_refused(tmp_path: Path) -> None:
     from edgead.engines.openvino_engine import IslandInBf16, OpenVinoEngine
 
-    # the kNN search's MatMul becomes a FullyConnected that ignores the attribute
-    with pytest.raises(IslandInBf16, match="memory.fp32.onnx: OpenVINO runs FP32 island op.*in BF16"):
-        OpenVinoEngine(patchcore_bundle / "memory.fp32.onnx", precision="bf16", cache=False)
+    class Search(torch.nn.Module):  # PatchCore's one-stage search: the GEMM inside the FP32 island
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("bank", torch.rand(512, 64))
+
+        def forward(self, queries: torch.Tensor) -> torch.Tensor:
+            return (queries.pow(2).sum(-1, keepdim=True) - 2.0 * queries @ self.bank.t()
+                    + self.bank.pow(2).sum(1)).topk(1, dim=-1, largest=False).values
+
+    class Memory(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fp32_knn = Search()
+
+        def forward(self, queries: torch.Tensor) -> torch.Tensor:
+            return self.fp32_knn(queries)
+
+    path = tmp_path / "search.onnx"
+    torch.onnx.export(Memory().eval(), (torch.rand(1, 256, 64),), str(path), input_names=["queries"],
+                      output_names=["best"], opset_version=17, dynamo=False)
+    # the island's MatMul becomes a FullyConnected that ignores the attribute
+    with pytest.raises(IslandInBf16, match="search.onnx: OpenVINO runs FP32 island op.*in BF16"):
+        OpenVinoEngine(path, precision="bf16", cache=False)
+
+
+@needs_bf16
+def test_the_bank_is_ranked_in_bf16_and_measured_in_fp32(patchcore_bundle: Path) -> None:
+    """PatchCore's memory: the ranking GEMM runs in BF16 (AMX or AVX512-BF16), the exact distances of
+    its candidates in FP32, so on BF16-representable patches the distances are FP32's."""
+    import onnx
+
+    from edgead.engines.openvino_engine import OpenVinoEngine
+
+    path = patchcore_bundle / "memory.fp32.onnx"
+    engine = OpenVinoEngine(path, precision="bf16", threads=1, cache=False)
+    fp32 = OpenVinoEngine(path, precision="fp32", threads=1, cache=False)
+    ran = {}
+    for op in engine.compiled.get_runtime_model().get_ops():
+        rt = op.get_rt_info()
+        ran[op.get_friendly_name()] = (rt["layerType"].astype(str), rt["runtimePrecision"].astype(str))
+    assert any("/candidates/" in k and v == ("FullyConnected", "bf16") for k, v in ran.items()), ran
+    island = {k: v for k, v in ran.items() if "fp32_knn" in k}
+    assert any(t in ("Subgraph", "ReduceSum") for t, _ in island.values()), ran
+    assert all(p != "bf16" for _, p in island.values()), island
+    shape = next(spec.shape for spec in engine.inputs if spec.name == "patches")
+    arrays = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer]
+    bank = next(a for a in arrays if a.dtype == np.float32 and a.ndim == 2 and a.shape[1] == shape[1])
+    rng = np.random.default_rng(0)  # queries near bank rows, as normal patches are
+    picks = bank[rng.integers(len(bank), size=shape[2] * shape[3])]
+    queries = picks + 0.05 * np.abs(picks).mean() * rng.standard_normal(picks.shape).astype(np.float32)
+    patches = torch.from_numpy(np.ascontiguousarray(queries.T.reshape(shape))).bfloat16().float().numpy()
+    got, want = engine.run({"patches": patches}), fp32.run({"patches": patches})
+    np.testing.assert_allclose(got["patch_distance"], want["patch_distance"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["support_distance"], want["support_distance"], rtol=1e-5, atol=1e-6)
+    engine.close()
+    fp32.close()
 
 
 @needs_bf16
@@ -104,8 +157,8 @@ def test_bf16_chain_certifies_apart_from_fp32(patchcore_bundle: Path) -> None:
     assert engine_precisions(bundle, "onnxruntime") == ["fp32"]
     chain = open_engine(bundle, "openvino", "bf16", threads=1, cache=False)
     assert isinstance(chain, OpenVinoChain)
-    assert chain.component_precisions["encoder"] == "bf16" and chain.component_precisions["memory"] == "fp32"
-    assert "FullyConnected" in chain.fallbacks["memory"]
+    assert chain.component_precisions["encoder"] == "bf16" and chain.component_precisions["memory"] == "bf16"
+    assert not chain.fallbacks, chain.fallbacks
     fp32 = open_engine(bundle, "openvino", "fp32", threads=1, cache=False)
     image = {"image": _normal(1, offset=300)}
     got, want = chain.run(image), fp32.run(image)

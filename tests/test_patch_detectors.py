@@ -107,20 +107,33 @@ def test_input_scale_two_builds_a_finer_bank_and_exports(tmp_path):
     np.testing.assert_allclose(o_map, amap.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_bank_search_stays_fp32_in_the_fp16_graph(runs, tmp_path):
+def test_bank_search_ranks_in_fp16_and_measures_in_fp32(runs, tmp_path):
+    """The FP16 memory graph ranks the bank with an FP16 GEMM, then measures the candidates in FP32:
+    its distances are the FP32 graph's to FP32 rounding (0.1 % apart would be FP16's)."""
     import onnx
 
     from edgead.export.fp16 import export_fp16
     from edgead.export.onnx_export import export_detector
 
     detector, _, _ = load_run(runs["patchcore"])
-    export_detector(detector, tmp_path, components=["memory"])
-    export_fp16(tmp_path / "detector.fp32.onnx", tmp_path / "detector.fp16.onnx")
-    model = onnx.load(str(tmp_path / "detector.fp16.onnx"))
+    export_detector(detector, tmp_path, fused=False, components=["memory"])
+    export_fp16(tmp_path / "memory.fp32.onnx", tmp_path / "memory.fp16.onnx")
+    model = onnx.load(str(tmp_path / "memory.fp16.onnx"))
     halves = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and "fp32_knn" in n.name]
-    assert matmuls and not any(set(n.input) & halves for n in matmuls)  # the bank stays FP32
-    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)  # convs are FP16
+    ranking = [n for n in model.graph.node if n.op_type == "MatMul" and "/candidates/" in n.name]
+    exact = [n for n in model.graph.node if n.op_type == "Gather" and "fp32_knn" in n.name]
+    assert ranking and all(set(n.input) & halves for n in ranking)  # the ranking GEMM is FP16
+    assert exact and not any(set(n.input) & halves for n in exact)  # the measured rows stay FP32
+    rows = detector.memory.fp32_knn.search.bank
+    rng = np.random.default_rng(0)  # queries near bank rows, as normal patches are
+    picks = rows[rng.integers(len(rows), size=256)].numpy()
+    queries = picks + 0.05 * rng.standard_normal(picks.shape).astype(np.float32) * np.abs(picks).mean()
+    # FP16-representable patches: an FP16 engine's embed hands the memory FP16 values anyway
+    patches = np.ascontiguousarray(queries.T.reshape(1, -1, 16, 16)).astype(np.float16).astype(np.float32)
+    d32, s32 = _ort(tmp_path / "memory.fp32.onnx", patches)
+    d16, s16 = _ort(tmp_path / "memory.fp16.onnx", patches)
+    np.testing.assert_allclose(d16, d32, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s16, s32, rtol=1e-5, atol=1e-6)
 
 
 def test_manifest_records_the_bank_and_the_backbone(runs, tmp_path):

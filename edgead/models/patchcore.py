@@ -31,8 +31,12 @@ Score (Sec. 3.3)
     is around its nearest row m*:
     s = (1 - exp‖m_test* - m*‖ / Σ_{m ∈ N_b(m*)} exp‖m_test* - m‖) · s*, with N_b(m*) the b = 9
     nearest bank rows of m* (found once when the bank is built; the graph only gathers them).
-    The nearest-neighbour search is a MatMul + TopK against the bank (an initializer), and the
-    whole search and score run in FP32 islands.
+    The search has two stages. A MatMul + TopK ranks the bank (an initializer) by ‖m‖² - 2 q·m and
+    keeps, in each of ``search_blocks`` (4) equal slices of it, its best row: this GEMM is the
+    largest op of the frame, and runs at the engine's precision. An FP32 island then computes the
+    exact distances Σ (q - m)² to those candidates and keeps the least; the score runs in FP32
+    islands too. In FP32 this is the exact nearest neighbour. In BF16 or FP16 a rounding can swap
+    only rows whose distances lie within it.
     ``image_score="top_k"`` scores the image instead by the mean of the map's top ``top_k`` pixels,
     after a Gaussian of ``score_sigma`` px (0: the bilinear map; ``top_k=0``: its maximum), in the
     same graph: the raw-patch kNN baseline's rule is ``top_k`` 0.01 on the bilinear map.
@@ -72,6 +76,7 @@ class PatchCoreConfig(DetectorConfig):
     max_candidates: int = 65536  # seeded subsample of the patches the greedy selection runs on
     max_bank_mb: float = 100.0
     reweight_neighbours: int = 9  # b of the image-score reweighting
+    search_blocks: int = 4  # candidate rows per patch, one per bank slice, for the exact FP32 distance
     image_score: str = "reweighted"  # "reweighted": the paper's (Sec. 3.3); "top_k": mean of the map's top_k
     top_k: float = 0.01  # with "top_k": the fraction of the map's pixels averaged (0: its maximum)
     score_sigma: float = 0.0  # with "top_k": Gaussian smoothing of the map first, in px (0: the bilinear map)
@@ -127,8 +132,35 @@ def score_head(c: PatchCoreConfig) -> ScoreHead:
     return ScoreHead(UpsampledMap(c.image_size), score, map_inputs=(PATCH_DISTANCE,))
 
 
+class CandidateRows(nn.Module):
+    """Which bank rows the exact search compares: queries (B, Q, D) -> (B, Q, blocks) indices.
+
+    The bank, padded to ``blocks`` equal slices, is ranked by ‖m‖² - 2 q·m (‖q‖² ranks nothing), and
+    each slice gives its best row. This GEMM is the frame's largest, and it sits outside the FP32
+    island, so a BF16, FP16 or INT8 engine runs it at its own precision. It only ranks: the
+    distances are the island's. A rounding can only swap rows whose distances lie within that
+    rounding, and the true nearest row is lost only if another row of its own slice outranks it.
+    """
+
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        if blocks < 1:
+            raise ValueError(f"search_blocks must be >= 1, got {blocks}")
+        self.blocks = blocks
+
+    def forward(self, queries: Tensor, bank: Tensor, bank_sq: Tensor) -> Tensor:
+        b, q, _ = queries.shape
+        blocks = min(self.blocks, bank.shape[0])  # the bank comes padded to a multiple of this
+        # -2 folded into the bank (a constant): a Mul after the MatMul makes OpenVINO fuse and rename it
+        ranking = (torch.matmul(queries, (-2.0 * bank).t()) + bank_sq).view(b, q, blocks, -1)
+        # TopK rather than ArgMin: OpenVINO 2026.4 runs this ArgMin 15x slower than the same TopK
+        within = ranking.topk(1, dim=-1, largest=False).indices.squeeze(-1)
+        return within + torch.arange(blocks, device=queries.device) * ranking.shape[-1]
+
+
 class BankSearch(nn.Module):
-    """patches (B, D, h, w) -> (nearest-row distance (B, 1, h, w), support distances (B, b)).
+    """(patches (B, D, h, w), candidate rows (B, Q, k)) -> (nearest-row distance (B, 1, h, w),
+    support distances (B, b)), exact: Σ (q - m)² over the candidates, no cancellation.
 
     Support distances: from the test patch with the largest distance, m_test*, to the b bank rows
     nearest its own nearest row m* (m* first), which the reweighted image score needs.
@@ -143,29 +175,48 @@ class BankSearch(nn.Module):
         self.search.set_bank(bank)
         self.support = bank_neighbours(self.search.bank, neighbours).to(self.search.bank.device)
 
-    def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
+    def padded(self, blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Bank, squared norms and support table with the first rows repeated to fill ``blocks``
+        equal slices: a repeated row has the original's distance and support. (Constants: the
+        export folds them.)"""
+        bank, rows = self.search.bank, self.search.rows
+        pad = (-rows) % min(blocks, rows)
+        return (torch.cat([bank, bank[:pad]]), torch.cat([self.search.bank_sq, self.search.bank_sq[:pad]]),
+                torch.cat([self.support, self.support[:pad]]))
+
+    def forward(self, patches: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
         b, d, h, w = patches.shape
-        queries = at_least_fp32(patches).flatten(2).transpose(1, 2)  # (B, Q, D)
-        d2, idx = self.search(queries)  # (B, Q, 1) each
+        bank, _, support_rows = self.padded(candidates.shape[-1])
+        # (B, Q, D) by other ops than the ranking's, so the export cannot merge the two and hand the
+        # island a reduced-precision copy of its queries
+        queries = at_least_fp32(patches).permute(0, 2, 3, 1).reshape(b, h * w, d)
+        rows = bank.index_select(0, candidates.flatten()).view(b, h * w, -1, d)
+        d2, pick = (queries.unsqueeze(2) - rows).pow(2).sum(-1).topk(1, dim=-1, largest=False)  # (B, Q, 1)
         dist = d2.squeeze(-1).sqrt()
         worst = dist.argmax(dim=1, keepdim=True)  # (B, 1): the patch that gives s*
         m_test = torch.gather(queries, 1, worst.unsqueeze(-1).expand(b, 1, d))  # (B, 1, D)
-        nearest = torch.gather(idx.squeeze(-1), 1, worst).squeeze(1)  # (B,): m*
-        support = self.support.index_select(0, nearest)  # (B, b)
-        rows = self.search.bank.index_select(0, support.flatten()).view(b, -1, d)
-        support_distance = (m_test - rows).pow(2).sum(-1).sqrt()
+        nearest_rows = torch.gather(candidates, 2, pick).squeeze(-1)  # (B, Q)
+        nearest = torch.gather(nearest_rows, 1, worst).squeeze(1)  # (B,): m*
+        support = support_rows.index_select(0, nearest)  # (B, b)
+        neighbours = bank.index_select(0, support.flatten()).view(b, -1, d)
+        support_distance = (m_test - neighbours).pow(2).sum(-1).sqrt()
         return dist.view(b, 1, h, w), support_distance
 
 
 class PatchMemory(nn.Module):
-    """The memory component: the bank and its search, all under one FP32 island."""
+    """The memory component: a ranking GEMM at the engine's precision picks each patch's candidate
+    rows (:class:`CandidateRows`); their exact distances and the score's support distances are
+    one FP32 island."""
 
-    def __init__(self, dim: int, rows: int, neighbours: int) -> None:
+    def __init__(self, dim: int, rows: int, neighbours: int, blocks: int = 4) -> None:
         super().__init__()
+        self.candidates = CandidateRows(blocks)
         self.fp32_knn = BankSearch(dim, rows, neighbours)
 
     def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
-        return self.fp32_knn(patches)
+        bank, bank_sq, _ = self.fp32_knn.padded(self.candidates.blocks)
+        queries = patches.flatten(2).transpose(1, 2)
+        return self.fp32_knn(patches, self.candidates(queries, bank.to(queries.dtype), bank_sq.to(queries.dtype)))
 
 
 class PatchCore(Detector):
@@ -177,7 +228,7 @@ class PatchCore(Detector):
         c = config
         self.encoder = self.build_encoder(c)
         self.embed = LocallyAwarePatches(self.encoder.channels_out, c.neighbourhood)
-        self.memory = PatchMemory(self.embed.dim, c.bank_rows, c.reweight_neighbours)
+        self.memory = PatchMemory(self.embed.dim, c.bank_rows, c.reweight_neighbours, c.search_blocks)
         self.head = score_head(c)
 
     def build_encoder(self, config: PatchCoreConfig) -> nn.Module:

@@ -22,7 +22,7 @@ from typing import Callable
 DEMO_FRAMES = 200
 DEMO_RESULTS = "edgead-demo"
 DEMO_INFO = "demo.json"  # written by demo_build next to the bundle
-DEMO_RECIPE = "patchcore-metal-128-v4"  # a cache built by another recipe (an older edgead) is rebuilt
+DEMO_RECIPE = "patchcore-metal-128-v5"  # a cache built by another recipe (an older edgead) is rebuilt
 BUILD_TIMEOUT_S = 900
 
 
