@@ -130,7 +130,7 @@ EXTRA: tuple[Bug, ...] = (
     Bug("bf16_island_unchecked",
         "(new defence) OpenVINO BF16: an FP32 island op the plugin runs in BF16 not refused",
         "edgead/engines/openvino_engine.py",
-        "        if not all(_split_off(n, allowed, islands) for n in origins):",
+        "        if not all(_split_off(n, allowed) for n in origins):",
         "        if False:",
         ("tests/test_openvino_bf16.py::test_a_graph_whose_island_openvino_runs_in_bf16_is_refused",)),
     Bug("bf16_islands_unmarked", "(new defence) OpenVINO BF16: the FP32 islands not marked precise",

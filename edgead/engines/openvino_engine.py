@@ -167,17 +167,14 @@ def islands_in_bf16(compiled: Any, model: Any, islands: list[str]) -> list[str]:
             continue
         origins = {n for n in str(rt["originalLayersNames"].astype(str)).split(",") if n}
         # a reorder has no origin: a conversion, not a computation
-        if not all(_split_off(n, allowed, islands) for n in origins):
+        if not all(_split_off(n, allowed) for n in origins):
             offending.append(f"{op.get_friendly_name()} ({rt['layerType'].astype(str)})")
     return offending
 
 
-def _split_off(origin: str, allowed: set[str], islands: list[str]) -> bool:
-    """``origin`` is a graph op outside the islands, or a piece the plugin split off one."""
-    if origin in allowed:
-        return True
-    parent = origin.rsplit("/", 1)[0]
-    return parent in allowed and parent not in islands
+def _split_off(origin: str, allowed: set[str]) -> bool:
+    """``origin`` is an ``allowed`` op (a graph op outside the islands), or a piece the plugin split off one."""
+    return origin in allowed or origin.rsplit("/", 1)[0] in allowed
 
 
 def _spec(port: Any) -> TensorSpec:

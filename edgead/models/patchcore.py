@@ -184,9 +184,10 @@ class BankSearch(nn.Module):
         return (torch.cat([bank, bank[:pad]]), torch.cat([self.search.bank_sq, self.search.bank_sq[:pad]]),
                 torch.cat([self.support, self.support[:pad]]))
 
-    def forward(self, patches: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, patches: Tensor, candidates: Tensor, bank: Tensor,
+                support_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``bank`` and ``support_rows`` as :meth:`padded` gives them, which ``candidates`` index."""
         b, d, h, w = patches.shape
-        bank, _, support_rows = self.padded(candidates.shape[-1])
         # (B, Q, D) by other ops than the ranking's, so the export cannot merge the two and hand the
         # island a reduced-precision copy of its queries
         queries = at_least_fp32(patches).permute(0, 2, 3, 1).reshape(b, h * w, d)
@@ -214,9 +215,10 @@ class PatchMemory(nn.Module):
         self.fp32_knn = BankSearch(dim, rows, neighbours)
 
     def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
-        bank, bank_sq, _ = self.fp32_knn.padded(self.candidates.blocks)
+        bank, bank_sq, support_rows = self.fp32_knn.padded(self.candidates.blocks)
         queries = patches.flatten(2).transpose(1, 2)
-        return self.fp32_knn(patches, self.candidates(queries, bank.to(queries.dtype), bank_sq.to(queries.dtype)))
+        candidates = self.candidates(queries, bank.to(queries.dtype), bank_sq.to(queries.dtype))
+        return self.fp32_knn(patches, candidates, bank, support_rows)
 
 
 class PatchCore(Detector):
